@@ -1,0 +1,176 @@
+"""The engine process: wires config, the telephony edge, sessions and providers into an
+aiohttp application.
+
+Follow a frame: `telephony/media_stream.py` parses it and calls `CallSession.on_audio`,
+which hands it to the call's conversation (`session/conversation.py`: VAD, STT, agent,
+TTS); the reply goes back through `CallSession.speak` -> `telephony/outbound.py`, whose
+pacer sends it to Twilio in 20 ms frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from engine import __version__
+from engine.config import Config
+from engine.log import get_logger
+from engine.providers.base import TextToSpeech, Usage
+from engine.session.call_session import CallSession, Conversation
+from engine.session.registry import CallRegistry
+from engine.session.states import CallState
+from engine.telephony.media_stream import MediaStreamHandler
+from engine.telephony.outbound import Pacer
+from engine.telephony.rest import TwilioCallControl
+from engine.telephony.signature import SignatureChecker
+from engine.telephony.webhooks import TwilioWebhooks
+
+log = get_logger(__name__)
+
+ConversationFactory = Callable[[CallSession], Conversation | None]
+
+
+class GreetingOnly:
+    """Greets the caller and listens; the placeholder when no pipeline is configured."""
+
+    def __init__(self, session: CallSession) -> None:
+        self.session = session
+
+    def on_audio(self, ulaw: bytes) -> None:
+        pass
+
+    def on_dtmf(self, digit: str) -> None:
+        pass
+
+    async def start(self) -> None:
+        await self.session.speak(self.session.config.engine.greeting)
+
+    def set_listening(self, active: bool) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Engine:
+    """Everything one engine process owns."""
+
+    def __init__(self, config: Config, tts: TextToSpeech | None = None,
+                 conversation_factory: ConversationFactory | None = None) -> None:
+        self.config = config
+        self.started_at = time.time()
+        if tts is None:
+            from engine.providers.tts_espeak import EspeakTTS
+
+            esp = config.providers.espeak
+            tts = EspeakTTS(voice=esp.voice, rate_wpm=esp.rate_wpm)
+        self.tts = tts
+        self.conversation_factory = conversation_factory or GreetingOnly
+        tw = config.twilio
+        self.signatures = SignatureChecker(tw.auth_token.get_secret_value(),
+                                           config.public_base_url(),
+                                           enabled=not config.engine.allow_unsigned_requests)
+        self.pacer = Pacer(lead_s=config.engine.outbound_lead_ms / 1000)
+        self.control: TwilioCallControl | None = None
+        self.registry = CallRegistry(self._new_session, config.engine.ended_call_retention_s)
+        self.bad_messages: dict[str, int] = {}
+        self.calls_total = 0
+        self.accepting = True
+        self.webhooks = TwilioWebhooks(config, self.registry, self.signatures,
+                                       accepting=lambda: self.accepting,
+                                       count_bad=self.count_bad)
+        self.media = MediaStreamHandler(config, self.registry, self.pacer, self.signatures,
+                                        count_bad=self.count_bad)
+        self.usage_log: list[Usage] = []
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _new_session(self, call_sid: str, from_number: str, to_number: str) -> CallSession:
+        assert self.control is not None, "engine not started"
+        session = CallSession(call_sid, self.config, self.tts, self.control, observer=self,
+                              from_number=from_number, to_number=to_number)
+        session.conversation = self.conversation_factory(session)
+        self.calls_total += 1
+        return session
+
+    def count_bad(self, reason: str) -> None:
+        self.bad_messages[reason] = self.bad_messages.get(reason, 0) + 1
+
+    # SessionObserver: the operations plane hooks in here.
+    def state_changed(self, session: CallSession, old: CallState, new: CallState,
+                      reason: str) -> None:
+        pass
+
+    def transcript(self, session: CallSession, speaker: str, text: str, final: bool,
+                   **extra: Any) -> None:
+        session.log.info("call.transcript", speaker=speaker, text=text, final=final)
+
+    def usage(self, session: CallSession, usage: Usage) -> None:
+        self.usage_log.append(usage)
+
+    def call_ended(self, session: CallSession, reason: str) -> None:
+        self.registry.retire(session)
+
+    # -- HTTP -----------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        degraded: list[str] = []
+        if not self.signatures.enabled:
+            degraded.append("signature checks disabled")
+        if self.control is not None and not self.control.configured:
+            degraded.append("twilio credentials not configured")
+        body = {
+            "status": "degraded" if degraded else "ok",
+            "degraded": degraded,
+            "version": __version__,
+            "active_calls": len(self.registry),
+            "calls_total": self.calls_total,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "pacer": {"ticks": self.pacer.ticks, "late_ticks": self.pacer.late_ticks},
+            "bad_messages": self.bad_messages,
+        }
+        return web.json_response(body)
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_post("/twilio/voice", self.webhooks.voice)
+        app.router.add_post("/twilio/status", self.webhooks.call_status)
+        app.router.add_post("/twilio/stream-status", self.webhooks.stream_status)
+        app.router.add_get("/twilio/media", self.media.handle)
+        app.router.add_get("/healthz", self.healthz)
+        app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        tw = self.config.twilio
+        self.control = TwilioCallControl(tw.account_sid, tw.auth_token.get_secret_value(),
+                                         tw.api_base_url, tw.rest_timeout_s)
+        if not self.signatures.enabled:
+            for _ in range(3):
+                log.warning("engine.SIGNATURE_CHECKS_DISABLED",
+                            detail="engine.allow_unsigned_requests=true: anyone can post "
+                                   "webhooks and open media streams. Local development only.")
+        if not self.control.configured:
+            log.warning("engine.twilio_credentials_missing",
+                        detail="set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+        self.pacer.start()
+        log.info("engine.started", public_url=self.config.public_base_url(),
+                 media_url=self.config.media_stream_url(), version=__version__)
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        self.accepting = False
+        calls = self.registry.live()
+        if calls:
+            log.info("engine.shutdown_ending_calls", calls=len(calls))
+        await asyncio.gather(*(s.end("engine shutting down") for s in calls),
+                             return_exceptions=True)
+        await self.pacer.stop()
+        if self.control is not None:
+            await self.control.aclose()
+        await self.tts.aclose()
+        log.info("engine.stopped")

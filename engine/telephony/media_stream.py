@@ -1,0 +1,251 @@
+"""GET /twilio/media: the bidirectional Media Streams WebSocket.
+
+The handshake signature is checked before the upgrade. Then every text frame is parsed
+into a typed message and handed to the call's session. Bad input is counted and logged
+with the call id and the call goes on; a flood, too many violations or an oversized
+frame close this one socket with a clear close code. Nothing here can touch another call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from engine.config import Config
+from engine.log import get_logger
+from engine.session.call_session import CallSession
+from engine.session.registry import CallRegistry
+from engine.session.states import CallState
+from engine.telephony.messages import (
+    Connected,
+    Dtmf,
+    Mark,
+    Media,
+    ProtocolViolation,
+    Start,
+    Stop,
+    parse_inbound,
+)
+from engine.telephony.outbound import FRAME_BYTES, Pacer
+from engine.telephony.signature import SignatureChecker
+
+log = get_logger(__name__)
+
+# Logged at warning level per reason per socket; the rest at debug (counted regardless).
+_WARN_FIRST = 3
+
+
+class MediaStreamHandler:
+    def __init__(self, config: Config, registry: CallRegistry, pacer: Pacer,
+                 signatures: SignatureChecker,
+                 count_bad: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.registry = registry
+        self.pacer = pacer
+        self.signatures = signatures
+        self._count_bad = count_bad or (lambda reason: None)
+        self.open_sockets = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if not self.signatures.check_websocket(request):
+            log.warning("media.bad_signature", peer=request.remote,
+                        has_signature="X-Twilio-Signature" in request.headers)
+            self._count_bad("bad_signature")
+            raise web.HTTPForbidden(text="invalid or missing X-Twilio-Signature")
+        cfg = self.config.engine
+        ws = web.WebSocketResponse(max_msg_size=cfg.max_message_bytes, compress=False,
+                                   autoping=True)
+        await ws.prepare(request)
+        self.open_sockets += 1
+        stream = _StreamConnection(self, ws, request)
+        try:
+            await stream.run()
+        finally:
+            self.open_sockets -= 1
+        return ws
+
+
+class _StreamConnection:
+    """The state of one WebSocket: which call it carries, counters, limits."""
+
+    def __init__(self, handler: MediaStreamHandler, ws: web.WebSocketResponse,
+                 request: web.Request) -> None:
+        self.h = handler
+        self.ws = ws
+        self.request = request
+        self.session: CallSession | None = None
+        self.log = log.bind(call_sid=None, peer=request.remote)
+        self.warned: dict[str, int] = {}
+        self.bad_total = 0
+        self.window_start = time.monotonic()
+        self.window_count = 0
+        self.remainder = b""  # partial inbound frame (Twilio may send other sizes)
+        self.stopped = False
+        self.close_reason = "stream closed without stop"
+
+    async def run(self) -> None:
+        cfg = self.h.config.engine
+        ws = self.ws
+        max_rate = cfg.max_messages_per_second
+        try:
+            while True:
+                timeout = None if self.session is not None else cfg.start_timeout_s
+                try:
+                    msg = await ws.receive(timeout=timeout)
+                except TimeoutError:
+                    await self.close(WSCloseCode.POLICY_VIOLATION, "no start message received")
+                    break
+                kind = msg.type
+                if kind is WSMsgType.TEXT:
+                    # Flood control: a fixed one-second window is cheap and enough.
+                    now = time.monotonic()
+                    if now - self.window_start >= 1.0:
+                        self.window_start = now
+                        self.window_count = 0
+                    self.window_count += 1
+                    if self.window_count > max_rate:
+                        self.bad("flood", f"more than {max_rate} messages/s")
+                        await self.close(WSCloseCode.POLICY_VIOLATION, "message rate exceeded")
+                        break
+                    await self.dispatch(msg.data)
+                    if self.stopped or ws.closed:
+                        break
+                elif kind is WSMsgType.BINARY:
+                    self.bad("binary_frame", "Media Streams sends text frames only")
+                elif kind is WSMsgType.ERROR:
+                    exc = ws.exception()
+                    if exc is not None and "too big" in str(exc).lower():
+                        self.bad("oversized_message", str(exc))
+                        self.close_reason = "oversized message"
+                    else:
+                        self.log.warning("media.socket_error", error=repr(exc))
+                    break
+                else:  # CLOSE, CLOSING, CLOSED
+                    break
+                if self.bad_total > cfg.max_bad_messages:
+                    await self.close(WSCloseCode.POLICY_VIOLATION,
+                                     "too many malformed messages")
+                    break
+        finally:
+            await self.finish()
+
+    async def dispatch(self, data: str) -> None:
+        try:
+            message = parse_inbound(data, self.h.config.engine.max_media_payload_bytes)
+        except ProtocolViolation as exc:
+            self.bad(exc.reason, exc.detail)
+            return
+        session = self.session
+        try:
+            if isinstance(message, Media):
+                if session is None:
+                    self.bad("media_before_start", "media received before start")
+                    return
+                self.feed_audio(session, message.payload)
+            elif isinstance(message, Mark):
+                if session is None:
+                    self.bad("mark_before_start", "mark received before start")
+                    return
+                session.on_mark(message.name)
+            elif isinstance(message, Dtmf):
+                if session is None:
+                    self.bad("dtmf_before_start", "dtmf received before start")
+                    return
+                session.on_dtmf(message.digit)
+            elif isinstance(message, Start):
+                await self.on_start(message)
+            elif isinstance(message, Stop):
+                self.stopped = True
+                self.close_reason = "caller hung up"
+                self.log.info("media.stop")
+            elif isinstance(message, Connected):
+                self.log.debug("media.connected", protocol=message.protocol,
+                               version=message.version)
+        except Exception:  # a bug in one call's handling must not end the socket loop
+            self.bad("internal_error", "handler raised")
+            self.log.exception("media.dispatch_failed")
+
+    def feed_audio(self, session: CallSession, payload: bytes) -> None:
+        if not self.remainder and len(payload) == FRAME_BYTES:
+            session.on_audio(payload)  # the common case: Twilio's 20 ms frames
+            return
+        if len(payload) % FRAME_BYTES:
+            self.bad("odd_size_payload", f"{len(payload)} bytes (re-framed)")
+        data = self.remainder + payload
+        end = len(data) - len(data) % FRAME_BYTES
+        for i in range(0, end, FRAME_BYTES):
+            session.on_audio(data[i:i + FRAME_BYTES])
+        self.remainder = data[end:]
+
+    async def on_start(self, start: Start) -> None:
+        if self.session is not None:
+            self.bad("second_start", "start received twice on one stream")
+            return
+        registry = self.h.registry
+        self.log = self.log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
+        fmt = start.media_format
+        if fmt.encoding != "audio/x-mulaw" or fmt.sample_rate != 8000 or fmt.channels != 1:
+            self.bad("unsupported_format", f"{fmt.encoding} {fmt.sample_rate} Hz x{fmt.channels}")
+            await self.close(WSCloseCode.UNSUPPORTED_DATA, "unsupported media format")
+            return
+        session = registry.get(start.call_sid)
+        if session is None:
+            if registry.is_ended(start.call_sid):
+                self.bad("finished_call", "stream for a call that already ended")
+                await self.close(WSCloseCode.POLICY_VIOLATION, "call already ended")
+                return
+            # Signed by Twilio but not answered here (e.g. another engine took the
+            # webhook, or this one restarted): serve it rather than drop a live caller.
+            self.bad("unknown_call", "stream for a call this engine has no webhook for")
+            params = start.custom_parameters
+            session = registry.create(start.call_sid, params.get("from", ""),
+                                      params.get("to", ""))
+        elif session.state is not CallState.CONNECTED:
+            self.bad("stream_already_attached", f"call is {session.state.value}")
+            await self.close(WSCloseCode.POLICY_VIOLATION, "call already has a media stream")
+            return
+        transport = self.request.transport
+        player = self.h.pacer.create_player(start.call_sid, start.stream_sid, self.ws,
+                                            transport)
+        self.session = session
+        self.log.info("media.start", tracks=start.tracks,
+                      parameters=start.custom_parameters or None)
+        session.attach_stream(start.stream_sid, player, self.close)
+
+    def bad(self, reason: str, detail: str) -> None:
+        self.bad_total += 1
+        n = self.warned.get(reason, 0) + 1
+        self.warned[reason] = n
+        if self.session is not None:
+            self.session.count_bad_message(reason)
+        self.h._count_bad(reason)
+        if n <= _WARN_FIRST:
+            self.log.warning("media.bad_message", reason=reason, detail=detail, count=n)
+        else:
+            self.log.debug("media.bad_message", reason=reason, detail=detail, count=n)
+
+    async def close(self, code: int, message: str) -> None:
+        self.close_reason = message
+        if not self.ws.closed:
+            self.log.warning("media.closing", code=int(code), reason=message)
+            try:
+                await asyncio.wait_for(self.ws.close(code=code, message=message.encode()),
+                                       timeout=2.0)
+            except (TimeoutError, ConnectionError):
+                pass
+
+    async def finish(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        if session.player is not None:
+            session.player.close()
+        if not session.ended:
+            if session.state is CallState.TRANSFERRING:
+                reason = "transferred"
+            else:
+                reason = session.hangup_reason or self.close_reason
+            await session.end(reason)

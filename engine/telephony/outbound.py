@@ -1,0 +1,233 @@
+"""Outbound audio to Twilio: whole 20 ms mu-law frames, paced to real time with a lead.
+
+One `Pacer` task per process ticks every 20 ms and tops up every playing stream so that
+Twilio holds `lead` seconds of audio ahead of playback: one timer wake-up serves hundreds
+of calls, instead of a sleeping task per call. A stream whose socket cannot keep up
+(the transport's write buffer grows) is skipped for that tick, so one slow caller never
+delays the others.
+
+Marks ride in the same queue, after the audio they follow; Twilio echoes a mark when the
+audio before it has played, which is how the session learns what the caller heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from engine.log import get_logger
+from engine.telephony.messages import OutboundEncoder
+
+log = get_logger(__name__)
+
+FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
+FRAME_S = 0.020
+ULAW_SILENCE = 0xFF
+# Skip a stream for a tick while this much is waiting in its socket buffer.
+MAX_WRITE_BUFFER = 64 * 1024
+_COMPACT_AT = 32 * 1024
+
+
+class OutboundPlayer:
+    """Audio and marks queued for one Media Stream; sent by the Pacer."""
+
+    __slots__ = (
+        "_audio", "_closed", "_enqueued", "_marks", "_pacer", "_pos", "_send",
+        "_transport", "backpressure_skips", "call_sid", "encoder", "frames_sent",
+        "marks_sent", "on_closed", "play_until",
+    )
+
+    def __init__(self, call_sid: str, stream_sid: str,
+                 send: Callable[[str], Awaitable[None]],
+                 transport: asyncio.BaseTransport | None, pacer: Pacer) -> None:
+        self.call_sid = call_sid
+        self.encoder = OutboundEncoder(stream_sid)
+        self._send = send
+        self._transport = transport
+        self._pacer = pacer
+        self._audio = bytearray()
+        self._pos = 0  # bytes of _audio already sent
+        self._enqueued = 0  # total bytes ever enqueued (mark positions refer to it)
+        self._marks: deque[tuple[int, str]] = deque()
+        self._closed = False
+        # Monotonic time at which Twilio finishes playing everything sent so far.
+        self.play_until = 0.0
+        self.frames_sent = 0
+        self.marks_sent = 0
+        self.backpressure_skips = 0
+        self.on_closed: Callable[[], None] | None = None
+
+    # -- producer side (the call session) --------------------------------------------
+
+    def enqueue_audio(self, ulaw: bytes) -> None:
+        if self._closed or not ulaw:
+            return
+        self._audio += ulaw
+        self._enqueued += len(ulaw)
+        self._pacer.wake(self)
+
+    def enqueue_mark(self, name: str) -> None:
+        """Queue a mark after the audio queued so far (padded to a whole frame)."""
+        if self._closed:
+            return
+        self._pad_to_frame()
+        self._marks.append((self._enqueued, name))
+        self._pacer.wake(self)
+
+    def _pad_to_frame(self) -> None:
+        partial = (len(self._audio) - self._pos) % FRAME_BYTES
+        if partial:
+            pad = FRAME_BYTES - partial
+            self._audio += bytes((ULAW_SILENCE,)) * pad
+            self._enqueued += pad
+
+    def drop_queued(self) -> list[str]:
+        """Forget unsent audio and marks (barge-in). Returns the dropped mark names."""
+        dropped = [name for _, name in self._marks]
+        self._marks.clear()
+        self._enqueued -= len(self._audio) - self._pos
+        del self._audio[:]
+        self._pos = 0
+        return dropped
+
+    async def clear(self) -> list[str]:
+        """Drop unsent audio and tell Twilio to empty its buffer (`clear`)."""
+        dropped = self.drop_queued()
+        self.play_until = 0.0
+        if not self._closed:
+            try:
+                await self._send(self.encoder.clear())
+            except (ConnectionError, RuntimeError) as exc:
+                self._close(str(exc))
+        return dropped
+
+    @property
+    def queued_bytes(self) -> int:
+        return len(self._audio) - self._pos
+
+    def is_playing(self, now: float) -> bool:
+        """True while audio is queued here or still playing at Twilio."""
+        return bool(self.queued_bytes or self._marks) or now < self.play_until
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._close("closed")
+
+    def _close(self, why: str) -> None:
+        if not self._closed:
+            self._closed = True
+            self.drop_queued()
+            if self.on_closed is not None:
+                self.on_closed()
+
+    # -- consumer side (the pacer) ------------------------------------------------------
+
+    async def pump(self, now: float, lead_s: float) -> bool:
+        """Send what is due. Returns False when nothing is left to send."""
+        if self._closed:
+            return False
+        transport = self._transport
+        if transport is not None:
+            if transport.is_closing():
+                self._close("transport closing")
+                return False
+            if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:  # type: ignore[attr-defined]
+                self.backpressure_skips += 1
+                return True
+        if now > self.play_until:
+            self.play_until = now  # Twilio's buffer ran dry: playback restarts now
+        limit = now + lead_s
+        audio = self._audio
+        try:
+            while True:
+                sent_total = self._enqueued - (len(audio) - self._pos)
+                marks = self._marks
+                if marks and marks[0][0] <= sent_total:
+                    await self._send(self.encoder.mark(marks.popleft()[1]))
+                    self.marks_sent += 1
+                    continue
+                if self.play_until >= limit or len(audio) - self._pos < FRAME_BYTES:
+                    break
+                pos = self._pos
+                frame = bytes(audio[pos:pos + FRAME_BYTES])
+                self._pos = pos + FRAME_BYTES
+                await self._send(self.encoder.media(frame))
+                self.frames_sent += 1
+                self.play_until += FRAME_S
+        except (ConnectionError, RuntimeError) as exc:
+            self._close(str(exc) or type(exc).__name__)
+            return False
+        if self._pos >= _COMPACT_AT:
+            del audio[:self._pos]
+            self._pos = 0
+        return bool(self._marks) or len(audio) - self._pos >= FRAME_BYTES
+
+
+class Pacer:
+    """One 20 ms ticker for every stream in the process."""
+
+    def __init__(self, lead_s: float = 0.08) -> None:
+        self.lead_s = lead_s
+        self._active: set[OutboundPlayer] = set()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.late_ticks = 0
+        self.ticks = 0
+
+    def create_player(self, call_sid: str, stream_sid: str, ws: web.WebSocketResponse,
+                      transport: asyncio.BaseTransport | None) -> OutboundPlayer:
+        return OutboundPlayer(call_sid, stream_sid, ws.send_str, transport, self)
+
+    def wake(self, player: OutboundPlayer) -> None:
+        if player not in self._active:
+            self._active.add(player)
+            self._wakeup.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="pacer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time()
+        while True:
+            if not self._active:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                next_tick = loop.time()
+            now = loop.time()
+            self.ticks += 1
+            done: list[OutboundPlayer] = []
+            for player in tuple(self._active):
+                try:
+                    if not await player.pump(now, self.lead_s):
+                        done.append(player)
+                except Exception:  # one stream's bug must not stop the others' audio
+                    log.exception("pacer.pump_failed", call_sid=player.call_sid)
+                    player.close()
+                    done.append(player)
+            for player in done:
+                # A player with a partial frame left waits for more audio or a mark.
+                self._active.discard(player)
+            next_tick += FRAME_S
+            delay = next_tick - loop.time()
+            if delay < 0:
+                self.late_ticks += 1
+                next_tick = loop.time()  # skip missed ticks rather than burst
+                delay = 0
+            await asyncio.sleep(delay)

@@ -1,0 +1,51 @@
+"""TwiML documents, built with the twilio SDK (never by string formatting)."""
+
+from __future__ import annotations
+
+from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
+
+TWIML_CONTENT_TYPE = "text/xml"
+
+
+def connect_stream(stream_url: str, status_callback: str,
+                   parameters: dict[str, str]) -> str:
+    """<Connect><Stream> for a bidirectional Media Stream.
+
+    The stream URL takes no query string; data travels as <Parameter>s and arrives in
+    `start.customParameters`.
+    """
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=stream_url, status_callback=status_callback,
+                            status_callback_method="POST")
+    for name, value in parameters.items():
+        if value:
+            stream.parameter(name=name, value=value[:450])
+    response.append(connect)
+    return str(response)
+
+
+def transfer(announcement: str, number: str, caller_id: str = "",
+             timeout_s: int = 30) -> str:
+    """<Say> then <Dial> a human; used to update a live call."""
+    response = VoiceResponse()
+    if announcement:
+        response.say(announcement)
+    dial = Dial(caller_id=caller_id or None, timeout=timeout_s)
+    dial.number(number)
+    response.append(dial)
+    return str(response)
+
+
+def say_and_hangup(text: str) -> str:
+    """Last resort when no speech provider works: let Twilio speak, then end the call."""
+    response = VoiceResponse()
+    response.say(text)
+    response.hangup()
+    return str(response)
+
+
+def reject_busy() -> str:
+    response = VoiceResponse()
+    response.reject(reason="busy")
+    return str(response)

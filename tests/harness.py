@@ -1,0 +1,77 @@
+"""Test harness: a real engine on loopback, the Twilio REST stand-in, simulated callers."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from engine.app import Engine
+from engine.config import Config
+from engine.sim.caller import SimulatedCaller
+from engine.sim.standins.twilio_api import TwilioApiStandIn
+
+ACCOUNT_SID = "AC" + "a1" * 16
+AUTH_TOKEN = "test-auth-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_config(tmp_path: Path, port: int, rest_url: str = "http://127.0.0.1:9",
+                public_url: str | None = None, **sections: dict[str, Any]) -> Config:
+    raw: dict[str, Any] = {
+        "engine": {"host": "127.0.0.1", "port": port,
+                   "public_url": public_url or f"http://127.0.0.1:{port}",
+                   "data_dir": str(tmp_path / "data")},
+        "twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
+                   "api_base_url": rest_url},
+        "transfer": {"number": "+15550100999"},
+        "logging": {"format": "json"},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return Config.model_validate(raw)
+
+
+@dataclass
+class RunningEngine:
+    engine: Engine
+    url: str
+    config: Config
+    rest: TwilioApiStandIn
+
+    def caller(self, **kwargs: Any) -> SimulatedCaller:
+        kwargs.setdefault("voice", self.config.providers.espeak.caller_voice)
+        return SimulatedCaller(self.url, AUTH_TOKEN, ACCOUNT_SID,
+                               public_url=self.config.engine.public_url, rest=self.rest,
+                               **kwargs)
+
+
+@asynccontextmanager
+async def running_engine(tmp_path: Path,
+                         make_engine: Callable[[Config], Engine] | None = None,
+                         public_url: str | None = None,
+                         **sections: dict[str, Any]) -> AsyncIterator[RunningEngine]:
+    rest = TwilioApiStandIn(ACCOUNT_SID, AUTH_TOKEN)
+    rest_url = await rest.start()
+    port = free_port()
+    config = make_config(tmp_path, port, rest_url, public_url, **sections)
+    engine = make_engine(config) if make_engine else Engine(config)
+    runner = web.AppRunner(engine.build_app(), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield RunningEngine(engine, f"http://127.0.0.1:{port}", config, rest)
+    finally:
+        await runner.cleanup()
+        await rest.stop()
