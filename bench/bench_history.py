@@ -1,0 +1,76 @@
+"""How long a history write keeps a call waiting, and how much the event loop is blocked.
+
+Runs N concurrent calls each writing usage + a turn per step, as a busy engine would, and
+reports the await latency of `turn_completed` (write + commit) and the worst event-loop
+stall seen by a 1 ms ticker meanwhile.
+
+    .venv/bin/python -m bench.bench_history --calls 20 --turns 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from engine.ops.history import CallHistory, TurnRecord
+from engine.ops.metrics import TurnTimings, percentile
+from engine.providers.base import Usage
+
+
+async def one_call(history: CallHistory, sid: str, turns: int, waits: list[float]) -> None:
+    await history.call_started(sid, "+15550001", "+15550002")
+    for i in range(turns):
+        await history.usage_recorded(sid, Usage("openai", "llm", "gpt-4o-mini",
+                                                input_tokens=900, output_tokens=40), 0.0002)
+        started = time.perf_counter()
+        await history.turn_completed(sid, TurnRecord(
+            idx=i, caller_text="what are your opening hours", agent_text="We open at nine.",
+            heard_text="We open at nine.", caller_audio_s=2.0, agent_audio_s=1.5,
+            timings=TurnTimings(stt=0.2, llm_first_token=0.3, voice_to_voice=0.8)))
+        waits.append(time.perf_counter() - started)
+        await asyncio.sleep(0.005)  # the rest of the turn
+    await history.call_ended(sid, "hangup", 0.01)
+
+
+async def ticker(stop: asyncio.Event, stalls: list[float]) -> None:
+    while not stop.is_set():
+        before = time.perf_counter()
+        await asyncio.sleep(0.001)
+        stalls.append(time.perf_counter() - before - 0.001)
+
+
+async def main(calls: int, turns: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        history = CallHistory(Path(tmp) / "bench.sqlite3", engine_id="bench")
+        await history.open()
+        waits: list[float] = []
+        stalls: list[float] = []
+        stop = asyncio.Event()
+        tick = asyncio.create_task(ticker(stop, stalls))
+        started = time.perf_counter()
+        await asyncio.gather(*(one_call(history, f"CA{i:04d}", turns, waits)
+                               for i in range(calls)))
+        elapsed = time.perf_counter() - started
+        stop.set()
+        await tick
+        await history.aclose()
+    waits.sort()
+    writes = calls * (2 + 2 * turns)
+    print(f"{calls} calls x {turns} turns: {writes} writes in {elapsed:.2f} s "
+          f"({writes / elapsed:,.0f} writes/s)")
+    print(f"turn_completed await: median {statistics.median(waits) * 1000:.2f} ms, "
+          f"p95 {(percentile(waits, 95) or 0) * 1000:.2f} ms, "
+          f"p99 {(percentile(waits, 99) or 0) * 1000:.2f} ms")
+    print(f"worst event-loop stall: {max(stalls) * 1000:.2f} ms")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--turns", type=int, default=50)
+    args = parser.parse_args()
+    asyncio.run(main(args.calls, args.turns))

@@ -1,0 +1,454 @@
+"""The spend ledger: prices every provider call, per call and per UTC day and month.
+
+Money is kept as `Decimal` (built from the floats' shortest repr, so 0.15 is exactly
+0.15): sums of thousands of sub-cent amounts stay exact. Amounts leave the ledger as
+floats (USD, unrounded); round only for display.
+
+Pricing rules (every number comes from `PricesConfig`):
+- STT: per audio minute for the model (`stt_openai_per_minute`); local providers use
+  `stt_local_per_minute`. A model may instead be token-billed: when the usage carries
+  tokens and the model is in `stt_per_million` (in, out per 1M tokens; a proposed
+  PricesConfig field, read here if present) the tokens are priced.
+- LLM: (input - cached) * in + cached * cached_in + output * out, per 1M tokens.
+- TTS: characters / 1000 * the model's per-1K-characters price.
+- Phone (Twilio): billed per started minute, so the duration is rounded *up* to whole
+  minutes (a 61 s call costs two minutes).
+A model without a price is counted at $0, logged once as a warning and listed in
+`PriceTable.unpriced_models`, so a missing price is visible and never crashes a call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Literal
+
+from engine.config import BudgetConfig, PricesConfig
+from engine.log import get_logger
+from engine.providers.base import Usage
+
+log = get_logger(__name__)
+
+ZERO = Decimal(0)
+MILLION = Decimal(1_000_000)
+THOUSAND = Decimal(1000)
+SIXTY = Decimal(60)
+
+# Providers that run on our own machine: no per-call bill beyond `stt_local_per_minute`.
+LOCAL_PROVIDERS = frozenset({"local_whisper", "espeak", "faq", "cache", "local"})
+
+CostKind = Literal["stt", "llm", "tts", "phone"]
+
+
+def dec(value: float | int) -> Decimal:
+    """A float as the decimal it was written as (0.15 -> Decimal('0.15'))."""
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class PriceTable:
+    """Turns a `Usage` into dollars using the configured list prices."""
+
+    def __init__(self, prices: PricesConfig) -> None:
+        self.config = prices
+        self._stt_minute = {m: dec(p) for m, p in prices.stt_openai_per_minute.items()}
+        stt_tokens: Mapping[str, list[float]] = getattr(prices, "stt_per_million", {}) or {}
+        self._stt_tokens = {m: [dec(p) for p in ps] for m, ps in stt_tokens.items()}
+        self._llm = {m: [dec(p) for p in ps] for m, ps in prices.llm_per_million.items()}
+        self._tts = {m: dec(p) for m, p in prices.tts_per_thousand_chars.items()}
+        self._stt_local = dec(prices.stt_local_per_minute)
+        self._phone_minute = dec(prices.twilio_per_minute)
+        self.unpriced_models: set[str] = set()
+
+    def cost_decimal(self, usage: Usage) -> tuple[Decimal, bool]:
+        """(cost, priced): priced is False when no price was found (cost counted as 0)."""
+        if usage.kind == "stt":
+            cost, priced = self._stt_cost(usage)
+        elif usage.kind == "llm":
+            cost, priced = self._llm_cost(usage)
+        elif usage.kind == "tts":
+            cost, priced = self._tts_cost(usage)
+        else:
+            return self._unpriced(usage)
+        if cost < 0:  # negative quantities are a provider-adapter bug, not a refund
+            log.warning("negative usage ignored", kind=usage.kind, provider=usage.provider,
+                        model=usage.model)
+            return ZERO, False
+        return cost, priced
+
+    def cost(self, usage: Usage) -> float:
+        """USD for one provider call (0.0 for an unpriced model, see `unpriced_models`)."""
+        return float(self.cost_decimal(usage)[0])
+
+    def phone_minutes(self, duration_s: float) -> int:
+        """Twilio bills every started minute: round the duration up."""
+        if duration_s <= 0:
+            return 0
+        return math.ceil(duration_s / 60.0)
+
+    def phone_cost_decimal(self, duration_s: float) -> Decimal:
+        return self.phone_minutes(duration_s) * self._phone_minute
+
+    def phone_cost(self, duration_s: float) -> float:
+        """USD for a call leg of `duration_s` seconds, rounded up to whole minutes."""
+        return float(self.phone_cost_decimal(duration_s))
+
+    # --- per kind -------------------------------------------------------------------
+
+    def _stt_cost(self, usage: Usage) -> tuple[Decimal, bool]:
+        has_tokens = usage.input_tokens > 0 or usage.output_tokens > 0
+        if has_tokens and usage.model in self._stt_tokens:
+            rates = self._stt_tokens[usage.model]
+            price_in, price_out = rates[0], rates[-1]
+            cost = (usage.input_tokens * price_in + usage.output_tokens * price_out) / MILLION
+            return cost, True
+        minutes = dec(usage.audio_seconds) / SIXTY
+        if usage.model in self._stt_minute:
+            return minutes * self._stt_minute[usage.model], True
+        if usage.provider in LOCAL_PROVIDERS:
+            return minutes * self._stt_local, True
+        return self._unpriced(usage)
+
+    def _llm_cost(self, usage: Usage) -> tuple[Decimal, bool]:
+        rates = self._llm.get(usage.model)
+        if rates is None:
+            if usage.provider in LOCAL_PROVIDERS:
+                return ZERO, True
+            return self._unpriced(usage)
+        # [in, cached, out]; a model without a cached price lists [in, out].
+        if len(rates) >= 3:
+            price_in, price_cached, price_out = rates[0], rates[1], rates[2]
+        else:
+            price_in, price_cached, price_out = rates[0], rates[0], rates[-1]
+        cached = min(usage.cached_input_tokens, usage.input_tokens)
+        uncached = usage.input_tokens - cached
+        cost = (uncached * price_in + cached * price_cached
+                + usage.output_tokens * price_out) / MILLION
+        return cost, True
+
+    def _tts_cost(self, usage: Usage) -> tuple[Decimal, bool]:
+        rate = self._tts.get(usage.model)
+        if rate is None:
+            rate = self._tts.get(usage.provider)
+        if rate is None:
+            if usage.provider in LOCAL_PROVIDERS:
+                return ZERO, True
+            return self._unpriced(usage)
+        return usage.characters * rate / THOUSAND, True
+
+    def _unpriced(self, usage: Usage) -> tuple[Decimal, bool]:
+        key = f"{usage.kind}:{usage.provider}:{usage.model}"
+        if key not in self.unpriced_models:
+            self.unpriced_models.add(key)
+            # Once per model: a missing price must be visible without flooding the log.
+            log.warning("no price for model; counted as $0", kind=usage.kind,
+                        provider=usage.provider, model=usage.model)
+        return ZERO, False
+
+
+# --- what the OpenAI Realtime API would have cost ----------------------------------
+
+
+@dataclass(slots=True)
+class RealtimeEstimator:
+    """Prices a conversation as the OpenAI Realtime API bills it, turn by turn.
+
+    Caller audio is `realtime_caller_tokens_per_minute` audio tokens in, agent speech
+    `realtime_agent_tokens_per_minute` audio tokens out. On every turn the conversation
+    so far is sent again and billed at the cached audio-input rate; the turn's new caller
+    audio at the full input rate; the reply at the output rate. The system prompt (text
+    tokens) is left out, so the estimate understates Realtime and never overstates the
+    saving.
+    """
+
+    prices: PricesConfig
+    context_tokens: Decimal = ZERO
+    total: Decimal = ZERO
+    turns: int = 0
+
+    def add_turn(self, caller_audio_s: float, agent_audio_s: float) -> Decimal:
+        p = self.prices
+        caller = dec(max(caller_audio_s, 0.0)) / SIXTY * dec(p.realtime_caller_tokens_per_minute)
+        agent = dec(max(agent_audio_s, 0.0)) / SIXTY * dec(p.realtime_agent_tokens_per_minute)
+        cost = (self.context_tokens * dec(p.realtime_audio_cached_in)
+                + caller * dec(p.realtime_audio_in)
+                + agent * dec(p.realtime_audio_out)) / MILLION
+        self.context_tokens += caller + agent
+        self.total += cost
+        self.turns += 1
+        return cost
+
+
+def realtime_conversation_cost(turns: Iterable[tuple[float, float]],
+                               prices: PricesConfig) -> float:
+    """Realtime API cost of one conversation given (caller_audio_s, agent_audio_s) turns."""
+    estimator = RealtimeEstimator(prices)
+    for caller_s, agent_s in turns:
+        estimator.add_turn(caller_s, agent_s)
+    return float(estimator.total)
+
+
+# --- one call -----------------------------------------------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class LedgerEntry:
+    """One priced item of a call and the call's running total after it."""
+
+    call_sid: str | None
+    kind: str  # stt | llm | tts | phone
+    provider: str
+    model: str
+    cost_usd: float
+    total_usd: float  # the call's total after this entry (this entry alone without a call)
+    crossed_cap: bool  # True once: on the entry that first brings the total to the cap
+    priced: bool = True
+    estimated: bool = False
+
+
+class CallLedger:
+    """The running cost of one call, with its cost cap (`cap_usd` <= 0: no cap)."""
+
+    def __init__(self, call_sid: str, cap_usd: float, prices: PriceTable) -> None:
+        self.call_sid = call_sid
+        self.cap_usd = cap_usd
+        self.prices = prices
+        self._cap = dec(cap_usd)
+        self._total = ZERO
+        self.last_cost = ZERO  # the latest entry's exact cost (the day totals add it)
+        self._by_kind: dict[str, Decimal] = {}
+        self._cap_crossed = False
+        self._realtime = RealtimeEstimator(prices.config)
+        self.phone_minutes = 0
+        self.entries = 0
+
+    def add(self, usage: Usage) -> LedgerEntry:
+        cost, priced = self.prices.cost_decimal(usage)
+        return self._book(usage.kind, usage.provider, usage.model, cost, priced,
+                          usage.estimated)
+
+    def add_phone(self, duration_s: float) -> LedgerEntry:
+        """The Twilio leg, booked once at the end of the call (per started minute)."""
+        self.phone_minutes = self.prices.phone_minutes(duration_s)
+        cost = self.prices.phone_cost_decimal(duration_s)
+        return self._book("phone", "twilio", "voice", cost, True, False)
+
+    def add_turn(self, caller_audio_s: float, agent_audio_s: float) -> float:
+        """Feed one turn to the Realtime comparison; returns that turn's Realtime cost."""
+        return float(self._realtime.add_turn(caller_audio_s, agent_audio_s))
+
+    def _book(self, kind: str, provider: str, model: str, cost: Decimal, priced: bool,
+              estimated: bool) -> LedgerEntry:
+        self.last_cost = cost
+        self._total += cost
+        self._by_kind[kind] = self._by_kind.get(kind, ZERO) + cost
+        self.entries += 1
+        crossed = False
+        if self._cap > 0 and not self._cap_crossed and self._total >= self._cap:
+            self._cap_crossed = True
+            crossed = True
+        return LedgerEntry(self.call_sid, kind, provider, model, float(cost),
+                           float(self._total), crossed, priced, estimated)
+
+    @property
+    def total_decimal(self) -> Decimal:
+        return self._total
+
+    @property
+    def total_usd(self) -> float:
+        return float(self._total)
+
+    @property
+    def over_cap(self) -> bool:
+        return self._cap_crossed
+
+    @property
+    def by_kind_usd(self) -> dict[str, float]:
+        return {kind: float(v) for kind, v in sorted(self._by_kind.items())}
+
+    @property
+    def realtime_equivalent_usd(self) -> float:
+        return float(self._realtime.total)
+
+    @property
+    def realtime_turns(self) -> int:
+        return self._realtime.turns
+
+
+# --- all calls: day and month totals, budget alerts --------------------------------
+
+
+@dataclass(slots=True, frozen=True)
+class BudgetAlert:
+    kind: Literal["daily_budget", "monthly_budget", "call_cap"]
+    at: datetime
+    period: str  # "2026-11-24" (day), "2026-11" (month) or the call sid
+    spent_usd: float
+    limit_usd: float
+    call_sid: str | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class SpendUpdate:
+    entry: LedgerEntry
+    alerts: list[BudgetAlert] = field(default_factory=list)
+
+
+def _month_start(day: date) -> date:
+    return day.replace(day=1)
+
+
+def _next_month_start(day: date) -> date:
+    return (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+
+
+class SpendLedger:
+    """Every call's ledger plus per-UTC-day totals and the daily/monthly budget alerts.
+
+    `clock` returns an aware UTC datetime (injectable for tests). Costs count on the UTC
+    day they are booked. Ended calls are dropped from memory; their cost stays in the
+    day totals (and in the SQLite history, which can re-seed the totals at startup with
+    `restore_day_totals`).
+    """
+
+    # Day totals older than this are forgotten: the month-to-date never needs them.
+    _KEEP_DAYS = 62
+
+    def __init__(self, prices: PricesConfig | PriceTable, budget: BudgetConfig,
+                 clock: Callable[[], datetime] = utc_now,
+                 default_call_cap_usd: float = 0.0) -> None:
+        self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
+        self.budget = budget
+        self.clock = clock
+        self.default_call_cap_usd = default_call_cap_usd
+        self._calls: dict[str, CallLedger] = {}
+        self._days: dict[date, Decimal] = {}
+        self._daily_alerted: set[date] = set()
+        self._monthly_alerted: set[date] = set()  # keyed by the month's first day
+
+    # --- calls ---
+
+    def open_call(self, call_sid: str, cap_usd: float | None = None) -> CallLedger:
+        ledger = self._calls.get(call_sid)
+        if ledger is None:
+            cap = self.default_call_cap_usd if cap_usd is None else cap_usd
+            ledger = CallLedger(call_sid, cap, self.prices)
+            self._calls[call_sid] = ledger
+        return ledger
+
+    def call(self, call_sid: str) -> CallLedger | None:
+        return self._calls.get(call_sid)
+
+    @property
+    def active_calls(self) -> list[str]:
+        return list(self._calls)
+
+    def record(self, call_sid: str | None, usage: Usage) -> SpendUpdate:
+        """Price and book one provider call (`call_sid` None: spend outside any call)."""
+        if call_sid is None:
+            cost, priced = self.prices.cost_decimal(usage)
+            entry = LedgerEntry(None, usage.kind, usage.provider, usage.model, float(cost),
+                                float(cost), False, priced, usage.estimated)
+            return SpendUpdate(entry, self._book_day(cost))
+        ledger = self.open_call(call_sid)
+        entry = ledger.add(usage)
+        return SpendUpdate(entry, self._after_call_entry(ledger, entry))
+
+    def record_turn(self, call_sid: str, caller_audio_s: float, agent_audio_s: float) -> float:
+        return self.open_call(call_sid).add_turn(caller_audio_s, agent_audio_s)
+
+    def end_call(self, call_sid: str, duration_s: float) -> tuple[CallLedger, SpendUpdate]:
+        """Book the phone leg and forget the call; returns its final ledger."""
+        ledger = self.open_call(call_sid)
+        entry = ledger.add_phone(duration_s)
+        alerts = self._after_call_entry(ledger, entry)
+        self._calls.pop(call_sid, None)
+        return ledger, SpendUpdate(entry, alerts)
+
+    def _after_call_entry(self, ledger: CallLedger, entry: LedgerEntry) -> list[BudgetAlert]:
+        alerts = self._book_day(ledger.last_cost)
+        if entry.crossed_cap:
+            alerts.append(BudgetAlert("call_cap", self.clock(), ledger.call_sid,
+                                      entry.total_usd, ledger.cap_usd, ledger.call_sid))
+            log.warning("call cost cap reached", call_sid=ledger.call_sid,
+                        spent_usd=entry.total_usd, cap_usd=ledger.cap_usd)
+        return alerts
+
+    # --- days and months ---
+
+    def _book_day(self, cost: Decimal) -> list[BudgetAlert]:
+        now = self.clock()
+        today = now.date()
+        self._days[today] = self._days.get(today, ZERO) + cost
+        self._prune(today)
+        alerts: list[BudgetAlert] = []
+        daily = dec(self.budget.daily_usd)
+        if daily > 0 and today not in self._daily_alerted and self._days[today] >= daily:
+            self._daily_alerted.add(today)
+            alerts.append(BudgetAlert("daily_budget", now, today.isoformat(),
+                                      float(self._days[today]), self.budget.daily_usd))
+            log.warning("daily budget reached", day=today.isoformat(),
+                        spent_usd=float(self._days[today]), budget_usd=self.budget.daily_usd)
+        month = _month_start(today)
+        monthly = dec(self.budget.monthly_usd)
+        mtd = self._month_total(today)
+        if monthly > 0 and month not in self._monthly_alerted and mtd >= monthly:
+            self._monthly_alerted.add(month)
+            alerts.append(BudgetAlert("monthly_budget", now, month.strftime("%Y-%m"),
+                                      float(mtd), self.budget.monthly_usd))
+            log.warning("monthly budget reached", month=month.strftime("%Y-%m"),
+                        spent_usd=float(mtd), budget_usd=self.budget.monthly_usd)
+        return alerts
+
+    def _prune(self, today: date) -> None:
+        oldest = today - timedelta(days=self._KEEP_DAYS)
+        if self._days and min(self._days) < oldest:
+            for day in [d for d in self._days if d < oldest]:
+                del self._days[day]
+            self._daily_alerted = {d for d in self._daily_alerted if d >= oldest}
+            self._monthly_alerted = {m for m in self._monthly_alerted
+                                     if m >= _month_start(oldest)}
+
+    def _month_total(self, today: date) -> Decimal:
+        start = _month_start(today)
+        return sum((v for d, v in self._days.items() if start <= d <= today), ZERO)
+
+    def restore_day_totals(self, totals: Mapping[date, float]) -> None:
+        """Seed day totals (e.g. from the history at startup) so the month-to-date
+        survives a restart. Replaces the totals of the days given."""
+        for day, usd in totals.items():
+            self._days[day] = dec(usd)
+
+    def day_usd(self, day: date) -> float:
+        return float(self._days.get(day, ZERO))
+
+    @property
+    def today_usd(self) -> float:
+        return self.day_usd(self.clock().date())
+
+    @property
+    def month_to_date_usd(self) -> float:
+        return float(self._month_total(self.clock().date()))
+
+    @property
+    def monthly_projection_usd(self) -> float:
+        """Month-to-date divided by the elapsed fraction of the UTC month.
+
+        A straight-line projection: $10 spent by the middle of a 30-day month projects
+        $20. The elapsed time is floored at one hour so the first minutes of a month do
+        not project absurd figures.
+        """
+        now = self.clock()
+        start_day = _month_start(now.date())
+        start = datetime(start_day.year, start_day.month, 1, tzinfo=UTC)
+        end_day = _next_month_start(start_day)
+        end = datetime(end_day.year, end_day.month, 1, tzinfo=UTC)
+        elapsed = max((now - start).total_seconds(), 3600.0)
+        fraction = dec(elapsed) / dec((end - start).total_seconds())
+        return float(self._month_total(now.date()) / fraction)

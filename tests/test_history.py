@@ -1,0 +1,170 @@
+"""SQLite call history: durability across kill -9, recovery of unfinished calls,
+isolation of a bad write, schema versioning."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.ops.history import (
+    END_REASON_UNEXPECTED,
+    SCHEMA_VERSION,
+    CallHistory,
+    HistoryError,
+    TurnRecord,
+)
+from engine.ops.metrics import TurnTimings
+from engine.ops.report import build_report
+from engine.providers.base import Usage
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Writes a call, three turns and some usage, then kills itself (SIGKILL) mid-call.
+CRASHING_ENGINE = textwrap.dedent("""
+    import asyncio, os, sys
+    from engine.ops.history import CallHistory, TurnRecord
+    from engine.ops.metrics import TurnTimings
+    from engine.providers.base import Usage
+
+    async def main() -> None:
+        history = CallHistory(sys.argv[1], engine_id="engine-a")
+        await history.open()
+        t0 = 1_790_000_000.0
+        await history.call_started("CAcrash", "+15550001", "+15550002", started_at=t0)
+        for i in range(3):
+            await history.usage_recorded("CAcrash", Usage("openai", "llm", "gpt-4o-mini",
+                                         input_tokens=100, output_tokens=10), 0.001,
+                                         at=t0 + 10 * i + 5)
+            await history.turn_completed("CAcrash", TurnRecord(
+                idx=i, caller_text=f"question {i}", agent_text=f"answer {i}",
+                heard_text=f"answer {i}", caller_audio_s=2.0, agent_audio_s=3.0,
+                timings=TurnTimings(stt=0.2, voice_to_voice=0.7 + i / 10)), at=t0 + 10 * i + 8)
+        os.kill(os.getpid(), 9)
+
+    asyncio.run(main())
+""")
+
+
+async def test_writes_survive_kill_and_recover_unfinished(tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite3"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_ENGINE, str(db), cwd=str(REPO),
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()
+
+    history = CallHistory(db, engine_id="engine-a")
+    await history.open()
+    try:
+        call = await history.get_call("CAcrash")
+        assert call is not None and call.ended_at is None and call.state == "connected"
+        with sqlite3.connect(db) as conn:
+            turns = conn.execute("SELECT idx, caller_text, voice_to_voice_s FROM turns "
+                                 "ORDER BY idx").fetchall()
+        assert turns == [(i, f"question {i}", 0.7 + i / 10) for i in range(3)]
+        # an unfinished call of another engine sharing the file is not ours to close
+        other = CallHistory(db, engine_id="engine-b")
+        await other.open()
+        await other.call_started("CAother", started_at=1_790_000_000.0)
+        await other.aclose()
+
+        t0 = 1_790_000_000.0
+        recovered = await history.recover_unfinished(now=t0 + 3600)
+        assert recovered == ["CAcrash"]
+        call = await history.get_call("CAcrash")
+        assert call is not None
+        assert call.end_reason == END_REASON_UNEXPECTED and call.state == "ended"
+        assert call.ended_at == t0 + 28 and call.duration_s == 28.0  # up to its last write
+        assert call.cost_usd == pytest.approx(0.003)
+        assert await history.recover_unfinished(now=t0 + 3600) == []
+        still_open = await history.get_call("CAother")
+        assert still_open is not None and still_open.ended_at is None
+    finally:
+        await history.aclose()
+
+    report = build_report(db, timedelta(days=1),
+                          now=datetime.fromtimestamp(1_790_000_000 + 3600, UTC))
+    assert report.calls == 2
+    assert report.calls_ended_unexpectedly == 1 and report.calls_in_progress == 1
+    assert report.turns == 3
+    assert report.total_cost_usd == pytest.approx(0.003)
+
+
+async def test_full_call_roundtrip(tmp_path: Path) -> None:
+    db = tmp_path / "data" / "h.sqlite3"  # the data dir is created on open
+    history = CallHistory(db, engine_id="e1", clock=lambda: 1_800_000_000.0)
+    await history.open()
+    assert await history.call_started("CA1", "+1555", "+1666")
+    assert await history.turn_completed("CA1", TurnRecord(
+        idx=0, caller_text="hi", agent_text="hello there", heard_text="hello", interrupted=True,
+        cached=True, timings=TurnTimings(stt=0.3, llm_first_token=0.4, tts_first_audio=0.1,
+                                         engine_overhead=0.02, voice_to_voice=0.9,
+                                         endpointing=0.5)))
+    assert await history.usage_recorded("CA1", Usage("elevenlabs", "tts", "eleven_flash_v2_5",
+                                                     characters=40, estimated=True), 0.002)
+    assert await history.action_recorded("CA1", "supervisor:alice", "transfer",
+                                         {"to": "sales"}, escalation=True)
+    assert await history.phone_recorded("CA1", 61.0, 0.017, at=1_800_000_061.0)
+    assert await history.call_ended("CA1", "transferred", 0.019, ended_at=1_800_000_061.0)
+    call = await history.get_call("CA1")
+    assert call is not None
+    assert (call.from_number, call.duration_s, call.end_reason, call.escalated,
+            call.cost_usd, call.engine_id) == ("+1555", 61.0, "transferred", True, 0.019, "e1")
+    assert await history.daily_costs(date(2027, 1, 1)) == {date(2027, 1, 15): 0.019}
+    await history.aclose()
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        turn = conn.execute("SELECT heard_text, interrupted, cached, llm_first_token_s, "
+                            "endpointing_s FROM turns").fetchone()
+        assert turn == ("hello", 1, 1, 0.4, 0.5)
+        assert conn.execute("SELECT kind, estimated FROM usage ORDER BY id").fetchall() == [
+            ("tts", 1), ("phone", 0)]
+        assert conn.execute("SELECT actor, action, args, ok FROM actions").fetchone() == (
+            "supervisor:alice", "transfer", '{"to": "sales"}', 1)
+
+
+async def test_bad_write_is_isolated_and_reported(tmp_path: Path) -> None:
+    history = CallHistory(tmp_path / "h.sqlite3")
+    await history.open()
+    await history.call_started("CA1")
+    bad = TurnRecord(idx=1, caller_text=["not", "text"])  # type: ignore[arg-type]
+    results = await asyncio.gather(
+        history.turn_completed("CA1", TurnRecord(idx=0, caller_text="a")),
+        history.turn_completed("CA1", bad),
+        history.turn_completed("CA1", TurnRecord(idx=2, caller_text="c")))
+    assert results == [True, False, True]
+    await history.aclose()
+    assert not await history.turn_completed("CA1", TurnRecord(idx=3))  # closed: no raise
+    with sqlite3.connect(tmp_path / "h.sqlite3") as conn:
+        assert [r[0] for r in conn.execute("SELECT idx FROM turns ORDER BY idx")] == [0, 2]
+
+
+async def test_cancelled_writer_still_lands(tmp_path: Path) -> None:
+    history = CallHistory(tmp_path / "h.sqlite3")
+    await history.open()
+    task = asyncio.create_task(history.call_started("CA1", "+1"))
+    await asyncio.sleep(0)  # the write is queued
+    task.cancel()
+    await history.aclose()  # flushes the queue
+    with sqlite3.connect(tmp_path / "h.sqlite3") as conn:
+        assert conn.execute("SELECT from_number FROM calls").fetchall() == [("+1",)]
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "h.sqlite3"
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    history = CallHistory(db)
+    with pytest.raises(HistoryError, match="newer"):
+        await history.open()
