@@ -48,6 +48,8 @@ def ulaw_to_int16(data: bytes) -> npt.NDArray[np.int16]:
 
 def int16_to_ulaw(samples: npt.NDArray[np.int16]) -> bytes:
     """int16 samples -> mu-law bytes."""
+    if samples.dtype != np.int16:  # a view of any other dtype would encode garbage
+        raise TypeError(f"expected native int16 samples, got {samples.dtype}")
     return ENCODE_TABLE[samples.view(np.uint16)].tobytes()
 
 
