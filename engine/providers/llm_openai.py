@@ -1,0 +1,202 @@
+"""The agent backed by an OpenAI (or OpenAI-compatible) chat completions endpoint.
+
+Streams the reply token by token through the official SDK and reports the usage the
+server sends in its final chunk (`stream_options.include_usage`).
+
+A stream cut after some text arrived ends with `AgentDone(usage.estimated=True)` rather
+than an error: those deltas may already be on their way to the caller, the tokens are
+billed anyway, and the ledger should count them. A failure before the first delta raises
+`ProviderError`, so a fallback agent can answer instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+
+from engine.log import get_logger
+from engine.providers.base import (
+    AgentDone,
+    AgentEvent,
+    ChatMessage,
+    ProviderError,
+    TextDelta,
+    Timing,
+    Usage,
+)
+
+log = get_logger(__name__)
+
+PROVIDER = "openai"
+DEFAULT_SUMMARY_INSTRUCTION = (
+    "Summarize the phone conversation so far in at most three short sentences. Keep the "
+    "caller's name, request, any numbers they gave, and what was already answered."
+)
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token: used only when the server reports no usage."""
+    return math.ceil(len(text) / 4) if text else 0
+
+
+def map_openai_error(exc: BaseException, provider: str = PROVIDER) -> ProviderError:
+    """An SDK exception as a ProviderError with its status and whether a retry may help."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        # 408/409/429 and 5xx are transient; other 4xx (bad key, bad request) are not.
+        retryable = status in (408, 409, 429) or status >= 500
+        message = _error_message(exc)
+        return ProviderError(provider, f"HTTP {status}: {message}", status=status,
+                             retryable=retryable)
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError(provider, "request timed out", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return ProviderError(provider, f"connection failed: {cause!r}", retryable=True)
+    if isinstance(exc, httpx2.TimeoutException):
+        return ProviderError(provider, "request timed out", retryable=True)
+    if isinstance(exc, httpx2.HTTPError):
+        return ProviderError(provider, f"connection failed: {exc!r}", retryable=True)
+    return ProviderError(provider, f"{type(exc).__name__}: {exc}", retryable=True)
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return str(exc.message)
+
+
+class OpenAIChatAgent:
+    """Agent over `POST /chat/completions` (streamed)."""
+
+    name = "openai"
+
+    def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini",
+                 temperature: float = 0.3, max_tokens: int = 200, timeout_s: float = 8.0,
+                 first_token_timeout_s: float = 3.0, max_retries: int = 0,
+                 summary_instruction: str = DEFAULT_SUMMARY_INSTRUCTION) -> None:
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.first_token_timeout_s = first_token_timeout_s
+        self.summary_instruction = summary_instruction
+        # One client for the process: its connection pool keeps TLS connections warm.
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url,
+                                          timeout=timeout_s, max_retries=max_retries)
+
+    @staticmethod
+    def _messages(messages: list[ChatMessage]) -> list[ChatCompletionMessageParam]:
+        out: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        return out
+
+    def _estimated_usage(self, messages: list[ChatMessage], reply: str) -> Usage:
+        prompt = 3 + sum(4 + estimate_tokens(m.content) for m in messages)
+        return Usage(provider=PROVIDER, kind="llm", model=self.model, input_tokens=prompt,
+                     output_tokens=estimate_tokens(reply), estimated=True)
+
+    def _usage_from(self, chunk: ChatCompletionChunk) -> Usage | None:
+        u = chunk.usage
+        if u is None:
+            return None
+        details = u.prompt_tokens_details
+        cached = (details.cached_tokens or 0) if details is not None else 0
+        return Usage(provider=PROVIDER, kind="llm", model=self.model,
+                     input_tokens=u.prompt_tokens, cached_input_tokens=cached,
+                     output_tokens=u.completion_tokens)
+
+    async def respond(self, messages: list[ChatMessage]) -> AsyncGenerator[AgentEvent, None]:
+        started = time.monotonic()
+        stream: openai.AsyncStream[ChatCompletionChunk] | None = None
+        iterator: AsyncIterator[ChatCompletionChunk] | None = None
+        first_token_s: float | None = None
+        reply_parts: list[str] = []
+        usage: Usage | None = None
+        pending: list[str] = []
+        try:
+            # Until the first text arrives the whole wait is bounded, connect included.
+            try:
+                async with asyncio.timeout(self.first_token_timeout_s):
+                    stream = await self._client.chat.completions.create(
+                        model=self.model, messages=self._messages(messages),
+                        temperature=self.temperature, max_tokens=self.max_tokens,
+                        stream=True, stream_options={"include_usage": True})
+                    iterator = stream.__aiter__()
+                    while not pending:
+                        chunk = await iterator.__anext__()
+                        usage = self._usage_from(chunk) or usage
+                        pending = [c.delta.content for c in chunk.choices if c.delta.content]
+            except TimeoutError as exc:
+                raise ProviderError(PROVIDER, f"no first token within "
+                                    f"{self.first_token_timeout_s:.2f}s",
+                                    retryable=True) from exc
+            except StopAsyncIteration:
+                pass  # the reply was empty
+            except openai.OpenAIError as exc:
+                err = map_openai_error(exc)
+                log.warning("llm_request_failed", provider=PROVIDER, model=self.model,
+                            status=err.status, retryable=err.retryable, error=str(err))
+                raise err from exc
+            first_token_s = time.monotonic() - started if pending else None
+            for text in pending:
+                reply_parts.append(text)
+                yield TextDelta(text)
+            if iterator is not None and pending:
+                try:
+                    async for chunk in iterator:
+                        usage = self._usage_from(chunk) or usage
+                        for choice in chunk.choices:
+                            if choice.delta.content:
+                                reply_parts.append(choice.delta.content)
+                                yield TextDelta(choice.delta.content)
+                except openai.OpenAIError as exc:
+                    # Text already went out: finish with what we have (see module doc).
+                    log.warning("llm_stream_cut", provider=PROVIDER, model=self.model,
+                                error=str(map_openai_error(exc)),
+                                received_chars=sum(map(len, reply_parts)))
+            if usage is None:
+                usage = self._estimated_usage(messages, "".join(reply_parts))
+            yield AgentDone(usage=usage, timing=Timing(first_byte_s=first_token_s,
+                                                       total_s=time.monotonic() - started))
+        finally:
+            # Barge-in closes this generator: close the HTTP response so the server stops.
+            if stream is not None:
+                await stream.close()
+
+    async def summarize(self, messages: list[ChatMessage]) -> tuple[str, Usage]:
+        transcript = "\n".join(f"{m.role}: {m.content}" for m in messages if m.role != "system")
+        request: list[ChatMessage] = [ChatMessage("system", self.summary_instruction),
+                                      ChatMessage("user", transcript)]
+        try:
+            completion = await self._client.chat.completions.create(
+                model=self.model, messages=self._messages(request),
+                temperature=self.temperature, max_tokens=self.max_tokens)
+        except openai.OpenAIError as exc:
+            err = map_openai_error(exc)
+            log.warning("llm_summarize_failed", provider=PROVIDER, model=self.model,
+                        status=err.status, error=str(err))
+            raise err from exc
+        summary = (completion.choices[0].message.content or "").strip() \
+            if completion.choices else ""
+        u = completion.usage
+        if u is None:
+            usage = self._estimated_usage(request, summary)
+        else:
+            details = u.prompt_tokens_details
+            usage = Usage(provider=PROVIDER, kind="llm", model=self.model,
+                          input_tokens=u.prompt_tokens,
+                          cached_input_tokens=(details.cached_tokens or 0) if details else 0,
+                          output_tokens=u.completion_tokens)
+        return summary, usage
+
+    async def aclose(self) -> None:
+        await self._client.close()

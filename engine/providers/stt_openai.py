@@ -1,0 +1,126 @@
+"""Speech-to-text through OpenAI's transcription endpoint (or a compatible server).
+
+The request shape depends on the model: `whisper-1` gives per-segment confidence with
+`verbose_json`; `gpt-4o(-mini)-transcribe` accept only `json` and give token logprobs with
+`include=["logprobs"]`; `gpt-transcribe` takes `json` without logprobs.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import wave
+from typing import Any
+
+import openai
+
+from engine.log import get_logger
+from engine.providers.base import (
+    ProviderError,
+    Timing,
+    Transcript,
+    TranscriptConfidence,
+    Usage,
+)
+from engine.providers.llm_openai import map_openai_error
+
+log = get_logger(__name__)
+
+PROVIDER = "openai"
+_LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+
+
+def pcm16_to_wav(pcm16: bytes, sample_rate: int) -> bytes:
+    """Wrap PCM16 little-endian mono in a WAV container (the API needs a file format)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(pcm16)
+    return buffer.getvalue()
+
+
+def whisper_confidence(segments: list[Any]) -> TranscriptConfidence:
+    """Duration-weighted avg_logprob; the worst no_speech_prob and compression_ratio."""
+    if not segments:
+        return TranscriptConfidence()
+    weights = [max(float(s.end) - float(s.start), 0.0) for s in segments]
+    total = sum(weights)
+    if total > 0:
+        avg = sum(w * float(s.avg_logprob) for w, s in zip(weights, segments, strict=True)) / total
+    else:
+        avg = sum(float(s.avg_logprob) for s in segments) / len(segments)
+    return TranscriptConfidence(
+        avg_logprob=avg,
+        no_speech_prob=max(float(s.no_speech_prob) for s in segments),
+        compression_ratio=max(float(s.compression_ratio) for s in segments),
+    )
+
+
+class OpenAITranscriber:
+    """SpeechToText over `POST /audio/transcriptions`."""
+
+    name = "openai_stt"
+
+    def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini-transcribe",
+                 timeout_s: float = 4.0, max_retries: int = 0,
+                 language: str | None = None) -> None:
+        self.model = model
+        self.language = language
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url,
+                                          timeout=timeout_s, max_retries=max_retries)
+
+    def _request_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.model.startswith("whisper"):
+            options["response_format"] = "verbose_json"
+        else:
+            options["response_format"] = "json"
+            if self.model.startswith(_LOGPROB_MODELS):
+                options["include"] = ["logprobs"]
+        if self.language:
+            options["language"] = self.language
+        return options
+
+    async def transcribe(self, pcm16: bytes, sample_rate: int) -> Transcript:
+        if not pcm16 or len(pcm16) % 2 or sample_rate <= 0:
+            log.warning("stt_bad_input", provider=PROVIDER, bytes=len(pcm16),
+                        sample_rate=sample_rate)
+            raise ProviderError(PROVIDER, f"bad audio: {len(pcm16)} bytes of PCM16 at "
+                                f"{sample_rate} Hz", retryable=False)
+        audio_seconds = len(pcm16) / 2 / sample_rate
+        wav_bytes = pcm16_to_wav(pcm16, sample_rate)
+        started = time.monotonic()
+        try:
+            result: Any = await self._client.audio.transcriptions.create(
+                model=self.model, file=("utterance.wav", wav_bytes, "audio/wav"),
+                **self._request_options())
+        except openai.OpenAIError as exc:
+            err = map_openai_error(exc)
+            log.warning("stt_request_failed", provider=PROVIDER, model=self.model,
+                        status=err.status, retryable=err.retryable, error=str(err))
+            raise err from exc
+        elapsed = time.monotonic() - started
+        text = str(getattr(result, "text", "") or "").strip()
+        usage = Usage(provider=PROVIDER, kind="stt", model=self.model,
+                      audio_seconds=audio_seconds)
+        reported = getattr(result, "usage", None)
+        if reported is not None and getattr(reported, "type", None) == "duration":
+            usage.audio_seconds = float(reported.seconds)
+        elif reported is not None and getattr(reported, "type", None) == "tokens":
+            usage.input_tokens = int(reported.input_tokens)
+            usage.output_tokens = int(reported.output_tokens)
+        if self.model.startswith("whisper"):
+            confidence = whisper_confidence(list(getattr(result, "segments", None) or []))
+        else:
+            logprobs = [lp.logprob for lp in (getattr(result, "logprobs", None) or [])
+                        if lp.logprob is not None]
+            confidence = TranscriptConfidence(
+                token_logprob_mean=sum(logprobs) / len(logprobs) if logprobs else None)
+        # The whole transcript arrives at once: first byte and total are the same moment.
+        return Transcript(text=text, confidence=confidence, usage=usage,
+                          timing=Timing(first_byte_s=elapsed, total_s=elapsed))
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,132 @@
+"""Text-to-speech through ElevenLabs' streaming endpoint, straight in Twilio's format.
+
+`output_format="ulaw_8000"` is exactly what Twilio plays, so bytes pass through as they
+arrive. The raw-response form of the SDK call is used so the response headers (the
+billed character count) are readable; it sends the same request as
+`client.text_to_speech.stream(...)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+from elevenlabs.client import AsyncElevenLabs
+from elevenlabs.core.api_error import ApiError
+
+from engine.log import get_logger
+from engine.providers.base import (
+    AudioChunk,
+    ProviderError,
+    SynthesisDone,
+    SynthesisEvent,
+    Timing,
+    Usage,
+)
+
+log = get_logger(__name__)
+
+PROVIDER = "elevenlabs"
+OUTPUT_FORMAT = "ulaw_8000"
+# The billed character count, when the server reports it. [U: header name not verified]
+CHARACTER_COUNT_HEADER = "x-character-count"
+# The SDK re-chunks the body (1024 bytes by default = 128 ms); one Twilio frame (20 ms)
+# keeps the first audio prompt and loses at most a frame when a stream is cut.
+STREAM_CHUNK_BYTES = 160
+
+
+def map_elevenlabs_error(exc: BaseException) -> ProviderError:
+    """An SDK/httpx exception as a ProviderError with status and retryability."""
+    if isinstance(exc, ApiError):
+        status = exc.status_code
+        retryable = status is None or status in (408, 409, 429) or status >= 500
+        return ProviderError(PROVIDER, f"HTTP {status}: {_detail_message(exc.body)}",
+                             status=status, retryable=retryable)
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderError(PROVIDER, "request timed out", retryable=True)
+    if isinstance(exc, httpx.HTTPError):
+        return ProviderError(PROVIDER, f"connection failed: {exc!r}", retryable=True)
+    return ProviderError(PROVIDER, f"{type(exc).__name__}: {exc}", retryable=True)
+
+
+def _detail_message(body: Any) -> str:
+    # {"detail": {"status": ..., "message": ...}} or FastAPI's {"detail": [{"msg": ...}]}
+    detail = body.get("detail", body) if isinstance(body, dict) else body
+    if isinstance(detail, dict) and detail.get("message"):
+        return f"{detail.get('status', '')}: {detail['message']}".lstrip(": ")
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        return "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', '')}"
+                         for d in detail if isinstance(d, dict))
+    return str(body)[:300]
+
+
+class ElevenLabsTTS:
+    """TextToSpeech over `POST /v1/text-to-speech/{voice_id}/stream`."""
+
+    name = "elevenlabs"
+
+    def __init__(self, api_key: str, voice_id: str, base_url: str = "https://api.elevenlabs.io",
+                 model_id: str = "eleven_flash_v2_5", optimize_streaming_latency: int = 3,
+                 timeout_s: float = 5.0, first_audio_timeout_s: float = 2.0) -> None:
+        self.voice = voice_id
+        self.model_id = model_id
+        self.optimize_streaming_latency = optimize_streaming_latency
+        self.first_audio_timeout_s = first_audio_timeout_s
+        # Our own httpx client, so aclose() can release its connections (the SDK has no close).
+        self._http = httpx.AsyncClient(timeout=timeout_s)
+        self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url, timeout=timeout_s,
+                                       httpx_client=self._http)
+
+    async def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
+        if not text.strip():
+            log.warning("tts_empty_text", provider=PROVIDER)
+            raise ProviderError(PROVIDER, "nothing to synthesize: empty text", retryable=False)
+        started = time.monotonic()
+        # Not awaited: the SDK call is an async context manager around a streamed response.
+        manager = self._client.text_to_speech.with_raw_response.stream(
+            self.voice, text=text, model_id=self.model_id, output_format=OUTPUT_FORMAT,
+            optimize_streaming_latency=self.optimize_streaming_latency,
+            request_options={"chunk_size": STREAM_CHUNK_BYTES})
+        characters = len(text)
+        async with contextlib.AsyncExitStack() as stack:
+            # The first-audio bound covers connecting, the response headers and first bytes.
+            try:
+                async with asyncio.timeout(self.first_audio_timeout_s):
+                    response = await stack.enter_async_context(manager)
+                    header = response.headers.get(CHARACTER_COUNT_HEADER, "")
+                    if header.isdigit():
+                        characters = int(header)
+                    chunks = response.data.__aiter__()
+                    first = await anext(chunks, b"")
+            except TimeoutError as exc:
+                log.warning("tts_first_audio_timeout", provider=PROVIDER, model=self.model_id,
+                            timeout_s=self.first_audio_timeout_s)
+                raise ProviderError(PROVIDER, f"no audio within "
+                                    f"{self.first_audio_timeout_s:.2f}s",
+                                    retryable=True) from exc
+            except (ApiError, httpx.HTTPError) as exc:
+                err = map_elevenlabs_error(exc)
+                log.warning("tts_request_failed", provider=PROVIDER, model=self.model_id,
+                            status=err.status, retryable=err.retryable, error=str(err))
+                raise err from exc
+            first_audio_s = time.monotonic() - started
+            if first:
+                yield AudioChunk(first)
+            try:
+                async for data in chunks:
+                    if data:
+                        yield AudioChunk(data)
+            except httpx.HTTPError as exc:
+                # Audio already went out: end the clip here; the characters are billed anyway.
+                log.warning("tts_stream_cut", provider=PROVIDER, model=self.model_id,
+                            error=str(map_elevenlabs_error(exc)))
+        usage = Usage(provider=PROVIDER, kind="tts", model=self.model_id, characters=characters)
+        yield SynthesisDone(usage=usage, timing=Timing(first_byte_s=first_audio_s,
+                                                       total_s=time.monotonic() - started))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

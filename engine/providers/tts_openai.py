@@ -1,0 +1,126 @@
+"""Text-to-speech through OpenAI's speech endpoint, converted to Twilio's mu-law 8 kHz.
+
+OpenAI streams `pcm` as raw 24 kHz 16-bit mono; each network chunk is resampled to
+8 kHz and mu-law encoded as it arrives, so the first audio goes out without waiting for
+the whole clip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+
+import httpx2  # openai 3.x's HTTP client: raw byte streams raise its errors unmapped
+import numpy as np
+import openai
+
+from engine.audio.codec import int16_to_ulaw
+from engine.audio.resample import StreamResampler
+from engine.log import get_logger
+from engine.providers.base import (
+    AudioChunk,
+    ProviderError,
+    SynthesisDone,
+    SynthesisEvent,
+    Timing,
+    Usage,
+)
+from engine.providers.llm_openai import map_openai_error
+
+log = get_logger(__name__)
+
+PROVIDER = "openai"
+SOURCE_RATE = 24000  # OpenAI `pcm`: 24 kHz, 16-bit little-endian, mono
+TARGET_RATE = 8000
+
+
+class Pcm24kToUlaw:
+    """Incremental 24 kHz PCM16 bytes -> 8 kHz mu-law, across arbitrary chunk boundaries."""
+
+    def __init__(self) -> None:
+        self._resampler = StreamResampler(SOURCE_RATE, TARGET_RATE)
+        self._odd = b""  # a sample split between two network chunks
+
+    def feed(self, data: bytes) -> bytes:
+        data = self._odd + data
+        usable = len(data) - (len(data) % 2)
+        self._odd = data[usable:]
+        if not usable:
+            return b""
+        samples = np.frombuffer(data[:usable], dtype="<i2").astype(np.int16, copy=False)
+        out = self._resampler.process(samples)
+        return int16_to_ulaw(np.ascontiguousarray(out, dtype=np.int16)) if out.size else b""
+
+    def flush(self) -> bytes:
+        out = self._resampler.flush()
+        return int16_to_ulaw(np.ascontiguousarray(out, dtype=np.int16)) if out.size else b""
+
+
+class OpenAITTS:
+    """TextToSpeech over `POST /audio/speech` with `response_format="pcm"`."""
+
+    name = "openai_tts"
+
+    def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini-tts",
+                 voice: str = "alloy", timeout_s: float = 8.0,
+                 first_audio_timeout_s: float = 2.0, max_retries: int = 0,
+                 instructions: str | None = None) -> None:
+        self.model = model
+        self.voice = voice
+        self.first_audio_timeout_s = first_audio_timeout_s
+        self.instructions = instructions
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url,
+                                          timeout=timeout_s, max_retries=max_retries)
+
+    async def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
+        if not text.strip():
+            log.warning("tts_empty_text", provider=PROVIDER)
+            raise ProviderError(PROVIDER, "nothing to synthesize: empty text", retryable=False)
+        started = time.monotonic()
+        first_audio_s: float | None = None
+        converter = Pcm24kToUlaw()
+        manager = self._client.audio.speech.with_streaming_response.create(
+            model=self.model, voice=self.voice, input=text, response_format="pcm",
+            instructions=self.instructions or openai.omit)
+        async with contextlib.AsyncExitStack() as stack:
+            # The first-audio bound covers connecting, the response headers and first bytes.
+            try:
+                async with asyncio.timeout(self.first_audio_timeout_s):
+                    response = await stack.enter_async_context(manager)
+                    chunks = response.iter_bytes().__aiter__()
+                    first = await anext(chunks, b"")
+            except TimeoutError as exc:
+                log.warning("tts_first_audio_timeout", provider=PROVIDER, model=self.model,
+                            timeout_s=self.first_audio_timeout_s)
+                raise ProviderError(PROVIDER, f"no audio within "
+                                    f"{self.first_audio_timeout_s:.2f}s",
+                                    retryable=True) from exc
+            except (openai.OpenAIError, httpx2.HTTPError) as exc:
+                err = map_openai_error(exc)
+                log.warning("tts_request_failed", provider=PROVIDER, model=self.model,
+                            status=err.status, retryable=err.retryable, error=str(err))
+                raise err from exc
+            first_audio_s = time.monotonic() - started
+            ulaw = converter.feed(first)
+            if ulaw:
+                yield AudioChunk(ulaw)
+            try:
+                async for data in chunks:
+                    ulaw = converter.feed(data)
+                    if ulaw:
+                        yield AudioChunk(ulaw)
+            except (openai.OpenAIError, httpx2.HTTPError) as exc:
+                # Audio already went out: end the clip here; the characters are billed anyway.
+                log.warning("tts_stream_cut", provider=PROVIDER, model=self.model,
+                            error=str(map_openai_error(exc)))
+            tail = converter.flush()
+            if tail:
+                yield AudioChunk(tail)
+        usage = Usage(provider=PROVIDER, kind="tts", model=self.model, characters=len(text))
+        yield SynthesisDone(usage=usage, timing=Timing(first_byte_s=first_audio_s,
+                                                       total_s=time.monotonic() - started))
+
+    async def aclose(self) -> None:
+        await self._client.close()

@@ -1,0 +1,146 @@
+"""Local stand-in servers that speak the cloud providers' real wire formats.
+
+Tests and benchmarks point the official SDKs at these (via `base_url`) to exercise the
+real client code with a fixed, configurable latency and failure behaviour. This module
+holds what every stand-in shares: the behaviour knobs, the request log, the lifecycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import numpy as np
+import numpy.typing as npt
+from aiohttp import web
+
+Mode = Literal["ok", "401", "422", "429", "500", "timeout", "cut"]
+
+# A stand-in in "timeout" mode sleeps this long: longer than any client timeout we use.
+TIMEOUT_SLEEP_S = 60.0
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """What a stand-in received, for tests to assert on."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    json: Any = None
+    form: dict[str, Any] = field(default_factory=dict)
+    # Set when the client went away before the response was complete.
+    disconnected: bool = False
+
+
+class StandinServer:
+    """An aiohttp app on 127.0.0.1 with behaviour knobs shared by every stand-in.
+
+    Knobs (plain attributes, change them between requests):
+    - `mode`: "ok", an error status ("401", "422", "429", "500"), "timeout" (no answer
+      for TIMEOUT_SLEEP_S) or "cut" (the stream stops midway and the connection drops).
+    - `latency_s`: delay before the first byte of the response.
+    - `token_interval_s`: delay between streamed chunks (tokens or audio).
+    - `api_key`: when set, requests with another key get 401.
+    """
+
+    def __init__(self, *, api_key: str | None = None) -> None:
+        self.mode: Mode = "ok"
+        self.latency_s = 0.0
+        self.token_interval_s = 0.0
+        self.api_key = api_key
+        self.requests: list[RecordedRequest] = []
+        self.base_url = ""
+        self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
+        self._disconnect = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        raise NotImplementedError
+
+    def url_for(self, host: str, port: int) -> str:
+        """The base URL the SDK is given (providers differ in whether it includes /v1)."""
+        return f"http://{host}:{port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        self._stopping.clear()
+        # handler_cancellation: a client that goes away cancels its handler, as a real
+        # server stops generating; we record that as a disconnect.
+        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True,
+                                     access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        bound_port = int(self._runner.addresses[0][1])
+        self.base_url = self.url_for(host, bound_port)
+        return self.base_url
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.stop()
+
+    # --- helpers for handlers -------------------------------------------------------
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep, but wake up at once when the server stops (so stop() never hangs)."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def wait_disconnect(self, within_s: float) -> bool:
+        """True once some streamed response was abandoned by its client."""
+        try:
+            await asyncio.wait_for(self._disconnect.wait(), timeout=within_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def mark_disconnected(self, record: RecordedRequest) -> None:
+        record.disconnected = True
+        self._disconnect.set()
+
+    def key_ok(self, presented: str | None) -> bool:
+        return self.api_key is None or presented == self.api_key
+
+    @staticmethod
+    async def record(request: web.Request, *, json_body: Any = None,
+                     form: dict[str, Any] | None = None) -> RecordedRequest:
+        return RecordedRequest(method=request.method, path=request.path,
+                               query=dict(request.query), headers=dict(request.headers),
+                               json=json_body, form=form or {})
+
+    @staticmethod
+    def drop_connection(request: web.Request) -> None:
+        """Abort the TCP connection mid-response: the client sees a truncated body."""
+        transport = request.transport
+        if transport is not None:
+            transport.abort()
+
+
+def speech_like_pcm(seconds: float, sample_rate: int) -> npt.NDArray[np.int16]:
+    """A voiced, syllable-modulated tone: enough like speech for VAD and level meters."""
+    n = max(0, math.ceil(seconds * sample_rate))
+    t = np.arange(n, dtype=np.float64) / sample_rate
+    pitch = 140.0 + 20.0 * np.sin(2 * np.pi * 0.7 * t)  # gently moving pitch
+    phase = 2 * np.pi * np.cumsum(pitch) / sample_rate
+    voiced = (np.sin(phase) + 0.5 * np.sin(2 * phase) + 0.25 * np.sin(3 * phase)) / 1.75
+    syllables = 0.55 + 0.45 * np.sin(2 * np.pi * 4.0 * t)  # ~4 syllables per second
+    return (voiced * syllables * 9000.0).astype(np.int16)

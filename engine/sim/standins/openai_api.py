@@ -1,0 +1,367 @@
+"""A stand-in for the OpenAI API: chat completions, transcriptions and speech.
+
+Speaks the real wire format (SSE chunks, usage chunk, multipart uploads, error bodies) so
+the official `openai` SDK runs unchanged against it via `base_url=server.base_url`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import math
+import re
+import time
+import uuid
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from engine.sim.standins import TIMEOUT_SLEEP_S, RecordedRequest, StandinServer, speech_like_pcm
+
+TTS_SAMPLE_RATE = 24000  # OpenAI's `pcm` response format: 24 kHz, 16-bit, mono
+_TOKEN_RE = re.compile(r"\s*\S+")
+_LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+_JSON_ONLY_MODELS = (*_LOGPROB_MODELS, "gpt-transcribe")
+
+_ERRORS: dict[int, tuple[str, str | None, str]] = {
+    401: ("invalid_request_error", "invalid_api_key",
+          "Incorrect API key provided. You can find your API key at "
+          "https://platform.openai.com/account/api-keys."),
+    429: ("requests", "rate_limit_exceeded",
+          "Rate limit reached for requests. Please try again in 1s."),
+    500: ("server_error", None,
+          "The server had an error while processing your request. Sorry about that!"),
+}
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token for English: the stand-in's tokenizer."""
+    return max(1, math.ceil(len(text) / 4)) if text else 0
+
+
+def error_response(status: int, message: str | None = None, *, type_: str | None = None,
+                   code: str | None = None, param: str | None = None) -> web.Response:
+    default_type, default_code, default_message = _ERRORS.get(
+        status, ("invalid_request_error", None, "Invalid request."))
+    body = {"error": {"message": message or default_message, "type": type_ or default_type,
+                      "param": param, "code": code if code is not None else default_code}}
+    return web.json_response(body, status=status)
+
+
+@dataclass(slots=True)
+class SegmentSpec:
+    """One whisper `verbose_json` segment the stand-in should return."""
+
+    text: str
+    duration_s: float
+    avg_logprob: float = -0.2
+    no_speech_prob: float = 0.01
+    compression_ratio: float = 1.3
+
+
+class OpenAIStandin(StandinServer):
+    """POST /v1/chat/completions, /v1/audio/transcriptions, /v1/audio/speech.
+
+    Extra knobs: `reply` (text, or a function of the last user message), `cached_tokens`
+    (None: emulate prefix caching), `transcript` (text, or a function of audio seconds),
+    `segments`, `avg_logprob`, `no_speech_prob`, `compression_ratio`, `token_logprob`,
+    `speech_seconds_per_char`, `audio_chunk_bytes`.
+    """
+
+    def __init__(self, *, api_key: str | None = "sk-test") -> None:
+        super().__init__(api_key=api_key)
+        self.reply: str | Callable[[str], str] = "Sure, I can help with that."
+        self.cached_tokens: int | None = None
+        self.transcript: str | Callable[[float], str] = "I would like to check my order."
+        self.segments: list[SegmentSpec] | None = None
+        self.avg_logprob = -0.2
+        self.no_speech_prob = 0.01
+        self.compression_ratio = 1.3
+        self.token_logprob = -0.05
+        self.audio_tokens_per_second = 10.0
+        self.speech_seconds_per_char = 0.06
+        self.audio_chunk_bytes = 4800  # 100 ms of 24 kHz PCM16
+        self.last_audio_sent = b""
+        self.last_usage: dict[str, Any] | None = None
+        self._seen_prompts: list[str] = []
+
+    def url_for(self, host: str, port: int) -> str:
+        return f"http://{host}:{port}/v1"
+
+    def build_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
+        app.router.add_post("/v1/audio/speech", self._speech)
+        return app
+
+    # --- shared ---------------------------------------------------------------------
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """The error the current mode or a wrong key calls for, if any."""
+        auth = request.headers.get("Authorization", "")
+        presented = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+        if self.mode == "401" or not self.key_ok(presented):
+            return error_response(401)
+        if self.mode in ("429", "500", "422"):
+            return error_response(int(self.mode))
+        return None
+
+    async def _json_body(self, request: web.Request) -> tuple[Any, RecordedRequest]:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        record = await self.record(request, json_body=body)
+        self.requests.append(record)
+        return body, record
+
+    # --- chat -----------------------------------------------------------------------
+
+    def _reply_for(self, messages: list[dict[str, Any]]) -> str:
+        if isinstance(self.reply, str):
+            return self.reply
+        last_user = next((str(m.get("content", "")) for m in reversed(messages)
+                          if m.get("role") == "user"), "")
+        return self.reply(last_user)
+
+    def _prompt_usage(self, messages: list[dict[str, Any]]) -> tuple[int, int]:
+        prompt_tokens = 3 + sum(4 + estimate_tokens(str(m.get("content", ""))) for m in messages)
+        if self.cached_tokens is not None:
+            return prompt_tokens, min(self.cached_tokens, prompt_tokens)
+        # Like OpenAI: a prefix seen before is cached in 128-token steps from 1024 tokens.
+        serialized = json.dumps(messages, sort_keys=True)
+        common = max((len(_common_prefix(serialized, seen)) for seen in self._seen_prompts),
+                     default=0)
+        self._seen_prompts = [*self._seen_prompts[-63:], serialized]
+        cached = (estimate_tokens(serialized[:common]) // 128) * 128
+        return prompt_tokens, (min(cached, prompt_tokens) if cached >= 1024 else 0)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body, record = await self._json_body(request)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return error_response(400, "'messages' is a required property", param="messages")
+        if self.mode == "timeout":
+            await self.sleep(TIMEOUT_SLEEP_S)
+            return error_response(500)
+        messages: list[dict[str, Any]] = body["messages"]
+        model = str(body.get("model", ""))
+        reply = self._reply_for(messages)
+        tokens = _TOKEN_RE.findall(reply)
+        prompt_tokens, cached = self._prompt_usage(messages)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                 "total_tokens": prompt_tokens + len(tokens),
+                 "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                               "accepted_prediction_tokens": 0,
+                                               "rejected_prediction_tokens": 0}}
+        self.last_usage = usage
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        await self.sleep(self.latency_s)
+        if not body.get("stream"):
+            return web.json_response({
+                "id": completion_id, "object": "chat.completion", "created": created,
+                "model": model, "system_fingerprint": "fp_standin",
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                             "message": {"role": "assistant", "content": reply,
+                                         "refusal": None}}],
+                "usage": usage})
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "system_fingerprint": "fp_standin",
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish}]}
+            if include_usage:
+                out["usage"] = None
+            return out
+
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                               "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+            await _sse(response, chunk({"role": "assistant", "content": "", "refusal": None}))
+            cut_at = len(tokens) // 2 if self.mode == "cut" else None
+            for i, token in enumerate(tokens):
+                if cut_at is not None and i == max(cut_at, 1):
+                    self.drop_connection(request)
+                    return response
+                if i:
+                    await self.sleep(self.token_interval_s)
+                await _sse(response, chunk({"content": token}))
+            await _sse(response, chunk({}, "stop"))
+            if include_usage:
+                await _sse(response, {"id": completion_id, "object": "chat.completion.chunk",
+                                      "created": created, "model": model,
+                                      "system_fingerprint": "fp_standin", "choices": [],
+                                      "usage": usage})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.mark_disconnected(record)
+            raise
+        return response
+
+    # --- transcriptions -------------------------------------------------------------
+
+    async def _transcriptions(self, request: web.Request) -> web.Response:
+        post = await request.post()
+        form: dict[str, Any] = {}
+        wav_bytes = b""
+        for key, value in post.items():
+            if isinstance(value, web.FileField):
+                wav_bytes = value.file.read()
+                form[key] = {"filename": value.filename, "content_type": value.content_type,
+                             "size": len(wav_bytes)}
+            else:
+                form.setdefault(key, []).append(str(value))
+        form = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in form.items()}
+        record = await self.record(request, form=form)
+        self.requests.append(record)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        model = str(form.get("model", ""))
+        if not model:
+            return error_response(400, "you must provide a model parameter", param="model")
+        if "file" not in form:
+            return error_response(400, "Missing file", param="file")
+        try:
+            with wave.open(io.BytesIO(wav_bytes), "rb") as wav:
+                seconds = wav.getnframes() / wav.getframerate()
+                form["file"].update(sample_rate=wav.getframerate(), channels=wav.getnchannels(),
+                                    sample_width=wav.getsampwidth())
+        except (wave.Error, EOFError):
+            return error_response(400, "Invalid file format. Supported formats: ['flac', 'm4a', "
+                                  "'mp3', 'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']",
+                                  param="file", code="invalid_value")
+        response_format = str(form.get("response_format", "json"))
+        include = form.get("include[]", form.get("include", []))
+        include = [include] if isinstance(include, str) else list(include)
+        if model.startswith(_JSON_ONLY_MODELS) and response_format not in ("json", "text"):
+            return error_response(400, f"response_format '{response_format}' is not compatible "
+                                  f"with model '{model}'. Use 'json' or 'text' instead.",
+                                  param="response_format", code="unsupported_value")
+        if "logprobs" in include and (not model.startswith(_LOGPROB_MODELS)
+                                      or response_format != "json"):
+            return error_response(400, f"logprobs are not supported with model '{model}' "
+                                  f"and response_format '{response_format}'.",
+                                  param="include", code="unsupported_value")
+        if self.mode == "timeout":
+            await self.sleep(TIMEOUT_SLEEP_S)
+            return error_response(500)
+        await self.sleep(self.latency_s)
+        text = self.transcript if isinstance(self.transcript, str) else self.transcript(seconds)
+        if response_format == "text":
+            return web.Response(text=text + "\n", content_type="text/plain")
+        if model.startswith("whisper"):
+            usage: dict[str, Any] = {"type": "duration", "seconds": math.ceil(seconds)}
+        elif model.startswith(_LOGPROB_MODELS):
+            audio_tokens = math.ceil(seconds * self.audio_tokens_per_second)
+            out_tokens = estimate_tokens(text)
+            usage = {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": out_tokens,
+                     "total_tokens": audio_tokens + out_tokens,
+                     "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens}}
+        else:  # gpt-transcribe is billed per minute of audio
+            usage = {"type": "duration", "seconds": math.ceil(seconds)}
+        self.last_usage = usage
+        if response_format == "verbose_json":
+            return web.json_response({"task": "transcribe", "language": "english",
+                                      "duration": seconds, "text": text,
+                                      "segments": self._segments(text, seconds),
+                                      "usage": usage})
+        result: dict[str, Any] = {"text": text, "usage": usage}
+        if "logprobs" in include:
+            result["logprobs"] = [{"token": tok, "logprob": self.token_logprob,
+                                   "bytes": list(tok.encode())}
+                                  for tok in _TOKEN_RE.findall(text)]
+        return web.json_response(result)
+
+    def _segments(self, text: str, seconds: float) -> list[dict[str, Any]]:
+        specs = self.segments
+        if specs is None:
+            sentences = [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s] or [""]
+            total_chars = sum(len(s) for s in sentences) or 1
+            specs = [SegmentSpec(s, seconds * len(s) / total_chars, self.avg_logprob,
+                                 self.no_speech_prob, self.compression_ratio) for s in sentences]
+        out: list[dict[str, Any]] = []
+        start = 0.0
+        for i, spec in enumerate(specs):
+            end = start + spec.duration_s
+            out.append({"id": i, "seek": int(start * 100), "start": round(start, 2),
+                        "end": round(end, 2), "text": " " + spec.text,
+                        "tokens": list(range(50364, 50364 + estimate_tokens(spec.text))),
+                        "temperature": 0.0, "avg_logprob": spec.avg_logprob,
+                        "compression_ratio": spec.compression_ratio,
+                        "no_speech_prob": spec.no_speech_prob})
+            start = end
+        return out
+
+    # --- speech ---------------------------------------------------------------------
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        body, record = await self._json_body(request)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
+        if not isinstance(body, dict):
+            return error_response(400, "We could not parse the JSON body of your request.")
+        for required in ("model", "input", "voice"):
+            if not body.get(required):
+                return error_response(400, f"Missing required parameter: '{required}'.",
+                                      param=required, code="missing_required_parameter")
+        if body.get("response_format", "mp3") != "pcm":
+            return error_response(400, "stand-in: only response_format 'pcm' is generated",
+                                  param="response_format", code="unsupported_value")
+        if self.mode == "timeout":
+            await self.sleep(TIMEOUT_SLEEP_S)
+            return error_response(500)
+        seconds = len(str(body["input"])) * self.speech_seconds_per_char
+        audio = speech_like_pcm(seconds, TTS_SAMPLE_RATE).astype("<i2").tobytes()
+        await self.sleep(self.latency_s)
+        response = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
+        sent = bytearray()
+        try:
+            await response.prepare(request)
+            step = max(1, self.audio_chunk_bytes)
+            cut_at = len(audio) // 2 if self.mode == "cut" else None
+            for offset in range(0, len(audio), step):
+                if cut_at is not None and offset >= cut_at:
+                    self.last_audio_sent = bytes(sent)
+                    self.drop_connection(request)
+                    return response
+                if offset:
+                    await self.sleep(self.token_interval_s)
+                piece = audio[offset:offset + step]
+                await response.write(piece)
+                sent += piece
+            self.last_audio_sent = bytes(sent)
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.last_audio_sent = bytes(sent)
+            self.mark_disconnected(record)
+            raise
+        return response
+
+
+async def _sse(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return a[:n]

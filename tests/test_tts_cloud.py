@@ -1,0 +1,271 @@
+"""ElevenLabsTTS and OpenAITTS through the real SDKs against the local stand-ins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cloud_fixtures import (
+    ELEVENLABS_KEY,
+    OPENAI_KEY,
+    Stopwatch,
+    closed_port_url,
+    collect,
+    correlation,
+)
+
+from engine.audio.codec import ulaw_to_int16
+from engine.audio.resample import resample
+from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech
+from engine.providers.tts_elevenlabs import STREAM_CHUNK_BYTES, ElevenLabsTTS
+from engine.providers.tts_openai import OpenAITTS, Pcm24kToUlaw
+from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
+from engine.sim.standins.openai_api import OpenAIStandin
+
+TEXT = "Your order has shipped and should arrive on Thursday."
+VOICE = "voice-123"
+
+
+def make_elevenlabs(base_url: str, timeout_s: float = 5.0,
+                    first_audio_timeout_s: float = 3.0) -> ElevenLabsTTS:
+    return ElevenLabsTTS(api_key=ELEVENLABS_KEY, voice_id=VOICE, base_url=base_url,
+                         model_id="eleven_flash_v2_5", optimize_streaming_latency=3,
+                         timeout_s=timeout_s, first_audio_timeout_s=first_audio_timeout_s)
+
+
+def make_openai(base_url: str, timeout_s: float = 5.0,
+                first_audio_timeout_s: float = 3.0) -> OpenAITTS:
+    return OpenAITTS(api_key=OPENAI_KEY, base_url=base_url, model="gpt-4o-mini-tts",
+                     voice="alloy", timeout_s=timeout_s,
+                     first_audio_timeout_s=first_audio_timeout_s)
+
+
+def audio_of(events: list[AudioChunk | SynthesisDone]) -> bytes:
+    return b"".join(e.ulaw for e in events if isinstance(e, AudioChunk))
+
+
+# --- ElevenLabs -----------------------------------------------------------------------
+
+
+async def test_elevenlabs_request_and_audio_pass_through() -> None:
+    async with ElevenLabsStandin() as server:
+        server.latency_s = 0.1
+        server.token_interval_s = 0.005
+        tts = make_elevenlabs(server.base_url)
+        assert isinstance(tts, TextToSpeech) and tts.voice == VOICE
+        events = await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+
+    [request] = server.requests
+    assert request.method == "POST"
+    assert request.path == f"/v1/text-to-speech/{VOICE}/stream"
+    assert request.query["output_format"] == "ulaw_8000"
+    assert request.query["optimize_streaming_latency"] == "3"
+    assert request.headers["xi-api-key"] == ELEVENLABS_KEY
+    assert request.json["text"] == TEXT and request.json["model_id"] == "eleven_flash_v2_5"
+
+    assert len(server.last_audio_sent) > 0
+    assert audio_of(events) == server.last_audio_sent  # mu-law passes through untouched
+    done = events[-1]
+    assert isinstance(done, SynthesisDone)
+    assert done.usage.characters == len(TEXT)
+    assert (done.usage.provider, done.usage.kind, done.usage.model) == \
+        ("elevenlabs", "tts", "eleven_flash_v2_5")
+    assert done.timing.first_byte_s is not None
+    assert 0.1 <= done.timing.first_byte_s <= done.timing.total_s
+
+
+@pytest.mark.parametrize(("mode", "status", "retryable"),
+                         [("401", 401, False), ("422", 422, False), ("429", 429, True),
+                          ("500", 500, True)])
+async def test_elevenlabs_http_errors(mode: str, status: int, retryable: bool) -> None:
+    async with ElevenLabsStandin() as server:
+        server.mode = mode  # type: ignore[assignment]
+        tts = make_elevenlabs(server.base_url)
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+    assert info.value.status == status and info.value.retryable is retryable
+    assert info.value.provider == "elevenlabs"
+    assert len(server.requests) == 1
+
+
+async def test_elevenlabs_wrong_key_message_comes_from_the_body() -> None:
+    async with ElevenLabsStandin(api_key="xi-other") as server:
+        tts = make_elevenlabs(server.base_url)
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+    assert info.value.status == 401 and "Invalid API key" in str(info.value)
+
+
+async def test_elevenlabs_request_timeout_is_bounded() -> None:
+    async with ElevenLabsStandin() as server:
+        server.mode = "timeout"
+        tts = make_elevenlabs(server.base_url, timeout_s=0.5, first_audio_timeout_s=10.0)
+        watch = Stopwatch()
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        elapsed = watch.elapsed
+        await tts.aclose()
+    assert elapsed < 2 * 0.5
+    assert info.value.retryable and "timed out" in str(info.value)
+
+
+async def test_elevenlabs_first_audio_timeout_is_bounded() -> None:
+    async with ElevenLabsStandin() as server:
+        server.latency_s = 3.0
+        tts = make_elevenlabs(server.base_url, timeout_s=10.0, first_audio_timeout_s=0.3)
+        watch = Stopwatch()
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        elapsed = watch.elapsed
+        await tts.aclose()
+    assert elapsed < 2 * 0.3
+    assert info.value.retryable and "no audio" in str(info.value)
+
+
+async def test_elevenlabs_cut_stream_keeps_audio_received() -> None:
+    async with ElevenLabsStandin() as server:
+        server.mode = "cut"
+        tts = make_elevenlabs(server.base_url)
+        events = await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+    received = audio_of(events)
+    sent = server.last_audio_sent
+    # What arrived is what was sent, less at most the SDK's last partial chunk.
+    assert len(received) > 0 and sent.startswith(received)
+    assert len(sent) - len(received) < STREAM_CHUNK_BYTES
+    assert len(received) < len(TEXT) * server.seconds_per_char * 8000  # it was cut
+    assert isinstance(events[-1], SynthesisDone)
+
+
+async def test_elevenlabs_early_close_stops_the_server_stream() -> None:
+    async with ElevenLabsStandin() as server:
+        server.token_interval_s = 0.1
+        tts = make_elevenlabs(server.base_url)
+        stream = tts.synthesize(TEXT * 3)
+        first = await anext(stream)
+        await stream.aclose()  # barge-in
+        assert await server.wait_disconnect(within_s=2.0)
+        await tts.aclose()
+    assert isinstance(first, AudioChunk)
+    assert server.requests[0].disconnected
+
+
+async def test_elevenlabs_connection_refused() -> None:
+    tts = make_elevenlabs(closed_port_url())
+    with pytest.raises(ProviderError) as info:
+        await collect(tts.synthesize(TEXT))
+    await tts.aclose()
+    assert info.value.retryable and info.value.status is None
+
+
+async def test_empty_text_is_rejected_without_a_request() -> None:
+    async with ElevenLabsStandin() as el_server, OpenAIStandin() as oa_server:
+        for tts in (make_elevenlabs(el_server.base_url), make_openai(oa_server.base_url)):
+            with pytest.raises(ProviderError) as info:
+                await collect(tts.synthesize("  "))
+            assert not info.value.retryable
+            await tts.aclose()
+    assert el_server.requests == [] and oa_server.requests == []
+
+
+# --- OpenAI TTS ---------------------------------------------------------------------
+
+
+async def test_openai_tts_request_and_ulaw_duration() -> None:
+    async with OpenAIStandin() as server:
+        server.audio_chunk_bytes = 4801  # odd: samples straddle network chunks
+        server.latency_s = 0.05
+        tts = make_openai(server.base_url)
+        assert isinstance(tts, TextToSpeech) and tts.voice == "alloy"
+        events = await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+
+    [request] = server.requests
+    assert request.path == "/v1/audio/speech"
+    assert request.json == {"model": "gpt-4o-mini-tts", "voice": "alloy", "input": TEXT,
+                            "response_format": "pcm"}
+    source = np.frombuffer(server.last_audio_sent, dtype="<i2")
+    ulaw = audio_of(events)
+    assert len(ulaw) == pytest.approx(source.size / 3, abs=8)  # 24 kHz -> 8 kHz
+    # The content survives: it matches a whole-buffer resample of what the server sent.
+    reference = resample(source.astype(np.int16), 24000, 8000)
+    assert correlation(ulaw_to_int16(ulaw), reference) > 0.95
+    done = events[-1]
+    assert isinstance(done, SynthesisDone)
+    assert done.usage.characters == len(TEXT) and done.usage.model == "gpt-4o-mini-tts"
+    assert done.usage.provider == "openai" and done.usage.kind == "tts"
+    assert done.timing.first_byte_s is not None and done.timing.first_byte_s >= 0.05
+
+
+def test_converter_is_independent_of_chunk_boundaries() -> None:
+    pcm = (np.sin(np.arange(24000) * 2 * np.pi * 300 / 24000) * 8000).astype("<i2").tobytes()
+    whole = Pcm24kToUlaw()
+    expected = whole.feed(pcm) + whole.flush()
+    split = Pcm24kToUlaw()
+    pieces = [split.feed(pcm[i:i + 777]) for i in range(0, len(pcm), 777)]
+    assert b"".join(pieces) + split.flush() == expected
+
+
+@pytest.mark.parametrize(("mode", "status", "retryable"),
+                         [("401", 401, False), ("429", 429, True), ("500", 500, True)])
+async def test_openai_tts_http_errors(mode: str, status: int, retryable: bool) -> None:
+    async with OpenAIStandin() as server:
+        server.mode = mode  # type: ignore[assignment]
+        tts = make_openai(server.base_url)
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+    assert info.value.status == status and info.value.retryable is retryable
+
+
+async def test_openai_tts_request_timeout_is_bounded() -> None:
+    async with OpenAIStandin() as server:
+        server.mode = "timeout"
+        tts = make_openai(server.base_url, timeout_s=0.5, first_audio_timeout_s=10.0)
+        watch = Stopwatch()
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        elapsed = watch.elapsed
+        await tts.aclose()
+    assert elapsed < 2 * 0.5
+    assert info.value.retryable and "timed out" in str(info.value)
+
+
+async def test_openai_tts_first_audio_timeout_is_bounded() -> None:
+    async with OpenAIStandin() as server:
+        server.latency_s = 3.0
+        tts = make_openai(server.base_url, timeout_s=10.0, first_audio_timeout_s=0.3)
+        watch = Stopwatch()
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        elapsed = watch.elapsed
+        await tts.aclose()
+    assert elapsed < 2 * 0.3
+    assert "no audio" in str(info.value)
+
+
+async def test_openai_tts_early_close_stops_the_server_stream() -> None:
+    async with OpenAIStandin() as server:
+        server.token_interval_s = 0.1
+        tts = make_openai(server.base_url)
+        stream = tts.synthesize(TEXT * 3)
+        first = await anext(stream)
+        await stream.aclose()
+        assert await server.wait_disconnect(within_s=2.0)
+        await tts.aclose()
+    assert isinstance(first, AudioChunk)
+    assert server.requests[0].disconnected
+
+
+async def test_openai_tts_cut_stream_keeps_audio_received() -> None:
+    async with OpenAIStandin() as server:
+        server.mode = "cut"
+        tts = make_openai(server.base_url)
+        events = await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+    sent_samples = len(server.last_audio_sent) // 2
+    assert sent_samples > 0
+    assert len(audio_of(events)) == pytest.approx(sent_samples / 3, abs=8)
+    assert isinstance(events[-1], SynthesisDone)
