@@ -150,6 +150,9 @@ class UsageCost(EventBase):
     cost_usd: float
     call_cost_usd: float  # running total for this call, this item included
     realtime_equivalent_usd: float = 0.0  # what the Realtime API would have cost so far
+    # Engine-wide spend after this item (for live meters without a separate event).
+    day_cost_usd: float | None = None
+    month_projection_usd: float | None = None
 
 
 class Alert(EventBase):
