@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from engine import __version__
 from engine.config import Config
 from engine.log import get_logger
-from engine.providers.base import TextToSpeech, Usage
+from engine.ops.events import new_engine_id
+from engine.ops.hub import OpsHub
+from engine.ops.ledger import SpendLedger
+from engine.ops.metrics import EngineMetrics
+from engine.providers.base import TextToSpeech
 from engine.session.call_session import CallSession, Conversation
 from engine.session.registry import CallRegistry
-from engine.session.states import CallState
 from engine.telephony.media_stream import MediaStreamHandler
 from engine.telephony.outbound import Pacer
 from engine.telephony.rest import TwilioCallControl
@@ -52,15 +54,34 @@ class GreetingOnly:
     def set_listening(self, active: bool) -> None:
         pass
 
+    def take_over(self) -> None:
+        pass
+
+    def hand_back(self) -> None:
+        pass
+
+    def interrupt(self, reason: str) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
+
+
+def default_hub(config: Config) -> OpsHub:
+    """In-process bus, ledger and metrics, no history: the smallest working hub."""
+    from engine.ops.bus import make_event_bus
+
+    return OpsHub(config, make_event_bus(config), SpendLedger(config.prices, config.budget),
+                  EngineMetrics(config.metrics, config.metrics.alert_min_turns), None,
+                  new_engine_id())
 
 
 class Engine:
     """Everything one engine process owns."""
 
     def __init__(self, config: Config, tts: TextToSpeech | None = None,
-                 conversation_factory: ConversationFactory | None = None) -> None:
+                 conversation_factory: ConversationFactory | None = None,
+                 hub: OpsHub | None = None) -> None:
         self.config = config
         self.started_at = time.time()
         if tts is None:
@@ -70,6 +91,7 @@ class Engine:
             tts = EspeakTTS(voice=esp.voice, rate_wpm=esp.rate_wpm)
         self.tts = tts
         self.conversation_factory = conversation_factory or GreetingOnly
+        self.hub = hub or default_hub(config)
         tw = config.twilio
         self.signatures = SignatureChecker(tw.auth_token.get_secret_value(),
                                            config.public_base_url(),
@@ -77,6 +99,7 @@ class Engine:
         self.pacer = Pacer(lead_s=config.engine.outbound_lead_ms / 1000)
         self.control: TwilioCallControl | None = None
         self.registry = CallRegistry(self._new_session, config.engine.ended_call_retention_s)
+        self.hub.registry = self.registry
         self.bad_messages: dict[str, int] = {}
         self.calls_total = 0
         self.accepting = True
@@ -85,35 +108,23 @@ class Engine:
                                        count_bad=self.count_bad)
         self.media = MediaStreamHandler(config, self.registry, self.pacer, self.signatures,
                                         count_bad=self.count_bad)
-        self.usage_log: list[Usage] = []
+        self.on_started: list[Callable[[], Awaitable[None]]] = []
+        self.on_stopping: list[Callable[[], Awaitable[None]]] = []
 
     # -- sessions -------------------------------------------------------------------------
 
     def _new_session(self, call_sid: str, from_number: str, to_number: str) -> CallSession:
         assert self.control is not None, "engine not started"
-        session = CallSession(call_sid, self.config, self.tts, self.control, observer=self,
+        session = CallSession(call_sid, self.config, self.tts, self.control, observer=self.hub,
                               from_number=from_number, to_number=to_number)
+        self.hub.call_created(session)
         session.conversation = self.conversation_factory(session)
         self.calls_total += 1
         return session
 
     def count_bad(self, reason: str) -> None:
         self.bad_messages[reason] = self.bad_messages.get(reason, 0) + 1
-
-    # SessionObserver: the operations plane hooks in here.
-    def state_changed(self, session: CallSession, old: CallState, new: CallState,
-                      reason: str) -> None:
-        pass
-
-    def transcript(self, session: CallSession, speaker: str, text: str, final: bool,
-                   **extra: Any) -> None:
-        session.log.info("call.transcript", speaker=speaker, text=text, final=final)
-
-    def usage(self, session: CallSession, usage: Usage) -> None:
-        self.usage_log.append(usage)
-
-    def call_ended(self, session: CallSession, reason: str) -> None:
-        self.registry.retire(session)
+        self.hub.metrics.bad_message(reason)
 
     # -- HTTP -----------------------------------------------------------------------------
 
@@ -131,12 +142,18 @@ class Engine:
             "calls_total": self.calls_total,
             "uptime_s": round(time.time() - self.started_at, 1),
             "pacer": {"ticks": self.pacer.ticks, "late_ticks": self.pacer.late_ticks},
+            "escalations": self.hub.escalations,
             "bad_messages": self.bad_messages,
         }
         return web.json_response(body)
 
+    async def metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.hub.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/twilio/voice", self.webhooks.voice)
         app.router.add_post("/twilio/status", self.webhooks.call_status)
         app.router.add_post("/twilio/stream-status", self.webhooks.stream_status)
@@ -159,6 +176,8 @@ class Engine:
             log.warning("engine.twilio_credentials_missing",
                         detail="set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
         self.pacer.start()
+        for hook in self.on_started:
+            await hook()
         log.info("engine.started", public_url=self.config.public_base_url(),
                  media_url=self.config.media_stream_url(), version=__version__)
 
@@ -169,6 +188,9 @@ class Engine:
             log.info("engine.shutdown_ending_calls", calls=len(calls))
         await asyncio.gather(*(s.end("engine shutting down") for s in calls),
                              return_exceptions=True)
+        for hook in self.on_stopping:
+            await hook()
+        await self.hub.drain()
         await self.pacer.stop()
         if self.control is not None:
             await self.control.aclose()

@@ -74,6 +74,9 @@ class TurnConfig(_Section):
     max_turn_seconds: float = 30.0
     # Caller speech during playback must last this long to interrupt the agent.
     interruption_min_ms: int = 500
+    preroll_ms: int = 200  # audio kept before the detected start of speech
+    vad_start_window_ms: int = 400  # min_speech_ms of voiced frames within this window
+    vad_min_level_dbfs: float = -55.0  # quieter frames are never speech
     backchannels: list[str] = Field(
         default_factory=lambda: ["uh-huh", "uh huh", "mm-hmm", "mhm", "yeah", "ok", "okay",
                                  "right", "sure", "yes", "i see"]
@@ -90,9 +93,11 @@ class OpenAIConfig(_Section):
     llm_max_tokens: int = 200
     stt_model: str = "gpt-4o-mini-transcribe"
     stt_base_url: str = ""  # e.g. a self-hosted faster-whisper server; empty = base_url
+    stt_language: str = ""  # ISO-639-1 hint; empty = let the model detect
     tts_model: str = "gpt-4o-mini-tts"
     tts_voice: str = "alloy"
     tts_base_url: str = ""
+    tts_instructions: str = ""
 
 
 class ElevenLabsConfig(_Section):
@@ -133,6 +138,7 @@ class ProvidersConfig(_Section):
     stt_timeout_s: float = 4.0
     llm_first_token_timeout_s: float = 3.0
     tts_first_audio_timeout_s: float = 2.0
+    llm_summarize_timeout_s: float = 10.0
     openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
     elevenlabs: ElevenLabsConfig = Field(default_factory=ElevenLabsConfig)
     local_whisper: LocalWhisperConfig = Field(default_factory=LocalWhisperConfig)
@@ -153,6 +159,7 @@ class FaqConfig(_Section):
         "I'm not sure about that. I can connect you with a specialist if you like."
     )
     match_threshold: float = 0.55
+    prompt_answer: str = "Hello, this is {business}. How can I help you today?"
     entries: list[FaqEntry] = Field(default_factory=list)
 
 
@@ -172,18 +179,28 @@ class PolicyConfig(_Section):
     call_cost_cap_usd: float = 0.05
     context_max_tokens: int = 1500
     context_keep_recent_turns: int = 4
+    summary_instruction: str = (
+        "Summarize the phone conversation so far in at most three short sentences. Keep the "
+        "caller's name, request, any numbers they gave, and what was already answered."
+    )
 
 
 class CacheConfig(_Section):
     backend: Literal["memory", "redis", "off"] = "memory"
     max_entries: int = 2000
     ttl_s: float = 7 * 24 * 3600
+    max_audio_bytes: int = 64 * 1024 * 1024
+    redis_op_timeout_s: float = 0.5  # a slow Redis costs a miss, never a stalled turn
+    redis_retry_after_s: float = 5.0
 
 
 class BusConfig(_Section):
     backend: Literal["memory", "redis"] = "memory"
     stream_maxlen: int = 100_000
     memory_maxlen: int = 20_000
+    redis_block_ms: int = 2000
+    redis_socket_timeout_s: float = 5.0
+    redis_reconnect_max_s: float = 5.0
 
 
 class RedisConfig(_Section):
@@ -202,6 +219,7 @@ class ConsoleApiConfig(_Section):
 class MetricsConfig(_Section):
     voice_to_voice_p95_alert_s: float = 2.0
     window_turns: int = 200
+    alert_min_turns: int = 20  # turns needed before the p95 alert can fire
 
 
 class PricesConfig(_Section):
@@ -211,6 +229,10 @@ class PricesConfig(_Section):
     stt_openai_per_minute: dict[str, float] = Field(
         default_factory=lambda: {"whisper-1": 0.006, "gpt-transcribe": 0.0045,
                                  "gpt-4o-mini-transcribe": 0.003, "gpt-4o-transcribe": 0.006}
+    )
+    # Token-billed speech-to-text, per 1M tokens: [input, output].
+    stt_per_million: dict[str, list[float]] = Field(
+        default_factory=lambda: {"gpt-4o-mini-transcribe": [1.25, 5.0]}
     )
     # Per 1M tokens: input, cached input, output.
     llm_per_million: dict[str, list[float]] = Field(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.config import Config
+from engine.ops.history import TurnRecord
 from engine.log import get_logger
 from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech, Usage
 from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransition
@@ -34,7 +35,13 @@ class Conversation(Protocol):
 
     async def start(self) -> None: ...  # greet the caller
 
-    def set_listening(self, active: bool) -> None: ...  # off during a human take-over
+    def set_listening(self, active: bool) -> None: ...  # off while transferring
+
+    def take_over(self) -> None: ...  # a supervisor speaks: stop answering, keep transcribing
+
+    def hand_back(self) -> None: ...
+
+    def interrupt(self, reason: str) -> None: ...  # cut the agent off now
 
     async def aclose(self) -> None: ...
 
@@ -42,13 +49,22 @@ class Conversation(Protocol):
 class SessionObserver(Protocol):
     """Receives what a session does (events, usage, ledger); the engine implements it."""
 
+    def call_created(self, session: CallSession) -> None: ...
+
+    def stream_started(self, session: CallSession) -> None: ...
+
     def state_changed(self, session: CallSession, old: CallState, new: CallState,
                       reason: str) -> None: ...
+
+    def turn_completed(self, session: CallSession, record: TurnRecord) -> None: ...
+
+    def alert(self, session: CallSession, kind: str, severity: str, message: str,
+              data: dict[str, Any]) -> None: ...
 
     def transcript(self, session: CallSession, speaker: str, text: str, final: bool,
                    **extra: Any) -> None: ...
 
-    def usage(self, session: CallSession, usage: Usage) -> None: ...
+    def usage(self, session: CallSession | None, usage: Usage) -> None: ...
 
     def call_ended(self, session: CallSession, reason: str) -> None: ...
 
@@ -91,6 +107,7 @@ class CallSession:
         self.hangup_reason: str | None = None  # set while the engine hangs up
         self.stream_sid: str | None = None
         self.twilio_status = "in-progress"
+        self.escalated = False  # handed to a human (transfer succeeded)
         self.stats = StreamStats()
         self.player: OutboundPlayer | None = None
         self.conversation: Conversation | None = None
@@ -99,6 +116,7 @@ class CallSession:
         self._mark_ids = itertools.count(1)
         self._mark_waiters: dict[str, asyncio.Future[bool]] = {}
         self._cleared_marks: set[str] = set()
+        self._heard_marks: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cap_timer: asyncio.TimerHandle | None = None
         self._speak_lock = asyncio.Lock()
@@ -135,6 +153,8 @@ class CallSession:
         self.stream_started_at = time.time()
         player.on_closed = None
         self.transition(CallState.AI, "stream started")
+        if self.observer is not None:
+            self.observer.stream_started(self)
         loop = asyncio.get_running_loop()
         self._cap_timer = loop.call_later(self.config.engine.max_call_seconds,
                                           self._duration_cap_reached)
@@ -211,11 +231,18 @@ class CallSession:
 
     def on_mark(self, name: str) -> None:
         self.stats.marks_in += 1
+        # A mark echoed after we sent `clear` was flushed, not played.
+        heard = name not in self._cleared_marks
+        self._cleared_marks.discard(name)
+        if heard:
+            self._heard_marks.add(name)
         fut = self._mark_waiters.pop(name, None)
         if fut is not None and not fut.done():
-            # A mark echoed after we sent `clear` was flushed, not played.
-            fut.set_result(name not in self._cleared_marks)
-        self._cleared_marks.discard(name)
+            fut.set_result(heard)
+
+    def mark_heard(self, name: str) -> bool:
+        """True once Twilio reported the audio up to mark `name` as played."""
+        return name in self._heard_marks
 
     def count_bad_message(self, reason: str) -> int:
         bad = self.stats.bad_messages
@@ -240,41 +267,54 @@ class CallSession:
         except TimeoutError:
             return False
 
-    async def play_ulaw(self, ulaw: bytes, prefix: str = "u") -> str:
-        """Queue audio followed by a mark; returns the mark name."""
+    def _live_player(self) -> OutboundPlayer:
         player = self.player
         if player is None or player.closed:
             raise ConnectionError("no live media stream")
-        player.enqueue_audio(ulaw)
+        return player
+
+    def queue_audio(self, ulaw: bytes) -> None:
+        """Queue mu-law audio for the caller (sent paced, in whole frames)."""
+        self._live_player().enqueue_audio(ulaw)
+
+    def queue_mark(self, prefix: str = "u") -> str:
+        """Queue a mark after the audio queued so far; returns its name."""
+        player = self._live_player()
         mark = self.new_mark(prefix)
         player.enqueue_mark(mark)
         return mark
+
+    async def play_ulaw(self, ulaw: bytes, prefix: str = "u") -> str:
+        """Queue audio followed by a mark; returns the mark name."""
+        self.queue_audio(ulaw)
+        return self.queue_mark(prefix)
 
     async def speak(self, text: str, speaker: str = "agent",
                     tts: TextToSpeech | None = None) -> SpeechResult:
         """Synthesize `text`, stream it to the caller, wait until it was heard or cut."""
         tts = tts or self.tts
-        player = self.player
-        if player is None or player.closed:
-            raise ConnectionError("no live media stream")
+        mark, audio_bytes = await self._synthesize_into_queue(text, tts)
+        if self.observer is not None:
+            self.observer.transcript(self, speaker, text, True,
+                                     line_id=f"{self.call_sid}-{mark}")
+        heard = await self.wait_mark(mark, timeout=audio_bytes / 8000 + 10.0)
+        return SpeechResult(mark, heard, audio_bytes / 8000, tts.name)
+
+    async def _synthesize_into_queue(self, text: str, tts: TextToSpeech) -> tuple[str, int]:
+        self._live_player()
         async with self._speak_lock:
             audio_bytes = 0
             try:
                 async for event in tts.synthesize(text):
                     if isinstance(event, AudioChunk):
                         audio_bytes += len(event.ulaw)
-                        player.enqueue_audio(event.ulaw)
+                        self.queue_audio(event.ulaw)
                     elif isinstance(event, SynthesisDone) and self.observer is not None:
                         self.observer.usage(self, event.usage)
             except ProviderError as exc:
                 self.log.warning("call.tts_failed", provider=tts.name, error=str(exc))
                 raise
-            mark = self.new_mark()
-            player.enqueue_mark(mark)
-        if self.observer is not None:
-            self.observer.transcript(self, speaker, text, True)
-        heard = await self.wait_mark(mark, timeout=audio_bytes / 8000 + 10.0)
-        return SpeechResult(mark, heard, audio_bytes / 8000, tts.name)
+            return self.queue_mark(), audio_bytes
 
     async def interrupt(self) -> None:
         """Barge-in: cut playback now (drop queued audio, `clear` Twilio's buffer)."""
@@ -316,8 +356,34 @@ class CallSession:
                 if previous is CallState.AI and self.conversation is not None:
                     self.conversation.set_listening(True)
         else:
+            self.escalated = True
             self.log.info("call.transferred", number=number, reason=reason)
         return result
+
+    # -- supervisor ---------------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """A supervisor takes the call: the agent stops speaking and answering."""
+        self.transition(CallState.HUMAN_TAKEOVER, "supervisor took over")
+        if self.conversation is not None:
+            self.conversation.take_over()
+
+    def hand_back(self) -> None:
+        self.transition(CallState.AI, "supervisor handed back")
+        if self.conversation is not None:
+            self.conversation.hand_back()
+
+    async def say_now(self, text: str, speaker: str = "supervisor") -> None:
+        """Synthesize and queue one line now (cutting the agent off if it speaks);
+        returns once the audio is on its way, not when it has been heard."""
+        if self.is_playing():
+            if self.conversation is not None:
+                self.conversation.interrupt("supervisor line")  # also stops its reply
+            await self.interrupt()  # cleared before the new line is queued
+        mark, _ = await self._synthesize_into_queue(text, self.tts)
+        if self.observer is not None:
+            self.observer.transcript(self, speaker, text, True,
+                                     line_id=f"{self.call_sid}-{mark}")
 
     async def hang_up(self, reason: str) -> RestResult:
         """End the call at Twilio (status=completed), then close our side."""
