@@ -10,8 +10,10 @@ pacer sends it to Twilio in 20 ms frames.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -108,6 +110,7 @@ class Engine:
                                        count_bad=self.count_bad)
         self.media = MediaStreamHandler(config, self.registry, self.pacer, self.signatures,
                                         count_bad=self.count_bad)
+        self.deps: Any = None  # the pipeline's shared providers, when one is wired
         self.on_started: list[Callable[[], Awaitable[None]]] = []
         self.on_stopping: list[Callable[[], Awaitable[None]]] = []
 
@@ -175,6 +178,10 @@ class Engine:
         if not self.control.configured:
             log.warning("engine.twilio_credentials_missing",
                         detail="set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+        # Start-up objects live as long as the process: keep them out of the collector,
+        # so a full collection at 200 calls does not stall the pacer (measured ~60 ms).
+        gc.collect()
+        gc.freeze()
         self.pacer.start()
         for hook in self.on_started:
             await hook()

@@ -124,7 +124,7 @@ class EspeakConfig(_Section):
     voice: str = "en-us"
     rate_wpm: int = 175
     # The simulated caller speaks with another voice, so the two are told apart.
-    caller_voice: str = "en-gb"
+    caller_voice: str = "en-us+m3"
 
 
 class ProvidersConfig(_Section):

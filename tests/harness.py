@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,14 +59,16 @@ class RunningEngine:
 
 @asynccontextmanager
 async def running_engine(tmp_path: Path,
-                         make_engine: Callable[[Config], Engine] | None = None,
+                         make_engine: Callable[[Config], Engine | Awaitable[Engine]]
+                         | None = None,
                          public_url: str | None = None,
                          **sections: dict[str, Any]) -> AsyncIterator[RunningEngine]:
     rest = TwilioApiStandIn(ACCOUNT_SID, AUTH_TOKEN)
     rest_url = await rest.start()
     port = free_port()
     config = make_config(tmp_path, port, rest_url, public_url, **sections)
-    engine = make_engine(config) if make_engine else Engine(config)
+    made = make_engine(config) if make_engine else Engine(config)
+    engine = await made if inspect.isawaitable(made) else made
     runner = web.AppRunner(engine.build_app(), access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)

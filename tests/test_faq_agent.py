@@ -215,8 +215,9 @@ async def test_answer_streams_sentences_then_done() -> None:
     agent = FaqAgent(FAQ)
     deltas, done = await _collect(agent, "How much does the premium plan cost?")
     pricing = next(e for e in FAQ.entries if e.id == "pricing")
-    assert deltas == split_sentences(pricing.answer) and len(deltas) == 2
-    assert " ".join(deltas) == pricing.answer
+    # One delta per sentence; like an LLM's deltas they concatenate to the answer.
+    assert [d.strip() for d in deltas] == split_sentences(pricing.answer) and len(deltas) == 2
+    assert "".join(deltas) == pricing.answer
     assert done.action == "answer" and done.cache_key == "faq:pricing"
     assert done.usage.provider == "faq" and done.usage.kind == "llm"
     assert done.usage.input_tokens == 0 and done.usage.output_tokens == 0
@@ -235,7 +236,7 @@ async def test_handoff_and_goodbye_actions() -> None:
 async def test_unknown_question_gets_unknown_answer() -> None:
     agent = FaqAgent(FAQ)
     deltas, done = await _collect(agent, "What's the weather on Mars?")
-    assert " ".join(deltas) == FAQ.unknown_answer
+    assert "".join(deltas) == FAQ.unknown_answer
     assert done.action == "unknown" and done.cache_key is None
 
 

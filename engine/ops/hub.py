@@ -329,7 +329,7 @@ class OpsHub:
         log.info("ops.command", actor=actor, command=command.command,
                  call_sid=command.call_sid, ok=ok, error=error, **args)
         self.publish(ev.CommandAudit(call_sid=command.call_sid, actor=actor,
-                                     command=command.command, args=args, ok=ok, error=error))
+                                     command=command.command, args=args, ok=ok, error=error or ""))
         if self.history is not None:
             self._history(self.history.action_recorded(
                 command.call_sid, actor, command.command, dict(args), ok, error,

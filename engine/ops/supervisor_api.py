@@ -90,6 +90,7 @@ class SupervisorApi:
                  tokens: ConsoleTokens | None = None,
                  heartbeat_s: float = 20.0,
                  send_queue_frames: int = 10_000,
+                 slow_console_s: float = 5.0,
                  max_pending_commands: int = 32,
                  max_consoles: int = 32,
                  max_message_bytes: int = 16 * 1024,
@@ -103,6 +104,7 @@ class SupervisorApi:
                                  if self._tokens.readonly is not None else None)
         self.heartbeat_s = heartbeat_s
         self.send_queue_frames = send_queue_frames
+        self.slow_console_s = slow_console_s
         self.max_pending_commands = max_pending_commands
         self.max_consoles = max_consoles
         self.max_message_bytes = max_message_bytes
@@ -247,8 +249,12 @@ class _ConsoleConnection:
         self._after = after
         self._subscription = subscription
         self._log = log.bind(actor=actor, remote=remote)
-        self._outbox: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue(
-            maxsize=api.send_queue_frames)
+        # Unbounded as a queue; events are admitted only below `send_queue_frames`
+        # (see _put_event), other frames are few and capped in _enqueue.
+        self._outbox: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
+        self._queue_limit = api.send_queue_frames
+        self._space = asyncio.Event()  # set by the writer when the queue has room
+        self._last_drained = time.monotonic()  # the queue was last below half its limit
         self._commands: asyncio.Queue[Command] = asyncio.Queue(
             maxsize=api.max_pending_commands)
         self._stop = asyncio.Event()
@@ -312,13 +318,39 @@ class _ConsoleConnection:
     # --- outgoing -----------------------------------------------------------------
 
     def _enqueue(self, frame: str, event_id: str | None = None) -> bool:
+        """Queue a frame that is not an event (hello, snapshot, reply, error)."""
         if self._stop.is_set():
             return False
-        try:
-            self._outbox.put_nowait((frame, event_id))
-        except asyncio.QueueFull:
+        # Replies and errors may pass a full event queue, but a console that sends
+        # frames without ever reading the answers cannot grow it without bound.
+        if self._outbox.qsize() >= 2 * self._queue_limit:
             self._too_slow()
             return False
+        self._outbox.put_nowait((frame, event_id))
+        return True
+
+    async def _put_event(self, frame: str, event_id: str) -> bool:
+        """Queue an event, waiting while the queue is full; False when closing.
+
+        A console is too slow when its queue has not been below half full for
+        `slow_console_s`: stalled, or reading slower than events arrive. A console that
+        merely takes a burst drains below half quickly and is left alone.
+        """
+        outbox = self._outbox
+        while outbox.qsize() >= self._queue_limit:
+            if self._stop.is_set():
+                return False
+            waited = time.monotonic() - self._last_drained
+            self._space.clear()
+            try:
+                async with asyncio.timeout(max(0.0, self._api.slow_console_s - waited)):
+                    await self._space.wait()
+            except TimeoutError:
+                self._too_slow()
+                return False
+        if self._stop.is_set():
+            return False
+        outbox.put_nowait((frame, event_id))
         return True
 
     def _too_slow(self) -> None:
@@ -332,8 +364,15 @@ class _ConsoleConnection:
     async def _write_frames(self) -> None:
         ws = self._ws
         outbox = self._outbox
+        limit = self._queue_limit
         while True:
             frame, event_id = await outbox.get()
+            size = outbox.qsize()
+            if size < limit:
+                if not self._space.is_set():
+                    self._space.set()
+                if size < limit // 2:
+                    self._last_drained = time.monotonic()
             try:
                 # Awaits the transport when its buffer is full: that backs up our own
                 # queue, never the bus or the engine.
@@ -368,18 +407,25 @@ class _ConsoleConnection:
         except BusError as exc:
             self._log.warning("console_api.bus_unavailable", error=str(exc))
             self.shut_down(CLOSE_INTERNAL, "event bus unavailable; reconnect later")
+        except Exception:  # e.g. a snapshot that failed to build: this console only
+            self._log.exception("console_api.events_failed")
+            self.shut_down(CLOSE_INTERNAL, "internal error; see the engine log")
 
     async def _forward(self, subscription: AsyncGenerator[tuple[str, Event], None],
                        ) -> BusGap | None:
         """Queue events until a gap (returned) or the end of the bus (None)."""
-        enqueue = self._enqueue
+        outbox = self._outbox
+        limit = self._queue_limit
+        stop = self._stop
         async for event_id, event in subscription:
             if isinstance(event, BusGap):
                 return event
             # The event's own serializer inside a prebuilt frame: no model per frame.
             frame = ('{"type":"event","id":' + json.dumps(event_id) + ',"event":'
                      + encode_event(event).decode() + "}")
-            if not enqueue(frame, event_id):
+            if outbox.qsize() < limit and not stop.is_set():  # the hot path
+                outbox.put_nowait((frame, event_id))
+            elif not await self._put_event(frame, event_id):
                 return None
         return None
 

@@ -126,9 +126,12 @@ class FaqAgent:
         log.debug("faq_reply", action=reply.action, cache_key=reply.cache_key)
         first_byte: float | None = None
         for sentence in split_sentences(reply.text) or [reply.text]:
+            # Deltas concatenate to the answer, like an LLM's: sentences keep their space.
             if first_byte is None:
                 first_byte = time.perf_counter() - started
-            yield TextDelta(sentence)
+                yield TextDelta(sentence)
+            else:
+                yield TextDelta(" " + sentence)
         yield AgentDone(
             usage=_usage(),
             timing=Timing(first_byte_s=first_byte, total_s=time.perf_counter() - started),

@@ -282,7 +282,9 @@ def detect_intent(text: str) -> Intent | None:
         strong = s in _STRONG_STEMS or (
             len(w) >= 7 and process.extractOne(w, _STRONG_PERSON, scorer=fuzz.ratio,
                                                score_cutoff=80.0) is not None)
-        weak = _CONCEPT_OF_STEM.get(s) == "#person"
+        # Phone recognition keeps the start of "representative" and garbles the rest
+        # ("speak to the reprimand of him"): with a contact verb near, that is enough.
+        weak = _CONCEPT_OF_STEM.get(s) == "#person" or w.startswith("repr")
         if not (strong or weak):
             continue
         # "agent" alone is ambiguous ("travel agent"), so treat it like a weak word

@@ -103,7 +103,6 @@ class ConversationPipeline:
         self._reply_task: asyncio.Task[None] | None = None
         self._turn_lock = asyncio.Lock()
         self._interrupted = False
-        self._unanswered = ""  # caller text whose reply was cut before any of it was heard
         self.barge_ins = 0
 
     # -- Conversation protocol -----------------------------------------------------------
@@ -114,7 +113,8 @@ class ConversationPipeline:
         event = self.endpointer.feed(ulaw)
         if event is None:
             ep = self.endpointer
-            if (ep.in_speech and not self._interrupted and ep.speech_ms_so_far
+            # Voiced time, not time since onset: a short "okay" must not cut the agent off.
+            if (ep.in_speech and not self._interrupted and ep.voiced_ms_so_far
                     >= self._interrupt_ms and self.agent_speaking()):
                 self.interrupt("barge-in")
             return
@@ -256,8 +256,7 @@ class ConversationPipeline:
         if cap > 0 and self.cost_so_far() >= cap:
             await self.handoff("call cost cap reached", self.cfg.policy.cost_cap_line)
             return
-        user_text = (self._unanswered + " " + text).strip() if self._unanswered else text
-        self._unanswered = ""
+        user_text = text
         timings = TurnTimings(stt=stt_s, endpointing=endpointing_s)
         record = TurnRecord(idx=self.turn_index, caller_text=user_text,
                             caller_audio_s=ended.speech_ms / 1000, timings=timings)
@@ -384,10 +383,9 @@ class ConversationPipeline:
             record.interrupted = bool(spoken) and heard != " ".join(s.text for s in spoken)
             record.agent_audio_s = sum(s.audio_bytes for s in spoken
                                        if session.mark_heard(s.mark)) / 8000
-            if not heard and not completed:
-                self._unanswered = record.caller_text  # nothing heard: answer it next time
-            else:
-                self.context.add_turn(record.caller_text, heard)
+            # Only what the caller heard stays in the context; a question whose answer was
+            # cut before any of it was heard stays as an unanswered user turn.
+            self.context.add_turn(record.caller_text, heard)
             if obs is not None:
                 if spoken or answer:
                     obs.transcript(session, "agent", answer if completed else heard or "…",

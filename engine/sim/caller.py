@@ -176,6 +176,8 @@ class SimulatedCaller:
         while self._speech_pos < len(self._speech) and not self._closed.is_set():
             await asyncio.sleep(FRAME_S)
         line.ended_at = time.monotonic()
+        # Only audio after the line counts as the answer to it (not what we talked over).
+        self._agent_frames_since_line = 0
         return line
 
     async def press(self, digits: str) -> None:
@@ -229,7 +231,7 @@ class SimulatedCaller:
                 return
             await self._step(step)
         if scenario.hangup_at_end and not self._closed.is_set():
-            await self.wait_agent_done(timeout=30.0)
+            await self.wait_agent_done(timeout=30.0, need_audio=bool(self.result.lines))
             await self.hang_up()
         else:
             await self._closed.wait()
@@ -237,12 +239,14 @@ class SimulatedCaller:
     async def _step(self, step: Step) -> None:
         if step.say is not None:
             if step.barge_in:
+                # Talk over the agent's answer to our last line, once it has started.
                 await self._wait_agent_audio(step.wait_timeout_s)
                 await asyncio.sleep(step.after_s)
             else:
-                await self.wait_agent_done(timeout=step.wait_timeout_s, need_audio=False)
+                # A polite caller lets the agent finish answering first.
+                await self.wait_agent_done(timeout=step.wait_timeout_s,
+                                           need_audio=bool(self.result.lines))
             await self.say(step.say, barge_in=step.barge_in)
-            await self.wait_agent_done(timeout=step.wait_timeout_s)
         elif step.dtmf is not None:
             await self.press(step.dtmf)
         elif step.pause is not None:
@@ -252,7 +256,7 @@ class SimulatedCaller:
 
     async def _wait_agent_audio(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.agent_speaking and time.monotonic() < deadline:
+        while self._agent_frames_since_line == 0 and time.monotonic() < deadline:
             if self._closed.is_set():
                 return
             await asyncio.sleep(0.02)

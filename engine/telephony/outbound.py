@@ -8,6 +8,12 @@ delays the others.
 
 Marks ride in the same queue, after the audio they follow; Twilio echoes a mark when the
 audio before it has played, which is how the session learns what the caller heard.
+
+Ticks keep one fixed 20 ms phase (a late tick skips whole ticks) and players are pumped
+with the tick's scheduled time, not the wake-up time: a stream's frame boundaries then sit
+on the tick grid, so each tick sends exactly one frame per stream. With wake-up times,
+a stream whose frame boundary fell near the wake-up jitter flipped between sending 0 and
+2 frames per tick (0/40 ms gaps at the caller: 20 ms of jitter).
 """
 
 from __future__ import annotations
@@ -142,7 +148,9 @@ class OutboundPlayer:
                 return True
         if now > self.play_until:
             self.play_until = now  # Twilio's buffer ran dry: playback restarts now
-        limit = now + lead_s
+        # Half a frame of slack: frame boundaries sit on the tick grid, and float sums of
+        # 20 ms must not tip a boundary into an extra frame (lead rounds to whole frames).
+        limit = now + lead_s - FRAME_S / 2
         audio = self._audio
         try:
             while True:
@@ -210,12 +218,12 @@ class Pacer:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 next_tick = loop.time()
-            now = loop.time()
+            tick_at = next_tick  # the scheduled time: see the module docstring
             self.ticks += 1
             done: list[OutboundPlayer] = []
             for player in tuple(self._active):
                 try:
-                    if not await player.pump(now, self.lead_s):
+                    if not await player.pump(tick_at, self.lead_s):
                         done.append(player)
                 except Exception:  # one stream's bug must not stop the others' audio
                     log.exception("pacer.pump_failed", call_sid=player.call_sid)
@@ -228,6 +236,8 @@ class Pacer:
             delay = next_tick - loop.time()
             if delay < 0:
                 self.late_ticks += 1
-                next_tick = loop.time()  # skip missed ticks rather than burst
+                # Skip the ticks missed entirely (the next one refills the lead), but keep
+                # the phase: the tick runs now, pumping with the last grid time passed.
+                next_tick += (-delay // FRAME_S) * FRAME_S
                 delay = 0
             await asyncio.sleep(delay)

@@ -1,0 +1,461 @@
+"""The console's data model: a projection of a Snapshot plus live events into per-call view
+state. Pure Python (no Textual), so it is fast and testable on its own.
+
+The stream worker calls `apply_snapshot` / `apply_event`; the UI's periodic flush calls
+`tick(now)` and `take_changes()` and redraws only what changed. All durations come from an
+injectable clock so tests (and snapshot images) can freeze time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from engine.ops.api_schema import CallSnapshot, Snapshot, SpendTotals
+from engine.ops.events import (
+    Alert,
+    BusGap,
+    CallEnded,
+    CallStarted,
+    CallState,
+    CallUpdated,
+    CommandAudit,
+    Event,
+    EventBase,
+    ProviderHealthChanged,
+    Speaker,
+    StateChanged,
+    TranscriptLine,
+    TurnLatency,
+    UsageCost,
+)
+
+Clock = Callable[[], float]
+
+# Alert kinds that stay on a call as a marker until it ends.
+ALERT_MARKERS: dict[str, str] = {
+    "handoff_requested": "!H",
+    "call_cost_cap": "!$",
+    "latency_p95": "!L",
+    "low_confidence": "!C",
+    "provider_failover": "!P",
+    "provider_down": "!P",
+    "daily_budget": "!B",
+}
+
+
+@dataclass(slots=True)
+class LineView:
+    line_id: str
+    speaker: Speaker
+    text: str
+    final: bool = True
+    interrupted: bool = False
+    heard_text: str = ""
+    low_confidence: bool = False
+    ts: float = 0.0
+
+
+@dataclass(slots=True)
+class CallView:
+    call_sid: str
+    arrival: int  # tie-breaker that keeps the sort stable
+    from_number: str = ""
+    to_number: str = ""
+    state: CallState = "connected"
+    started_at: float = 0.0  # engine clock, unix seconds
+    ended_at: float | None = None
+    end_reason: str | None = None
+    cost_usd: float = 0.0
+    cost_cap_usd: float = 0.0
+    turns: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=60))
+    transcript: list[LineView] = field(default_factory=list)
+    line_index: dict[str, int] = field(default_factory=dict)
+    alerts: list[str] = field(default_factory=list)  # kinds, in the order raised
+    providers: dict[str, str] = field(default_factory=dict)  # stt/agent/tts -> name
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None or self.state == "ended"
+
+    @property
+    def last_latency_s(self) -> float | None:
+        return self.latencies[-1] if self.latencies else None
+
+    @property
+    def is_human(self) -> bool:
+        return self.state in ("human_takeover", "transferring")
+
+    def matches(self, needle: str) -> bool:
+        """Case-insensitive substring filter over what the table shows."""
+        if not needle:
+            return True
+        hay = " ".join((self.call_sid, self.from_number, self.to_number, self.state,
+                        " ".join(self.alerts))).lower()
+        return needle.lower() in hay
+
+
+@dataclass(slots=True)
+class Totals:
+    today_usd: float = 0.0
+    daily_budget_usd: float = 0.0
+    month_to_date_usd: float = 0.0
+    monthly_projection_usd: float = 0.0
+    monthly_budget_usd: float = 0.0
+    p95_voice_to_voice_s: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class AlertNotice:
+    """An alert (or other notable event) for the UI to show as a toast."""
+
+    call_sid: str
+    kind: str
+    severity: str
+    message: str
+
+
+@dataclass(slots=True)
+class Changes:
+    """What changed since the last `take_changes()`."""
+
+    rows: set[str] = field(default_factory=set)  # calls whose row content changed
+    order: bool = False  # calls appeared/disappeared/re-sorted: rebuild the row order
+    transcripts: dict[str, int] = field(default_factory=dict)  # sid -> new lines appended
+    transcript_touched: set[str] = field(default_factory=set)  # any transcript change
+    latencies: set[str] = field(default_factory=set)
+    totals: bool = False
+    notices: list[AlertNotice] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return bool(self.rows or self.order or self.transcript_touched or self.latencies
+                    or self.totals or self.notices)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class ConsoleModel:
+    """Per-call view state built from a Snapshot and the events after it."""
+
+    def __init__(self, clock: Clock = time.time, *, ended_ttl_s: float = 60.0,
+                 max_lines_per_call: int = 400, latency_window: int = 200,
+                 p95_sample_s: float = 5.0, p95_history: int = 60) -> None:
+        self.clock = clock
+        self.ended_ttl_s = ended_ttl_s
+        self.max_lines_per_call = max_lines_per_call
+        self.calls: dict[str, CallView] = {}
+        self.totals = Totals()
+        self.cursor = ""  # id of the last event applied (resume point)
+        self.engine_offset_s = 0.0  # engine clock minus our clock (from Snapshot.server_time)
+        self.last_lag_s: float | None = None
+        self.engine_alerts = 0
+        self.events_applied = 0
+        self.duplicates_dropped = 0
+        self.gaps = 0
+        self.unhealthy_providers: dict[str, str] = {}  # "kind:name" -> detail
+        self.default_cost_cap_usd = 0.0
+        self.recent_latencies: deque[float] = deque(maxlen=latency_window)
+        self.p95_history: deque[float] = deque(maxlen=p95_history)
+        self._p95_sample_s = p95_sample_s
+        self._last_p95_sample = float("-inf")
+        self._arrivals = 0
+        self._last_seq: dict[str, int] = {}  # engine_id -> last seq applied (dedup)
+        self._changes = Changes(order=True, totals=True)
+
+    # -- time ------------------------------------------------------------------------------
+
+    def engine_now(self) -> float:
+        """Our clock mapped onto the engine's, so durations survive clock skew."""
+        return self.clock() + self.engine_offset_s
+
+    def duration_s(self, call: CallView) -> float:
+        end = call.ended_at if call.ended_at is not None else self.engine_now()
+        return max(0.0, end - call.started_at) if call.started_at else 0.0
+
+    # -- input -----------------------------------------------------------------------------
+
+    def apply_snapshot(self, snapshot: Snapshot) -> None:
+        """Replace everything with the snapshot (a fresh start after connect or a gap)."""
+        if snapshot.server_time:
+            self.engine_offset_s = snapshot.server_time - self.clock()
+        old = self.calls
+        self.calls = {}
+        for snap in snapshot.calls:
+            self.calls[snap.call_sid] = self._call_from_snapshot(snap, old.get(snap.call_sid))
+        self._apply_totals(snapshot.totals)
+        self.recent_latencies.clear()
+        for call in self.calls.values():
+            self.recent_latencies.extend(call.latencies)
+        self.cursor = snapshot.cursor
+        # Seq numbering restarts from the snapshot's point of view.
+        self._last_seq.clear()
+        self._changes.order = True
+        self._changes.totals = True
+        self._changes.rows.update(self.calls)
+        for sid in self.calls:
+            self._changes.transcript_touched.add(sid)
+            self._changes.latencies.add(sid)
+
+    def _call_from_snapshot(self, snap: CallSnapshot, previous: CallView | None) -> CallView:
+        call = CallView(call_sid=snap.call_sid,
+                        arrival=previous.arrival if previous else self._next_arrival(),
+                        from_number=snap.from_number, to_number=snap.to_number,
+                        state=snap.state, started_at=snap.started_at, ended_at=snap.ended_at,
+                        end_reason=snap.end_reason, cost_usd=snap.cost_usd,
+                        cost_cap_usd=snap.cost_cap_usd, turns=snap.turns,
+                        alerts=list(dict.fromkeys(snap.alerts)))
+        if snap.state == "ended" and call.ended_at is None:
+            call.ended_at = snap.started_at
+        if snap.cost_cap_usd > 0:
+            self.default_cost_cap_usd = snap.cost_cap_usd
+        call.latencies.extend(snap.voice_to_voice_s)
+        for entry in snap.transcript:
+            self._put_line(call, LineView(line_id=entry.line_id, speaker=entry.speaker,
+                                          text=entry.text, final=entry.final,
+                                          interrupted=entry.interrupted, ts=entry.ts))
+        return call
+
+    def _apply_totals(self, totals: SpendTotals) -> None:
+        self.totals = Totals(today_usd=totals.today_usd,
+                             daily_budget_usd=totals.daily_budget_usd,
+                             month_to_date_usd=totals.month_to_date_usd,
+                             monthly_projection_usd=totals.monthly_projection_usd,
+                             monthly_budget_usd=totals.monthly_budget_usd,
+                             p95_voice_to_voice_s=totals.p95_voice_to_voice_s)
+        if totals.p95_voice_to_voice_s is not None:
+            self.p95_history.append(totals.p95_voice_to_voice_s)
+
+    def apply_event(self, event: Event | EventBase, event_id: str = "") -> bool:
+        """Apply one event. Returns False when it was a duplicate (already applied)."""
+        if event.seq > 0 and event.engine_id:
+            last = self._last_seq.get(event.engine_id, 0)
+            if event.seq <= last:
+                self.duplicates_dropped += 1
+                return False
+            self._last_seq[event.engine_id] = event.seq
+        if event_id:
+            self.cursor = event_id
+        self.events_applied += 1
+        if event.ts:
+            self.last_lag_s = max(0.0, self.engine_now() - event.ts)
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+        return True
+
+    def _next_arrival(self) -> int:
+        self._arrivals += 1
+        return self._arrivals
+
+    def _call(self, event: EventBase) -> CallView | None:
+        """The event's call, created on first sight (we may have joined mid-call)."""
+        if not event.call_sid:
+            return None
+        call = self.calls.get(event.call_sid)
+        if call is None:
+            call = CallView(call_sid=event.call_sid, arrival=self._next_arrival(),
+                            started_at=event.ts or self.engine_now(),
+                            cost_cap_usd=self.default_cost_cap_usd)
+            self.calls[event.call_sid] = call
+            self._changes.order = True
+        self._changes.rows.add(call.call_sid)
+        return call
+
+    def _on_call_started(self, event: CallStarted) -> None:
+        call = self._call(event)
+        if call is None:
+            return
+        call.from_number = event.from_number
+        call.to_number = event.to_number
+        if event.ts:
+            call.started_at = event.ts
+
+    def _on_call_updated(self, event: CallUpdated) -> None:
+        call = self._call(event)
+        if call is None:
+            return
+        if event.turns is not None:
+            call.turns = event.turns
+        for kind, name in (("stt", event.stt_provider), ("agent", event.agent_provider),
+                           ("tts", event.tts_provider)):
+            if name is not None:
+                call.providers[kind] = name
+
+    def _on_call_ended(self, event: CallEnded) -> None:
+        call = self._call(event)
+        if call is None:
+            return
+        call.state = "ended"
+        call.end_reason = event.reason
+        call.ended_at = event.ts or self.engine_now()
+        if event.duration_s and call.started_at == 0.0:
+            call.started_at = call.ended_at - event.duration_s
+        if event.cost_usd:
+            call.cost_usd = event.cost_usd
+
+    def _on_state_changed(self, event: StateChanged) -> None:
+        call = self._call(event)
+        if call is None:
+            return
+        call.state = event.new
+        if event.new == "ended" and call.ended_at is None:
+            call.ended_at = event.ts or self.engine_now()
+
+    def _on_transcript(self, event: TranscriptLine) -> None:
+        call = self._call(event)
+        if call is None:
+            return
+        appended = self._put_line(call, LineView(
+            line_id=event.line_id, speaker=event.speaker, text=event.text, final=event.final,
+            interrupted=event.interrupted, heard_text=event.heard_text,
+            low_confidence=event.low_confidence, ts=event.ts))
+        self._touch_transcript(call.call_sid, appended)
+
+    def _touch_transcript(self, sid: str, appended: bool) -> None:
+        self._changes.transcript_touched.add(sid)
+        if appended:
+            self._changes.transcripts[sid] = self._changes.transcripts.get(sid, 0) + 1
+
+    def _put_line(self, call: CallView, line: LineView) -> bool:
+        """Insert or replace (by line_id). True when a new line was appended."""
+        index = call.line_index.get(line.line_id)
+        if index is not None:
+            call.transcript[index] = line
+            return False
+        call.line_index[line.line_id] = len(call.transcript)
+        call.transcript.append(line)
+        # Trim in chunks so the index is rebuilt rarely, not on every line.
+        if len(call.transcript) > self.max_lines_per_call + 50:
+            del call.transcript[:len(call.transcript) - self.max_lines_per_call]
+            call.line_index = {ln.line_id: i for i, ln in enumerate(call.transcript)}
+        return True
+
+    def _on_latency(self, event: TurnLatency) -> None:
+        call = self._call(event)
+        if call is not None:
+            call.latencies.append(event.voice_to_voice_s)
+            call.turns = max(call.turns, event.turn)
+            self._changes.latencies.add(call.call_sid)
+        self.recent_latencies.append(event.voice_to_voice_s)
+        self.totals.p95_voice_to_voice_s = percentile(self.recent_latencies, 0.95)
+        self._changes.totals = True
+
+    def _on_usage(self, event: UsageCost) -> None:
+        call = self._call(event)
+        if call is not None:
+            call.cost_usd = event.call_cost_usd
+        if event.day_cost_usd is not None:
+            self.totals.today_usd = event.day_cost_usd
+        if event.month_projection_usd is not None:
+            self.totals.monthly_projection_usd = event.month_projection_usd
+        self._changes.totals = True
+
+    def _on_alert(self, event: Alert) -> None:
+        call = self._call(event)
+        if call is None:
+            self.engine_alerts += 1
+        elif event.kind not in call.alerts:
+            call.alerts.append(event.kind)
+        self._changes.notices.append(AlertNotice(call_sid=event.call_sid, kind=event.kind,
+                                                 severity=event.severity,
+                                                 message=event.message))
+
+    def _on_provider_health(self, event: ProviderHealthChanged) -> None:
+        key = f"{event.kind}:{event.provider}"
+        if event.healthy:
+            self.unhealthy_providers.pop(key, None)
+        else:
+            self.unhealthy_providers[key] = event.detail
+        self._changes.totals = True
+        self._changes.notices.append(AlertNotice(
+            call_sid="", kind="provider_health", severity="information" if event.healthy
+            else "warning",
+            message=f"{event.kind} provider {event.provider} "
+                    f"{'recovered' if event.healthy else 'down'}"
+                    f"{': ' + event.detail if event.detail else ''}"))
+
+    def _on_audit(self, event: CommandAudit) -> None:
+        call = self._call(event)
+        if call is None:
+            return
+        outcome = "ok" if event.ok else f"failed: {event.error}"
+        detail = " ".join(f"{k}={v}" for k, v in event.args.items())
+        text = f"{event.actor} {event.command}{' ' + detail if detail else ''} ({outcome})"
+        appended = self._put_line(call, LineView(
+            line_id=f"audit:{event.engine_id}:{event.seq}:{len(call.transcript)}",
+            speaker="system", text=text, ts=event.ts))
+        self._touch_transcript(call.call_sid, appended)
+
+    def _on_gap(self, event: BusGap) -> None:
+        self.gaps += 1
+        count = f"{event.count} " if event.count is not None else ""
+        self._changes.notices.append(AlertNotice(
+            call_sid="", kind="bus_gap", severity="warning",
+            message=f"{count}events lost ({event.reason}); the view may be stale"))
+
+    # -- output ----------------------------------------------------------------------------
+
+    def tick(self, now: float | None = None) -> list[str]:
+        """Drop ended calls older than the TTL and sample the overall p95. Returns the
+        dropped call ids. `now` is our clock (defaults to the injected one)."""
+        local_now = self.clock() if now is None else now
+        engine_now = local_now + self.engine_offset_s
+        dropped = [sid for sid, call in self.calls.items()
+                   if call.ended_at is not None
+                   and engine_now - call.ended_at >= self.ended_ttl_s]
+        for sid in dropped:
+            del self.calls[sid]
+            self._changes.rows.discard(sid)
+        if dropped:
+            self._changes.order = True
+        if (self.totals.p95_voice_to_voice_s is not None
+                and local_now - self._last_p95_sample >= self._p95_sample_s):
+            self._last_p95_sample = local_now
+            self.p95_history.append(self.totals.p95_voice_to_voice_s)
+            self._changes.totals = True
+        return dropped
+
+    def take_changes(self) -> Changes:
+        changes, self._changes = self._changes, Changes()
+        return changes
+
+    def sorted_calls(self, needle: str = "") -> list[CallView]:
+        """Oldest call first; ties keep arrival order, so rows never swap on their own.
+        An ended call keeps its place (dimmed) until it expires: rows do not jump under
+        the supervisor's cursor, and the table only ever appends and removes rows."""
+        return sorted((c for c in self.calls.values() if c.matches(needle)),
+                      key=lambda c: (c.started_at, c.arrival))
+
+    @property
+    def live_count(self) -> int:
+        return sum(1 for c in self.calls.values() if not c.ended)
+
+    @property
+    def alert_count(self) -> int:
+        """Live calls carrying an alert marker, plus engine-wide alerts seen."""
+        return sum(1 for c in self.calls.values() if c.alerts and not c.ended) + \
+            self.engine_alerts
+
+
+_HANDLERS: dict[type, Callable[[ConsoleModel, object], None]] = {
+    CallStarted: ConsoleModel._on_call_started,  # type: ignore[dict-item]
+    CallUpdated: ConsoleModel._on_call_updated,  # type: ignore[dict-item]
+    CallEnded: ConsoleModel._on_call_ended,  # type: ignore[dict-item]
+    StateChanged: ConsoleModel._on_state_changed,  # type: ignore[dict-item]
+    TranscriptLine: ConsoleModel._on_transcript,  # type: ignore[dict-item]
+    TurnLatency: ConsoleModel._on_latency,  # type: ignore[dict-item]
+    UsageCost: ConsoleModel._on_usage,  # type: ignore[dict-item]
+    Alert: ConsoleModel._on_alert,  # type: ignore[dict-item]
+    ProviderHealthChanged: ConsoleModel._on_provider_health,  # type: ignore[dict-item]
+    CommandAudit: ConsoleModel._on_audit,  # type: ignore[dict-item]
+    BusGap: ConsoleModel._on_gap,  # type: ignore[dict-item]
+}

@@ -1,0 +1,190 @@
+"""End-to-end offline calls with real audio: the simulated caller speaks (espeak), local
+Whisper recognizes it, the FAQ agent answers, espeak speaks, and the caller hears it.
+What the caller heard is checked by transcribing it."""
+
+from __future__ import annotations
+
+import asyncio
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from engine.audio.codec import ulaw_to_int16
+from engine.config import Config, load_config
+from engine.ops.events import Alert, Event, TranscriptLine
+from engine.providers.stt_local_whisper import LocalWhisperSTT
+from engine.sim.scenario import Scenario, Step
+from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
+from engine.wiring import Providers, build_engine, build_providers
+from tests.harness import RunningEngine, running_engine
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+_PROVIDERS: dict[str, Providers] = {}
+
+
+def base_sections() -> dict[str, dict[str, Any]]:
+    """The shipped config.toml's FAQ, turn and policy settings."""
+    shipped = load_config(ROOT / "config.toml")
+    return {"faq": shipped.faq.model_dump(), "turns": shipped.turns.model_dump()}
+
+
+def local_providers(config: Config) -> Providers:
+    # Models load once per test session; each engine gets its own chains around them.
+    if "local" not in _PROVIDERS:
+        _PROVIDERS["local"] = build_providers(config)
+    return _PROVIDERS["local"]
+
+
+async def make_local_engine(config: Config):  # type: ignore[no-untyped-def]
+    return await build_engine(config, history=False, providers=local_providers(config))
+
+
+async def heard_text(audio: bytes) -> str:
+    """Transcribe what the caller heard (8 kHz mu-law) with the local model."""
+    stt = _PROVIDERS["local"].stt[0]
+    assert isinstance(stt, LocalWhisperSTT)
+    pcm = ulaw_to_int16(audio).astype("<i2").tobytes()
+    return (await stt.transcribe(pcm, 8000)).text.lower()
+
+
+class EventLog:
+    def __init__(self, run: RunningEngine) -> None:
+        self.events: list[Event] = []
+        self._task = asyncio.create_task(self._read(run))
+
+    async def _read(self, run: RunningEngine) -> None:
+        async for _, event in run.engine.hub.bus.subscribe():
+            self.events.append(event)
+
+    def lines(self, call_sid: str, speaker: str) -> list[TranscriptLine]:
+        return [e for e in self.events if isinstance(e, TranscriptLine)
+                and e.call_sid == call_sid and e.speaker == speaker and e.final]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def test_faq_question_is_answered_and_heard(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, make_engine=make_local_engine,
+                              **base_sections()) as run:
+        events = EventLog(run)
+        caller = run.caller()
+        result = await caller.run(Scenario(name="hours", steps=[
+            Step(say="How much does the premium plan cost?")]))
+        await asyncio.sleep(0.1)
+        await events.close()
+    assert result.error is None, result.error
+    line = result.lines[0]
+    assert line.reply_latency_s is not None and line.reply_latency_s < 3.0
+    # What the caller heard after its question, transcribed: the pricing answer.
+    start = int((line.ended_at - result.started_at) / 0.02) * 160
+    text = await heard_text(bytes(result.heard[start:]))
+    assert "45" in text or "forty" in text or "premium" in text, text
+    callers = [e.text.lower() for e in events.lines(caller.call_sid, "caller") if e.text]
+    assert any("premium" in t for t in callers), callers
+    agents = [e.text for e in events.lines(caller.call_sid, "agent")]
+    assert any("45 dollars" in t for t in agents), agents
+
+
+async def test_representative_request_ends_in_a_transfer(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, make_engine=make_local_engine,
+                              **base_sections()) as run:
+        caller = run.caller()
+        result = await asyncio.wait_for(caller.run(Scenario(
+            name="person", hangup_at_end=False,
+            steps=[Step(say="I want to speak to a representative.")])), 60)
+        session = run.engine.registry.get_any(caller.call_sid)
+    assert result.ended_by == "redirect", (result.ended_by, result.error)
+    dial = ET.fromstring(result.redirects[0]).findtext("./Dial/Number")
+    assert dial == run.config.transfer.number
+    assert session is not None and session.escalated
+    assert session.end_reason == "transferred"
+
+
+async def test_dtmf_zero_asks_for_a_human(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, make_engine=make_local_engine,
+                              **base_sections()) as run:
+        caller = run.caller()
+        result = await asyncio.wait_for(caller.run(Scenario(
+            name="zero", hangup_at_end=False, steps=[Step(dtmf="0")])), 60)
+    assert result.ended_by == "redirect"
+    assert run.rest.updates_for(caller.call_sid)
+
+
+async def test_barge_in_clears_and_context_keeps_what_was_heard(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, make_engine=make_local_engine,
+                              **base_sections()) as run:
+        caller = run.caller()
+        result = await asyncio.wait_for(caller.run(Scenario(name="barge", steps=[
+            Step(say="How much does the premium plan cost?"),
+            Step(say="Where are you located?", barge_in=True, after_s=1.0),
+        ])), 90)
+        session = run.engine.registry.get_any(caller.call_sid)
+    assert result.error is None
+    assert result.clears_received >= 1
+    assert session is not None and session.conversation is not None
+    pipeline: Any = session.conversation
+    turns = pipeline.context.turns
+    assert len(turns) >= 2
+    pricing_turn = next(t for t in turns if "premium" in t.user.lower())
+    full = ("The Basic plan is 20 dollars a month with 10 gigabytes of data. The Premium "
+            "plan is 45 dollars a month with unlimited data and calls.")
+    # Cut during the first sentence: only what the caller heard (by marks) is kept.
+    assert len(pricing_turn.assistant) < len(full)
+    assert result.marks_echoed  # the cut sentence's mark was echoed after the clear
+    assert "45 dollars" not in pricing_turn.assistant
+    assert "Main Street" in turns[-1].assistant
+
+
+async def test_backchannel_does_not_cut_the_agent_off(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, make_engine=make_local_engine,
+                              **base_sections()) as run:
+        caller = run.caller()
+        result = await asyncio.wait_for(caller.run(Scenario(name="uhhuh", steps=[
+            Step(say="How much does the premium plan cost?"),
+            Step(say="Okay.", barge_in=True, after_s=1.0),
+        ])), 90)
+    assert result.error is None
+    assert result.clears_received == 0
+    # The whole answer played: its last mark came back as heard.
+    assert result.marks_received == result.marks_echoed
+
+
+async def test_failing_tts_falls_back_and_the_call_goes_on(tmp_path: Path) -> None:
+    standin = ElevenLabsStandin(api_key="xi-test")
+    url = await standin.start()
+    standin.mode = "500"
+    try:
+        sections = base_sections()
+        sections["providers"] = {"tts": ["elevenlabs", "espeak"],
+                                 "elevenlabs": {"api_key": "xi-test", "base_url": url}}
+
+        async def make(config: Config):  # type: ignore[no-untyped-def]
+            local = local_providers(config)
+            cloud = build_providers(config)
+            return await build_engine(config, history=False, providers=Providers(
+                stt=local.stt, agents=local.agents, tts=cloud.tts))
+
+        async with running_engine(tmp_path, make_engine=make, **sections) as run:
+            events = EventLog(run)
+            caller = run.caller()
+            result = await caller.run(Scenario(name="fallback", steps=[
+                Step(say="Where are you located?")]))
+            await asyncio.sleep(0.1)
+            await events.close()
+    finally:
+        await standin.stop()
+    assert result.error is None
+    assert standin.requests, "the first provider was tried"
+    alerts = [e for e in events.events if isinstance(e, Alert) and e.kind == "provider_failover"]
+    assert alerts and "elevenlabs" in alerts[0].message
+    agents = [e.text for e in events.lines(caller.call_sid, "agent")]
+    assert any("Main Street" in t for t in agents)
+    samples = ulaw_to_int16(bytes(result.agent_audio)).astype(np.float64)
+    assert np.sqrt(np.mean(samples ** 2)) > 300  # real speech reached the caller
