@@ -165,26 +165,24 @@ class TranscriptPanel(Vertical):
         super().__init__(id=id)
         self.call_sid: str | None = None
         self.pending_lines = 0
-        self.ready = False  # children mounted; show() before that is a no-op
+        # Children are held, never queried: updates may arrive before they are mounted
+        # or after they are gone (shutdown), and must be harmless then.
+        self.title_label = Label("Transcript", id="transcript-title")
+        self.scroller = VerticalScroll(id="transcript-scroll")
+        self.body = Static("", id="transcript-body")
+        self.pending_label = Label("", id="transcript-pending")
 
     def compose(self) -> ComposeResult:
-        yield Label("Transcript", id="transcript-title")
-        with VerticalScroll(id="transcript-scroll"):
-            yield Static("", id="transcript-body")
-        yield Label("", id="transcript-pending")
+        yield self.title_label
+        with self.scroller:
+            yield self.body
+        yield self.pending_label
 
     def on_mount(self) -> None:
         self.watch(self.scroller, "scroll_y", self._scrolled, init=False)
-        self.ready = True
-
-    @property
-    def scroller(self) -> VerticalScroll:
-        return self.query_one("#transcript-scroll", VerticalScroll)
 
     def show(self, call: CallView | None, appended: int = 0) -> None:
         """Render `call`; a different call than before starts in tail mode."""
-        if not self.ready:
-            return
         scroller = self.scroller
         switched = call is None or call.call_sid != self.call_sid
         at_end = switched or scroller.is_vertical_scroll_end or scroller.max_scroll_y == 0
@@ -192,13 +190,14 @@ class TranscriptPanel(Vertical):
         title = "Transcript" if call is None else (
             f"Transcript · {call.from_number or call.call_sid}"
             f"{' (ended)' if call.ended else ''}")
-        update_static(self.query_one("#transcript-title", Label), title)
+        update_static(self.title_label, title)
         body = render_transcript(call.transcript) if call else Text("No call selected",
                                                                     style="dim")
-        self.query_one("#transcript-body", Static).update(body)
+        self.body.update(body)
         if at_end:
             self.pending_lines = 0
-            scroller.scroll_end(animate=False, immediate=False)
+            if scroller.is_mounted:
+                scroller.scroll_end(animate=False, immediate=False)
         else:
             self.pending_lines += appended
         self._show_pending()
@@ -209,11 +208,10 @@ class TranscriptPanel(Vertical):
             self._show_pending()
 
     def _show_pending(self) -> None:
-        pending = self.query_one("#transcript-pending", Label)
-        pending.update(Text(f"▼ {self.pending_lines} new line"
-                            f"{'s' if self.pending_lines != 1 else ''} (G: jump to end)",
-                            style="bold yellow") if self.pending_lines else "")
-        pending.display = bool(self.pending_lines)
+        self.pending_label.update(
+            Text(f"▼ {self.pending_lines} new line{'s' if self.pending_lines != 1 else ''}"
+                 " (G: jump to end)", style="bold yellow") if self.pending_lines else "")
+        self.pending_label.display = bool(self.pending_lines)
 
     def action_scroll_down(self) -> None:
         self.scroller.scroll_down(animate=False)
@@ -233,32 +231,30 @@ class TranscriptPanel(Vertical):
 class LatencyPanel(Vertical):
     """Sparklines: the selected call's turns and the overall p95 over time."""
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.call_label = Label("Turn V2V", id="call-latency-label")
+        self.call_line = Sparkline([], summary_function=max, id="call-latency")
+        self.p95_label = Label("p95 all calls", id="p95-label")
+        self.p95_line = Sparkline([], summary_function=max, id="p95-latency")
+
     def compose(self) -> ComposeResult:
-        yield Label("Turn V2V", id="call-latency-label")
-        yield Sparkline([], summary_function=max, id="call-latency")
-        yield Label("p95 (all calls)", id="p95-label")
-        yield Sparkline([], summary_function=max, id="p95-latency")
-
-    ready = False  # children mounted; show() before that is a no-op
-
-    def on_mount(self) -> None:
-        self.ready = True
+        yield self.call_label
+        yield self.call_line
+        yield self.p95_label
+        yield self.p95_line
 
     def show(self, call: CallView | None, model: ConsoleModel) -> None:
-        if not self.ready:
-            return
         turns = list(call.latencies) if call else []
-        call_line = self.query_one("#call-latency", Sparkline)
         # A new list, not an in-place change: Sparkline repaints on assignment only.
-        if call_line.data != turns:
-            call_line.data = turns
+        if self.call_line.data != turns:
+            self.call_line.data = turns
         last = fmt_latency(turns[-1]) if turns else "-"
-        update_static(self.query_one("#call-latency-label", Label), f"Turn V2V  last {last}")
+        update_static(self.call_label, f"Turn V2V  last {last}")
         history = list(model.p95_history)
-        p95_line = self.query_one("#p95-latency", Sparkline)
-        if p95_line.data != history:
-            p95_line.data = history
-        update_static(self.query_one("#p95-label", Label),
+        if self.p95_line.data != history:
+            self.p95_line.data = history
+        update_static(self.p95_label,
                       f"p95 all calls  {fmt_latency(model.totals.p95_voice_to_voice_s)}")
 
 
@@ -286,26 +282,25 @@ def meter_text(label: str, value: float, limit: float, width: int = 20,
 class SpendPanel(Vertical):
     """Call cost vs its cap, today vs the daily budget, month projection vs budget."""
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.call_meter = Static("", id="meter-call", classes="meter")
+        self.day_meter = Static("", id="meter-day", classes="meter")
+        self.month_meter = Static("", id="meter-month", classes="meter")
+
     def compose(self) -> ComposeResult:
-        yield Static("", id="meter-call", classes="meter")
-        yield Static("", id="meter-day", classes="meter")
-        yield Static("", id="meter-month", classes="meter")
-
-    ready = False  # children mounted; show() before that is a no-op
-
-    def on_mount(self) -> None:
-        self.ready = True
+        yield self.call_meter
+        yield self.day_meter
+        yield self.month_meter
 
     def show(self, call: CallView | None, model: ConsoleModel) -> None:
-        if not self.ready:
-            return
         totals = model.totals
-        call_meter = (meter_text("Call", call.cost_usd, call.cost_cap_usd) if call
+        update_static(self.call_meter,
+                      meter_text("Call", call.cost_usd, call.cost_cap_usd) if call
                       else Text("Call  -", style="dim"))
-        update_static(self.query_one("#meter-call", Static), call_meter)
-        update_static(self.query_one("#meter-day", Static),
+        update_static(self.day_meter,
                       meter_text("Today", totals.today_usd, totals.daily_budget_usd))
-        update_static(self.query_one("#meter-month", Static),
+        update_static(self.month_meter,
                       meter_text("Month", totals.monthly_projection_usd,
                                  totals.monthly_budget_usd, value_prefix="~"))
 

@@ -111,6 +111,7 @@ class Engine:
         self.media = MediaStreamHandler(config, self.registry, self.pacer, self.signatures,
                                         count_bad=self.count_bad)
         self.deps: Any = None  # the pipeline's shared providers, when one is wired
+        self.supervisor_api: Any = None  # the console API, when one is wired
         self.on_started: list[Callable[[], Awaitable[None]]] = []
         self.on_stopping: list[Callable[[], Awaitable[None]]] = []
 

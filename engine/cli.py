@@ -129,6 +129,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 duration_s=args.duration))
 
 
+# -- report --------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from engine.ops.history import HistoryError
+    from engine.ops.report import build_report, parse_since, render_report
+
+    config = _load(args)
+    try:
+        since = parse_since(args.since)
+    except ValueError as exc:
+        print(f"switchboard report: {exc}", file=sys.stderr)
+        return 2
+    db = config.data_path() / "history.sqlite3"
+    try:
+        report = build_report(db, since, prices=config.prices)
+    except HistoryError as exc:
+        print(f"switchboard report: {exc}", file=sys.stderr)
+        return 1
+    print(render_report(report, args.format))
+    return 0
+
+
+# -- console -------------------------------------------------------------------------------
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from console.app import run_console
+
+    return run_console(args.console_args)
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -162,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop after this many seconds (default: one round of scenarios "
                            "when headless, until quit otherwise)")
     demo.set_defaults(func=cmd_demo)
+
+    report = sub.add_parser("report", help="calls, costs and response times from history")
+    report.add_argument("--since", default="30d", help="window: 30d, 12h, 90m, 2w")
+    report.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    report.set_defaults(func=cmd_report)
+
+    console = sub.add_parser("console", help="the supervisor console (Textual)",
+                             add_help=False)
+    console.add_argument("console_args", nargs=argparse.REMAINDER)
+    console.set_defaults(func=cmd_console)
     return parser
 
 

@@ -160,7 +160,8 @@ def build_deps(config: Config, providers: Providers, cache: ResponseCache,
 
 
 async def build_engine(config: Config, *, history: bool = True,
-                       providers: Providers | None = None) -> Engine:
+                       providers: Providers | None = None,
+                       supervisor_api: bool = True) -> Engine:
     """The engine the configuration describes; models are loaded and warmed here.
 
     Providers passed in belong to the caller (e.g. shared by several engines in tests)
@@ -212,4 +213,11 @@ async def build_engine(config: Config, *, history: bool = True,
 
     engine.on_stopping.append(close_all)
     engine.deps = deps
+    if supervisor_api:
+        from engine.ops.supervisor_api import SupervisorApi
+
+        api = SupervisorApi(config, hub)  # reads or creates the console token now
+        engine.supervisor_api = api
+        engine.on_started.append(api.start)
+        engine.on_stopping.insert(0, api.stop)
     return engine

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import inspect
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,9 +14,13 @@ from typing import Any
 from aiohttp import web
 
 from engine.app import Engine
-from engine.config import Config
+from engine.audio.codec import ulaw_to_int16
+from engine.config import Config, load_config
+from engine.ops.events import Event, TranscriptLine
+from engine.providers.stt_local_whisper import LocalWhisperSTT
 from engine.sim.caller import SimulatedCaller
 from engine.sim.standins.twilio_api import TwilioApiStandIn
+from engine.wiring import Providers, build_engine, build_providers
 
 ACCOUNT_SID = "AC" + "a1" * 16
 AUTH_TOKEN = "test-auth-token-0123456789abcdef"
@@ -78,3 +83,56 @@ async def running_engine(tmp_path: Path,
     finally:
         await runner.cleanup()
         await rest.stop()
+
+
+# -- end-to-end helpers (local speech models) ------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+_PROVIDERS: dict[str, Providers] = {}
+
+
+def base_sections() -> dict[str, dict[str, Any]]:
+    """The shipped config.toml's FAQ, turn and policy settings."""
+    shipped = load_config(ROOT / "config.toml")
+    return {"faq": shipped.faq.model_dump(), "turns": shipped.turns.model_dump()}
+
+
+def local_providers(config: Config) -> Providers:
+    # Models load once per test session; each engine gets its own chains around them.
+    if "local" not in _PROVIDERS:
+        _PROVIDERS["local"] = build_providers(config)
+    return _PROVIDERS["local"]
+
+
+async def make_local_engine(config: Config, history: bool = False,
+                            supervisor_api: bool = False) -> Engine:
+    return await build_engine(config, history=history, providers=local_providers(config),
+                              supervisor_api=supervisor_api)
+
+
+async def heard_text(audio: bytes) -> str:
+    """Transcribe what the caller heard (8 kHz mu-law) with the local model."""
+    stt = _PROVIDERS["local"].stt[0]
+    assert isinstance(stt, LocalWhisperSTT)
+    pcm = ulaw_to_int16(audio).astype("<i2").tobytes()
+    return (await stt.transcribe(pcm, 8000)).text.lower()
+
+
+class EventLog:
+    def __init__(self, run: RunningEngine) -> None:
+        self.events: list[Event] = []
+        self._task = asyncio.create_task(self._read(run))
+
+    async def _read(self, run: RunningEngine) -> None:
+        async for _, event in run.engine.hub.bus.subscribe():
+            self.events.append(event)
+
+    def lines(self, call_sid: str, speaker: str) -> list[TranscriptLine]:
+        return [e for e in self.events if isinstance(e, TranscriptLine)
+                and e.call_sid == call_sid and e.speaker == speaker and e.final]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+

@@ -24,12 +24,7 @@ from engine.ops.bus import (
 from engine.ops.bus_memory import MemoryEventBus
 from engine.ops.bus_redis import RedisEventBus
 from engine.ops.events import BusGap, Event, EventStamper, TranscriptLine
-from tests import redis_server as redis_helpers
 from tests.redis_server import RedisServer
-
-# Fixtures (once conftest.py imports them, these two lines can go).
-redis_url = redis_helpers.redis_url
-redis_server = redis_helpers.redis_server
 
 BusFactory = Callable[..., Awaitable[EventBus]]
 

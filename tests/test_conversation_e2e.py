@@ -13,62 +13,21 @@ import numpy as np
 import pytest
 
 from engine.audio.codec import ulaw_to_int16
-from engine.config import Config, load_config
-from engine.ops.events import Alert, Event, TranscriptLine
-from engine.providers.stt_local_whisper import LocalWhisperSTT
+from engine.config import Config
+from engine.ops.events import Alert
 from engine.sim.scenario import Scenario, Step
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.wiring import Providers, build_engine, build_providers
-from tests.harness import RunningEngine, running_engine
+from tests.harness import (
+    EventLog,
+    base_sections,
+    heard_text,
+    local_providers,
+    make_local_engine,
+    running_engine,
+)
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
-_PROVIDERS: dict[str, Providers] = {}
-
-
-def base_sections() -> dict[str, dict[str, Any]]:
-    """The shipped config.toml's FAQ, turn and policy settings."""
-    shipped = load_config(ROOT / "config.toml")
-    return {"faq": shipped.faq.model_dump(), "turns": shipped.turns.model_dump()}
-
-
-def local_providers(config: Config) -> Providers:
-    # Models load once per test session; each engine gets its own chains around them.
-    if "local" not in _PROVIDERS:
-        _PROVIDERS["local"] = build_providers(config)
-    return _PROVIDERS["local"]
-
-
-async def make_local_engine(config: Config):  # type: ignore[no-untyped-def]
-    return await build_engine(config, history=False, providers=local_providers(config))
-
-
-async def heard_text(audio: bytes) -> str:
-    """Transcribe what the caller heard (8 kHz mu-law) with the local model."""
-    stt = _PROVIDERS["local"].stt[0]
-    assert isinstance(stt, LocalWhisperSTT)
-    pcm = ulaw_to_int16(audio).astype("<i2").tobytes()
-    return (await stt.transcribe(pcm, 8000)).text.lower()
-
-
-class EventLog:
-    def __init__(self, run: RunningEngine) -> None:
-        self.events: list[Event] = []
-        self._task = asyncio.create_task(self._read(run))
-
-    async def _read(self, run: RunningEngine) -> None:
-        async for _, event in run.engine.hub.bus.subscribe():
-            self.events.append(event)
-
-    def lines(self, call_sid: str, speaker: str) -> list[TranscriptLine]:
-        return [e for e in self.events if isinstance(e, TranscriptLine)
-                and e.call_sid == call_sid and e.speaker == speaker and e.final]
-
-    async def close(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
 
 async def test_faq_question_is_answered_and_heard(tmp_path: Path) -> None:
     async with running_engine(tmp_path, make_engine=make_local_engine,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, collect
 
 from engine.providers.base import Agent, AgentDone, ChatMessage, ProviderError, TextDelta
 from engine.providers.llm_openai import OpenAIChatAgent
 from engine.sim.standins.openai_api import OpenAIStandin
+from tests.cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, collect
 
 CONVERSATION = [ChatMessage("system", "You are the phone assistant of Acme."),
                 ChatMessage("user", "What are your opening hours?")]

@@ -8,11 +8,11 @@ import wave
 
 import openai
 import pytest
-from cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, speech_pcm16
 
 from engine.providers.base import ProviderError, SpeechToText
 from engine.providers.stt_openai import OpenAITranscriber, pcm16_to_wav
 from engine.sim.standins.openai_api import OpenAIStandin, SegmentSpec
+from tests.cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, speech_pcm16
 
 RATE = 16000
 AUDIO_S = 2.5

@@ -45,7 +45,6 @@ from engine.ops.events import (
 )
 from engine.ops.supervisor_api import CLOSE_TOO_SLOW, READONLY_REFUSAL, SupervisorApi
 from engine.ops.tokens import ConsoleTokens, TokenError, load_or_create_tokens
-from tests.redis_server import redis_url  # noqa: F401
 
 FULL = "full-token-" + "f" * 32
 READONLY = "readonly-token-" + "r" * 32

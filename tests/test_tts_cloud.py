@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from cloud_fixtures import (
-    ELEVENLABS_KEY,
-    OPENAI_KEY,
-    Stopwatch,
-    closed_port_url,
-    collect,
-    correlation,
-)
 
 from engine.audio.codec import ulaw_to_int16
 from engine.audio.resample import resample
@@ -20,6 +12,14 @@ from engine.providers.tts_elevenlabs import STREAM_CHUNK_BYTES, ElevenLabsTTS
 from engine.providers.tts_openai import OpenAITTS, Pcm24kToUlaw
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.sim.standins.openai_api import OpenAIStandin
+from tests.cloud_fixtures import (
+    ELEVENLABS_KEY,
+    OPENAI_KEY,
+    Stopwatch,
+    closed_port_url,
+    collect,
+    correlation,
+)
 
 TEXT = "Your order has shipped and should arrive on Thursday."
 VOICE = "voice-123"

@@ -131,6 +131,8 @@ class TurnLatency(EventBase):
     tts_first_audio_s: float | None = None
     engine_overhead_s: float | None = None
     voice_to_voice_s: float
+    # > 0 when the first audio left before the agent's last token (streaming works).
+    audio_lead_over_llm_s: float | None = None
 
 
 class UsageCost(EventBase):

@@ -179,6 +179,16 @@ class StoredCall:
     engine_id: str
 
 
+@dataclass(slots=True, frozen=True)
+class StoredAction:
+    ts: float
+    actor: str
+    action: str
+    args: str  # JSON
+    ok: bool
+    error: str | None
+
+
 _Job = Callable[[sqlite3.Connection], Any]
 
 
@@ -460,6 +470,17 @@ class CallHistory:
                 ended_at=row[4], last_activity_at=row[5], duration_s=row[6],
                 end_reason=row[7], state=row[8], cost_usd=row[9], escalated=bool(row[10]),
                 engine_id=row[11])
+
+        return await self._submit(job)
+
+    async def actions(self, call_sid: str) -> list[StoredAction]:
+        """Supervisor actions and escalations on one call, oldest first (the audit trail)."""
+        def job(conn: sqlite3.Connection) -> list[StoredAction]:
+            rows = conn.execute(
+                "SELECT ts, actor, action, args, ok, error FROM actions WHERE call_sid = ? "
+                "ORDER BY id", (call_sid,)).fetchall()
+            return [StoredAction(ts=r[0], actor=r[1], action=r[2], args=r[3], ok=bool(r[4]),
+                                 error=r[5]) for r in rows]
 
         return await self._submit(job)
 

@@ -360,6 +360,8 @@ class ConversationPipeline:
                                            line_id=line_id)
                 elif isinstance(event, AgentDone):
                     done = event
+                    if first_audio:
+                        record.timings.audio_lead_over_llm = time.monotonic() - first_audio[0]
                     if obs is not None:
                         obs.usage(session, event.usage)
             rest = aggregator.flush()

@@ -229,7 +229,13 @@ class SimulatedCaller:
         for step in scenario.steps:
             if self._closed.is_set():
                 return
-            await self._step(step)
+            # A call the engine (or a crash) ends also ends the step in progress.
+            step_task = asyncio.create_task(self._step(step))
+            closed = asyncio.create_task(self._closed.wait())
+            await asyncio.wait({step_task, closed}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (step_task, closed):
+                task.cancel()
+            await asyncio.gather(step_task, closed, return_exceptions=True)
         if scenario.hangup_at_end and not self._closed.is_set():
             await self.wait_agent_done(timeout=30.0, need_audio=bool(self.result.lines))
             await self.hang_up()

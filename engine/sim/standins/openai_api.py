@@ -87,6 +87,8 @@ class OpenAIStandin(StandinServer):
         self.audio_chunk_bytes = 4800  # 100 ms of 24 kHz PCM16
         self.last_audio_sent = b""
         self.last_usage: dict[str, Any] | None = None
+        # Every usage object sent, as (endpoint, usage): what a bill would be built from.
+        self.usage_log: list[tuple[str, dict[str, Any]]] = []
         self._seen_prompts: list[str] = []
 
     def url_for(self, host: str, port: int) -> str:
@@ -163,6 +165,7 @@ class OpenAIStandin(StandinServer):
                                                "accepted_prediction_tokens": 0,
                                                "rejected_prediction_tokens": 0}}
         self.last_usage = usage
+        self.usage_log.append(("chat", usage))
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         await self.sleep(self.latency_s)
@@ -275,6 +278,7 @@ class OpenAIStandin(StandinServer):
         else:  # gpt-transcribe is billed per minute of audio
             usage = {"type": "duration", "seconds": math.ceil(seconds)}
         self.last_usage = usage
+        self.usage_log.append(("transcription", usage))
         if response_format == "verbose_json":
             return web.json_response({"task": "transcribe", "language": "english",
                                       "duration": seconds, "text": text,

@@ -1,0 +1,384 @@
+"""Voice-to-voice latency per pipeline stage, at 1 and at N concurrent calls.
+
+Run: .venv/bin/python bench/bench_turns.py [--levels 1,100] [--turns 5] [--turns-at-1 12]
+                                            [--json-only]
+
+Three kinds of process, so that the engine's CPU time is its own:
+
+- the engine (bench/bench_turns_engine.py): the real pipeline built by
+  `engine.wiring.build_engine` with cloud providers (OpenAI transcription, OpenAI chat,
+  ElevenLabs streaming TTS) through their official SDKs; it collects the `TurnLatency`
+  events from its own bus;
+- this process: the provider stand-ins (engine/sim/standins), which speak the real wire
+  formats with a FIXED latency: STT answers after `--stt-ms`, the LLM streams its first
+  token after `--llm-ms` and the next ones every `--token-ms`, TTS streams its first
+  audio after `--tts-ms`;
+- caller processes: SimulatedCallers that say a real espeak-synthesized question
+  (synthesized once per process, shared through `speech_cache`) `--turns` times per call,
+  each time after the agent has finished its answer.
+
+Per level it prints p50/p95/p99 of every stage the engine measured (endpointing, STT,
+LLM first token, TTS first audio, engine overhead, voice-to-voice), the share of turns
+whose first audio left before the LLM's last token, the reply latency the callers
+measured, and the engine's CPU; the last line is all of it as JSON. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench_calls import cpu_seconds, free_port, loadavg, rss_mb  # noqa: E402
+
+AUTH_TOKEN = "bench-auth-token-8d41c07e2b9a4f53"
+ACCOUNT_SID = "AC" + "d5" * 16
+OPENAI_KEY = "sk-bench-turns"
+ELEVENLABS_KEY = "xi-bench-turns"
+QUESTION = "What time do you open on Saturday?"
+# Three sentences: speech can start after the first while the LLM still streams.
+REPLY = ("We open at nine in the morning on Saturday. We close at four that afternoon. "
+         "Is there anything else I can help with?")
+STAGES = ("endpointing_s", "stt_s", "llm_first_token_s", "tts_first_audio_s",
+          "engine_overhead_s", "voice_to_voice_s")
+
+
+# -- the caller side (one worker process) --------------------------------------------------
+
+
+class LoopLag:
+    """How late this process's loop wakes a 50 ms sleeper (caller-side timing error)."""
+
+    def __init__(self) -> None:
+        self.samples_ms: list[float] = []
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.05
+            await asyncio.sleep(0.05)
+            self.samples_ms.append((loop.time() - due) * 1000)
+
+
+async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
+    from engine.log import configure_logging
+    from engine.providers.espeak_engine import get_espeak
+    from engine.sim.caller import CallResult, SimulatedCaller
+    from engine.sim.scenario import Scenario, Step
+
+    configure_logging("error", "json")
+    voice, rate = spec["voice"], spec["rate_wpm"]
+    # Synthesized once, before the first call: every caller says the same recording.
+    speech_cache = {(voice, spec["question"]): await get_espeak().synthesize_ulaw8k(
+        spec["question"], voice, rate)}
+    steps: list[Step] = []
+    for _ in range(spec["turns"]):
+        steps += [Step(say=spec["question"]), Step(pause=spec["pause_s"])]
+    scenario = Scenario(name="bench-turns", wait_for_greeting=True, hangup_at_end=True,
+                        steps=steps[:-1])
+    lag = LoopLag()
+    lag_task = asyncio.create_task(lag.run())
+    runs: list[asyncio.Task[CallResult]] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        loop = asyncio.get_running_loop()
+        mono_to_loop = loop.time() - time.monotonic()
+        for start_at in spec["start_times"]:
+            delay = start_at + mono_to_loop - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            caller = SimulatedCaller(spec["url"], AUTH_TOKEN, ACCOUNT_SID, voice=voice,
+                                     rate_wpm=rate, post_status=False, session=http,
+                                     speech_cache=speech_cache)
+            runs.append(asyncio.create_task(caller.run(scenario)))
+        results = await asyncio.gather(*runs)
+    lag_task.cancel()
+    return {
+        "calls": [{"call_sid": r.call_sid, "ended_by": r.ended_by, "error": r.error,
+                   "lines": [{"ended_at": ln.ended_at, "reply_latency_s": ln.reply_latency_s}
+                             for ln in r.lines]} for r in results],
+        "speech_s": len(next(iter(speech_cache.values()))) / 8000,
+        "loop_lag_ms": lag.samples_ms,
+    }
+
+
+def run_worker(spec_path: str, out_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    result = asyncio.run(worker_main(spec))
+    Path(out_path).write_text(json.dumps(result))
+    return 0
+
+
+# -- figures -------------------------------------------------------------------------------
+
+
+def pcts_ms(values: list[float]) -> dict[str, float | int | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None, "n": 0}
+    arr = np.asarray(values) * 1000
+    return {"p50": round(float(np.percentile(arr, 50)), 1),
+            "p95": round(float(np.percentile(arr, 95)), 1),
+            "p99": round(float(np.percentile(arr, 99)), 1), "n": len(arr)}
+
+
+def summarize_level(calls: int, turns: list[dict[str, Any]], outs: list[dict[str, Any]],
+                    cpu_s: float, wall_s: float, extra: dict[str, Any]) -> dict[str, Any]:
+    stages = {name.removesuffix("_s"): pcts_ms([t[name] for t in turns
+                                                if t.get(name) is not None])
+              for name in STAGES}
+    # What the providers took in total (the stages the engine subtracts).
+    provider = [sum(t[n] or 0.0 for n in ("stt_s", "llm_first_token_s", "tts_first_audio_s"))
+                for t in turns]
+    stages["providers_sum"] = pcts_ms(provider)
+    leads = [t["audio_lead_over_llm_s"] for t in turns
+             if t.get("audio_lead_over_llm_s") is not None]
+    results = [c for o in outs for c in o["calls"]]
+    reply = [ln["reply_latency_s"] for c in results for ln in c["lines"]
+             if ln["reply_latency_s"] is not None]
+    unanswered = sum(1 for c in results for ln in c["lines"] if ln["reply_latency_s"] is None)
+    failed = [c for c in results if c["error"] or c["ended_by"] != "caller"]
+    lag = [x for o in outs for x in o["loop_lag_ms"]]
+    n_turns = len(turns)
+    return {
+        "calls": calls, "turns": n_turns, "lines_said": sum(len(c["lines"]) for c in results),
+        "lines_unanswered": unanswered, "calls_failed": len(failed),
+        "failures": sorted({f"{c['ended_by']}: {c['error']}" for c in failed})[:5],
+        "stages_ms": stages,
+        "audio_before_llm_end": {
+            "share": round(sum(1 for x in leads if x > 0) / len(leads), 4) if leads else None,
+            "lead_ms": pcts_ms(leads)},
+        "caller_reply_latency_ms": pcts_ms(reply),
+        "caller_speech_s": outs[0]["speech_s"] if outs else None,
+        "engine_cpu_pct_of_core": round(cpu_s / wall_s * 100, 1) if wall_s else None,
+        "engine_cpu_ms_per_turn": round(cpu_s * 1000 / n_turns, 2) if n_turns else None,
+        "engine_cpu_ms_per_call_s": round(cpu_s * 1000 / (calls * wall_s), 3)
+        if wall_s else None,
+        "wall_s": round(wall_s, 1),
+        "caller_loop_lag_ms": {"p50": round(float(np.percentile(lag, 50)), 2),
+                               "p99": round(float(np.percentile(lag, 99)), 2)} if lag else {},
+        **extra,
+    }
+
+
+# -- one level -----------------------------------------------------------------------------
+
+
+async def read_ready(proc: asyncio.subprocess.Process, log_path: Path) -> None:
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    if b'"ready"' not in line:
+        raise RuntimeError(f"engine did not start: {line!r}; see {log_path}")
+
+
+async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str], tmp: Path) -> dict[str, Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp / f"engine-{calls}.log"
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_turns_engine.py"), "--port", str(port),
+           "--console-port", str(free_port()), "--auth-token", AUTH_TOKEN,
+           "--stt-url", urls["stt"], "--llm-url", urls["llm"], "--tts-url", urls["tts"],
+           "--openai-key", OPENAI_KEY, "--elevenlabs-key", ELEVENLABS_KEY,
+           "--data-dir", str(tmp / f"data-{calls}")]
+    if args.cprofile:
+        cmd += ["--cprofile", f"{args.cprofile}.{calls}"]
+    with open(log_path, "w") as engine_log:
+        engine = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE,
+                                                      stderr=engine_log)
+    workers: list[asyncio.subprocess.Process] = []
+    try:
+        await read_ready(engine, log_path)
+        turns_per_call = args.turns_at_1 if calls == 1 else args.turns
+        procs = max(1, min(args.processes, calls))
+        t0 = time.monotonic() + 2.0  # the workers import and synthesize the question first
+        starts = [t0 + args.ramp * i / calls for i in range(calls)] if calls > 1 else [t0]
+        for k in range(procs):
+            spec = {"url": url, "start_times": starts[k::procs], "turns": turns_per_call,
+                    "pause_s": args.pause, "question": QUESTION, "voice": args.voice,
+                    "rate_wpm": args.rate_wpm}
+            spec_path, out_path = tmp / f"w{calls}-{k}.spec.json", tmp / f"w{calls}-{k}.json"
+            spec_path.write_text(json.dumps(spec))
+            workers.append(await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--worker", str(spec_path), str(out_path)))
+        await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+        cpu0, wall0, load0 = cpu_seconds(engine.pid), time.monotonic(), loadavg()
+        timeout = args.ramp + turns_per_call * 25 + 60
+        codes = await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout)
+        cpu1, wall1, load1 = cpu_seconds(engine.pid), time.monotonic(), loadavg()
+        rss = rss_mb(engine.pid)
+        if any(codes):
+            raise RuntimeError(f"caller process exited with {codes}")
+        await asyncio.sleep(0.5)  # the last turns' events
+        async with aiohttp.ClientSession() as http, http.get(url + "/bench/turns") as resp:
+            body = await resp.json()
+    finally:
+        for w in workers:
+            if w.returncode is None:
+                w.kill()
+        if engine.returncode is None:
+            engine.terminate()
+            try:
+                await asyncio.wait_for(engine.communicate(), 10)
+            except TimeoutError:
+                engine.kill()
+    outs = [json.loads((tmp / f"w{calls}-{k}.json").read_text()) for k in range(len(workers))]
+    extra = {"turns_per_call": turns_per_call, "ramp_s": args.ramp if calls > 1 else 0.0,
+             "engine_loop_lag_ms": body["loop_lag"], "engine_rss_mb": round(rss, 1),
+             "loadavg_start": load0, "loadavg_end": load1}
+    return summarize_level(calls, body["turns"], outs, cpu1 - cpu0, wall1 - wall0, extra)
+
+
+# -- the coordinator -----------------------------------------------------------------------
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.log import configure_logging
+    from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
+    from engine.sim.standins.openai_api import OpenAIStandin
+
+    configure_logging("error", "json")
+    # Two OpenAI stand-ins: transcription and chat each get their own fixed latency.
+    stt = OpenAIStandin(api_key=OPENAI_KEY)
+    stt.latency_s = args.stt_ms / 1000
+    stt.transcript = QUESTION
+    llm = OpenAIStandin(api_key=OPENAI_KEY)
+    llm.latency_s = args.llm_ms / 1000
+    llm.token_interval_s = args.token_ms / 1000
+    llm.reply = REPLY
+    llm.cached_tokens = 0  # skip the prefix-cache emulation: constant server work
+    tts = ElevenLabsStandin(api_key=ELEVENLABS_KEY)
+    tts.latency_s = args.tts_ms / 1000
+    tts.token_interval_s = args.tts_chunk_ms / 1000
+    tts.seconds_per_char = args.tts_seconds_per_char
+    urls = {"stt": await stt.start(), "llm": await llm.start(), "tts": await tts.start()}
+    tmp = Path(tempfile.mkdtemp(prefix="bench-turns-"))
+    levels: list[dict[str, Any]] = []
+    try:
+        for calls in args.levels:
+            before = (len(stt.requests), len(llm.requests), len(tts.requests))
+            level = await run_level(args, calls, urls, tmp)
+            level["standin_requests"] = {
+                "stt": len(stt.requests) - before[0], "llm": len(llm.requests) - before[1],
+                "tts": len(tts.requests) - before[2]}
+            levels.append(level)
+            # The logs stay small: keep only the counts.
+            for server in (stt, llm, tts):
+                server.requests.clear()
+    finally:
+        for server in (stt, llm, tts):
+            await server.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "bench": "turns", "tmp_dir": str(tmp) if args.keep else None,
+        "providers": {"stt_ms": args.stt_ms, "llm_first_token_ms": args.llm_ms,
+                      "llm_token_interval_ms": args.token_ms, "tts_first_audio_ms": args.tts_ms,
+                      "tts_chunk_interval_ms": args.tts_chunk_ms,
+                      "reply_words": len(REPLY.split()), "reply_sentences": 3},
+        "target": {"engine_overhead_p95_ms_at_max_calls": 10.0},
+        "levels": levels,
+    }
+
+
+def fmt(p: dict[str, Any]) -> str:
+    if not p.get("n"):
+        return "-"
+    return f"{p['p50']:>7} {p['p95']:>7} {p['p99']:>7}"
+
+
+def print_table(r: dict[str, Any]) -> None:
+    p = r["providers"]
+    print(f"stand-ins: STT {p['stt_ms']} ms, LLM first token {p['llm_first_token_ms']} ms then "
+          f"every {p['llm_token_interval_ms']} ms ({p['reply_words']} words, "
+          f"{p['reply_sentences']} sentences), TTS first audio {p['tts_first_audio_ms']} ms")
+    for lv in r["levels"]:
+        print()
+        print(f"== {lv['calls']} concurrent call(s): {lv['turns']} turns "
+              f"({lv['turns_per_call']} per call, {lv['lines_unanswered']} unanswered, "
+              f"{lv['calls_failed']} calls failed), loadavg {lv['loadavg_start']} -> "
+              f"{lv['loadavg_end']}")
+        print(f"{'stage (ms)':<34} {'p50':>7} {'p95':>7} {'p99':>7}")
+        labels = {"endpointing": "endpointing (trailing silence)", "stt": "STT",
+                  "llm_first_token": "LLM first token",
+                  "tts_first_audio": "TTS first audio",
+                  "providers_sum": "providers (STT+LLM+TTS)",
+                  "engine_overhead": "engine overhead",
+                  "voice_to_voice": "voice-to-voice (engine)"}
+        for key, label in labels.items():
+            print(f"{label:<34} {fmt(lv['stages_ms'][key])}")
+        print(f"{'reply latency (at caller)':<34} {fmt(lv['caller_reply_latency_ms'])}")
+        lead = lv["audio_before_llm_end"]
+        print(f"{'first audio before LLM last token':<34} share {lead['share']}, "
+              f"lead p50 {lead['lead_ms']['p50']} ms")
+        print(f"{'engine CPU':<34} {lv['engine_cpu_pct_of_core']} % of a core, "
+              f"{lv['engine_cpu_ms_per_turn']} ms per turn, "
+              f"{lv['engine_cpu_ms_per_call_s']} ms per call-second")
+        ll = lv["engine_loop_lag_ms"]
+        print(f"{'engine loop lag p50/p99/max':<34} {ll.get('p50_ms')} / {ll.get('p99_ms')} / "
+              f"{ll.get('max_ms')} ms")
+        if lv["failures"]:
+            print("failures:", "; ".join(lv["failures"]))
+
+
+def parse_levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--levels wants numbers like 1,100: {text!r}") \
+            from None
+    if not levels or any(n < 1 for n in levels):
+        raise argparse.ArgumentTypeError("--levels: each level is at least 1 call")
+    return levels
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        return run_worker(sys.argv[2], sys.argv[3])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--levels", type=parse_levels, default=[1, 100],
+                        help="concurrent calls per run, comma separated")
+    parser.add_argument("--turns", type=int, default=5, help="questions per call")
+    parser.add_argument("--turns-at-1", type=int, default=12,
+                        help="questions in the single-call run (more samples)")
+    parser.add_argument("--pause", type=float, default=0.3,
+                        help="extra silence after the agent's answer before the next question")
+    parser.add_argument("--ramp", type=float, default=8.0,
+                        help="calls start spread over this (s): about one turn cycle")
+    parser.add_argument("--processes", type=int, default=1, help="caller processes")
+    parser.add_argument("--stt-ms", type=float, default=150.0)
+    parser.add_argument("--llm-ms", type=float, default=200.0, help="LLM first token")
+    parser.add_argument("--token-ms", type=float, default=25.0, help="LLM token interval")
+    parser.add_argument("--tts-ms", type=float, default=100.0, help="TTS first audio")
+    parser.add_argument("--tts-chunk-ms", type=float, default=20.0,
+                        help="TTS interval between 100 ms audio chunks (5x real time)")
+    parser.add_argument("--tts-seconds-per-char", type=float, default=0.04,
+                        help="length of the synthesized answer (shorter: more turns per run)")
+    parser.add_argument("--voice", default="en-us+m3", help="caller's espeak voice")
+    parser.add_argument("--rate-wpm", type=int, default=165)
+    parser.add_argument("--cprofile", default=None,
+                        help="profile the engine into PATH.<calls> per level")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (engine logs)")
+    parser.add_argument("--json-only", action="store_true")
+    args = parser.parse_args()
+    if args.turns < 1 or args.turns_at_1 < 1:
+        parser.error("--turns and --turns-at-1 must be at least 1")
+    result = asyncio.run(run_bench(args))
+    if not args.json_only:
+        print_table(result)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
