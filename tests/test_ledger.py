@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 import structlog
-from pydantic import Field
 
 from engine.config import BudgetConfig, PricesConfig
 from engine.ops.ledger import CallLedger, PriceTable, SpendLedger, realtime_conversation_cost
@@ -72,17 +71,27 @@ def test_phone_rounds_up_to_started_minutes() -> None:
     assert table.phone_cost(0) == 0.0
 
 
-def test_token_billed_stt_with_proposed_config_field() -> None:
-    class PricesWithTokenStt(PricesConfig):
-        stt_per_million: dict[str, list[float]] = Field(default_factory=dict)
-
-    prices = PricesWithTokenStt(**PRICES.model_dump(),
-                                stt_per_million={"gpt-4o-mini-transcribe": [1.25, 5.0]})
+def test_token_billed_stt() -> None:
+    prices = PRICES.model_copy(update={"stt_per_million": {"gpt-4o-mini-transcribe": [1.25, 5.0]}})
     table = PriceTable(prices)
     usage = Usage("openai", "stt", "gpt-4o-mini-transcribe", audio_seconds=10.0,
                   input_tokens=1000, output_tokens=200)
     # 1000 * 1.25 + 200 * 5 = 2250 per 1M
     assert table.cost_decimal(usage) == (Decimal("0.00225"), True)
+
+
+def test_phone_minutes_are_booked_as_they_start() -> None:
+    ledger = SpendLedger(PRICES, BudgetConfig(daily_usd=0, monthly_usd=0))
+    ledger.open_call("CA1", 0.0)
+    first = ledger.phone_progress("CA1", 0.001)  # minute 1 starts with the call
+    same = ledger.phone_progress("CA1", 59.0)
+    second = ledger.phone_progress("CA1", 60.5)
+    call, end = ledger.end_call("CA1", 61.0)  # nothing new at the end
+    per_minute = Decimal(str(PRICES.twilio_per_minute))
+    assert Decimal(str(first.entry.cost_usd)) == per_minute
+    assert same.entry.cost_usd == 0 and end.entry.cost_usd == 0
+    assert Decimal(str(second.entry.cost_usd)) == per_minute
+    assert call.total_decimal == 2 * per_minute and call.phone_minutes == 2
 
 
 def test_unknown_model_is_unpriced_and_warned_once() -> None:

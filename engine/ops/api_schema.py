@@ -15,7 +15,7 @@ Protocol (JSON text frames):
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -111,7 +111,7 @@ class Command(_Frame):
     number: str | None = Field(default=None, max_length=32)  # transfer
 
 
-ServerFrame = Annotated[Union[Hello, Snapshot, EventFrame, Reply, ErrorFrame],
+ServerFrame = Annotated[Hello | Snapshot | EventFrame | Reply | ErrorFrame,
                         Field(discriminator="type")]
 SERVER_FRAME = TypeAdapter(ServerFrame)
 COMMAND = TypeAdapter(Command)

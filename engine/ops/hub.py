@@ -130,6 +130,19 @@ class OpsHub:
     def stream_started(self, session: CallSession) -> None:
         self.publish(ev.CallUpdated(call_sid=session.call_sid,
                                     extra={"stream_sid": session.stream_sid or ""}))
+        session.spawn(self._bill_phone_minutes(session), "phone_minutes")
+
+    async def _bill_phone_minutes(self, session: CallSession) -> None:
+        """Twilio bills each minute as it starts: the call's cost (and cap) sees it live."""
+        while not session.ended:
+            elapsed = session.duration_s()
+            update = self.ledger.phone_progress(session.call_sid, max(elapsed, 0.001))
+            if update.entry.cost_usd:
+                self._priced(session, update, None, call_seconds=elapsed)
+                if self.history is not None:
+                    self._history(self.history.phone_recorded(session.call_sid, elapsed,
+                                                              update.entry.cost_usd))
+            await asyncio.sleep(60.0 - elapsed % 60.0 + 0.01)
 
     def state_changed(self, session: CallSession, old: CallState, new: CallState,
                       reason: str) -> None:
@@ -199,7 +212,7 @@ class OpsHub:
     def _budget_alert(self, session: CallSession | None, alert: BudgetAlert) -> None:
         kind = _BUDGET_ALERT_KIND[alert.kind]
         message = (f"{alert.kind.replace('_', ' ')}: ${alert.spent_usd:.4f} of "
-                   f"${alert.limit_usd:.2f} ({alert.period})")
+                   f"${alert.limit_usd:g} ({alert.period})")
         self.alert(session, kind, "critical" if alert.kind != "call_cap" else "warning",
                    message, {"spent_usd": alert.spent_usd, "limit_usd": alert.limit_usd})
 
@@ -282,7 +295,8 @@ class OpsHub:
     async def _record_end(self, sid: str, duration: float, phone_cost: float, reason: str,
                           total: float, escalated: bool, ended_at: float | None) -> None:
         assert self.history is not None
-        await self.history.phone_recorded(sid, duration, phone_cost)
+        if phone_cost:
+            await self.history.phone_recorded(sid, duration, phone_cost)
         await self.history.call_ended(sid, reason, total, escalated=escalated,
                                       ended_at=ended_at, duration_s=duration)
 

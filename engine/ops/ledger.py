@@ -133,6 +133,8 @@ class PriceTable:
         return cost, True
 
     def _tts_cost(self, usage: Usage) -> tuple[Decimal, bool]:
+        if usage.provider.endswith(":cache"):
+            return ZERO, True  # replayed from the response cache: nothing synthesized
         rate = self._tts.get(usage.model)
         if rate is None:
             rate = self._tts.get(usage.provider)
@@ -234,9 +236,12 @@ class CallLedger:
                           usage.estimated)
 
     def add_phone(self, duration_s: float) -> LedgerEntry:
-        """The Twilio leg, booked once at the end of the call (per started minute)."""
-        self.phone_minutes = self.prices.phone_minutes(duration_s)
-        cost = self.prices.phone_cost_decimal(duration_s)
+        """The Twilio leg so far: Twilio bills each minute as it starts, so the minutes
+        started by `duration_s` and not booked yet are booked now (live, and at the end)."""
+        minutes = self.prices.phone_minutes(duration_s)
+        new = max(0, minutes - self.phone_minutes)
+        self.phone_minutes = max(minutes, self.phone_minutes)
+        cost = self.prices.phone_cost_decimal(new * 60.0)
         return self._book("phone", "twilio", "voice", cost, True, False)
 
     def add_turn(self, caller_audio_s: float, agent_audio_s: float) -> float:
@@ -362,6 +367,12 @@ class SpendLedger:
 
     def record_turn(self, call_sid: str, caller_audio_s: float, agent_audio_s: float) -> float:
         return self.open_call(call_sid).add_turn(caller_audio_s, agent_audio_s)
+
+    def phone_progress(self, call_sid: str, duration_s: float) -> SpendUpdate:
+        """Book the phone minutes a live call has started by now."""
+        ledger = self.open_call(call_sid)
+        entry = ledger.add_phone(duration_s)
+        return SpendUpdate(entry, self._after_call_entry(ledger, entry))
 
     def end_call(self, call_sid: str, duration_s: float) -> tuple[CallLedger, SpendUpdate]:
         """Book the phone leg and forget the call; returns its final ledger."""

@@ -156,6 +156,11 @@ class SupervisorApi:
             self._runner = None
 
     @property
+    def tokens(self) -> ConsoleTokens:
+        """The tokens consoles must present (for an in-process console, e.g. the demo)."""
+        return self._tokens
+
+    @property
     def port(self) -> int:
         if self._runner is None or not self._runner.addresses:
             raise RuntimeError("supervisor API is not listening")

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.config import Config
-from engine.ops.history import TurnRecord
 from engine.log import get_logger
+from engine.ops.history import TurnRecord
 from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech, Usage
 from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransition
 from engine.telephony import twiml

@@ -347,12 +347,19 @@ class ConversationPipeline:
         done: AgentDone | None = None
         line_id = f"{session.call_sid}-a{record.idx}"
         completed = False
+        first_text_at = 0.0
+        # First text -> first whole sentence: time the LLM was still writing it.
+        sentence_wait: float | None = None
         stream = self._agent_stream(record)
         try:
             async for event in stream:
                 if isinstance(event, TextDelta):
+                    if not text_parts:
+                        first_text_at = time.monotonic()
                     text_parts.append(event.text)
                     for sentence in aggregator.push(event.text):
+                        if sentence_wait is None:
+                            sentence_wait = time.monotonic() - first_text_at
                         await self._say_sentence(sentence, spoken, first_audio)
                         if obs is not None:
                             obs.transcript(session, "agent",
@@ -366,9 +373,11 @@ class ConversationPipeline:
                         obs.usage(session, event.usage)
             rest = aggregator.flush()
             if rest:
+                if sentence_wait is None:
+                    sentence_wait = time.monotonic() - first_text_at
                 await self._say_sentence(rest, spoken, first_audio)
             if first_audio:
-                self._record_latency(record, speech_end, first_audio)
+                self._record_latency(record, speech_end, first_audio, sentence_wait or 0.0)
             if spoken:
                 await session.wait_mark(spoken[-1].mark, timeout=60.0)
             completed = True
@@ -398,12 +407,16 @@ class ConversationPipeline:
             await self._after_reply(record, done, answer)
 
     def _record_latency(self, record: TurnRecord, speech_end: float,
-                        first_audio: list[float]) -> None:
+                        first_audio: list[float], sentence_wait: float) -> None:
         t = record.timings
         t.tts_first_audio = first_audio[1]
         t.voice_to_voice = first_audio[0] - speech_end
         providers = (t.endpointing or 0) + (t.stt or 0) + (t.llm_first_token or 0) \
             + t.tts_first_audio
+        if t.llm_first_token is not None:
+            # Speech starts at the first whole sentence, and the tokens up to it are the
+            # LLM's time, not the engine's.
+            providers += sentence_wait
         t.engine_overhead = max(0.0, t.voice_to_voice - providers)
 
     async def _after_reply(self, record: TurnRecord, done: AgentDone, answer: str) -> None:
