@@ -28,7 +28,7 @@ STAMP = VENV / ".switchboard-installed"
 
 
 def setup() -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this script may run on an old Python
         sys.exit(f"Switchboard needs Python 3.11 or newer (this is {sys.version.split()[0]})")
     if not PYTHON.exists():
         print(f"creating {VENV} …", flush=True)
@@ -39,8 +39,8 @@ def setup() -> None:
     print("installing Switchboard and its dependencies (first run takes a few minutes) …",
           flush=True)
     pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run(pip + ["install", "--quiet", "--upgrade", "pip"], check=True)
-    subprocess.run(pip + ["install", "--quiet", "-e", f"{ROOT}[local,dev]"], check=True)
+    subprocess.run([*pip, "install", "--quiet", "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "install", "--quiet", "-e", f"{ROOT}[local,dev]"], check=True)
     STAMP.write_text(wanted)
 
 
@@ -64,7 +64,8 @@ def main(argv: list[str]) -> int:
         code = run([str(PYTHON), "-m", "ruff", "check", "."])
         return code or run([str(PYTHON), "-m", "mypy"])
     if command == "bench":
-        codes = [run([str(PYTHON), str(script)]) for script in sorted(ROOT.glob("bench/bench_*.py"))]
+        scripts = sorted(ROOT.glob("bench/bench_*.py"))
+        codes = [run([str(PYTHON), str(script)]) for script in scripts]
         return max(codes, default=0)
     print(f"unknown command {command!r}\n{__doc__}", file=sys.stderr)
     return 2

@@ -135,6 +135,14 @@ def pcts_ms(values: list[float]) -> dict[str, float | int | None]:
             "p99": round(float(np.percentile(arr, 99)), 1), "n": len(arr)}
 
 
+def lag_summary(samples_ms: list[float]) -> dict[str, float]:
+    if not samples_ms:
+        return {}
+    arr = np.asarray(samples_ms)
+    return {"p50": round(float(np.percentile(arr, 50)), 2),
+            "p99": round(float(np.percentile(arr, 99)), 2), "max": round(float(arr.max()), 2)}
+
+
 def first_sentence_tokens(reply: str) -> int:
     """Streamed tokens (as the LLM stand-in cuts them) before the engine has a sentence."""
     from engine.session.sentences import SentenceAggregator
@@ -193,8 +201,7 @@ def summarize_level(calls: int, turns: list[dict[str, Any]], outs: list[dict[str
         "engine_cpu_ms_per_call_s": round(cpu_s * 1000 / (calls * wall_s), 3)
         if wall_s else None,
         "wall_s": round(wall_s, 1),
-        "caller_loop_lag_ms": {"p50": round(float(np.percentile(lag, 50)), 2),
-                               "p99": round(float(np.percentile(lag, 99)), 2)} if lag else {},
+        "caller_loop_lag_ms": lag_summary(lag),
         **extra,
     }
 
@@ -266,7 +273,8 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
                 engine.kill()
     outs = [json.loads((tmp / f"w{calls}-{k}.json").read_text()) for k in range(len(workers))]
     extra = {"turns_per_call": turns_per_call, "ramp_s": args.ramp if calls > 1 else 0.0,
-             "engine_loop_lag_ms": body["loop_lag"], "engine_rss_mb": round(rss, 1),
+             "engine_loop_lag_ms": body["loop_lag"], "engine_gc": body["gc"],
+             "engine_rss_mb": round(rss, 1),
              "loadavg_start": load0, "loadavg_end": load1}
     return summarize_level(calls, body["turns"], outs, cpu1 - cpu0, wall1 - wall0,
                            nominal_provider_s(args), extra)
@@ -295,12 +303,17 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     tts.token_interval_s = args.tts_chunk_ms / 1000
     tts.seconds_per_char = args.tts_seconds_per_char
     urls = {"stt": await stt.start(), "llm": await llm.start(), "tts": await tts.start()}
+    # A late stand-in shows up as provider time; this says when that happened.
+    standin_lag = LoopLag()
+    lag_task = asyncio.create_task(standin_lag.run())
     tmp = Path(tempfile.mkdtemp(prefix="bench-turns-"))
     levels: list[dict[str, Any]] = []
     try:
         for calls in args.levels:
             before = (len(stt.requests), len(llm.requests), len(tts.requests))
+            standin_lag.samples_ms.clear()
             level = await run_level(args, calls, urls, tmp)
+            level["standin_loop_lag_ms"] = lag_summary(standin_lag.samples_ms)
             level["standin_requests"] = {
                 "stt": len(stt.requests) - before[0], "llm": len(llm.requests) - before[1],
                 "tts": len(tts.requests) - before[2]}
@@ -309,6 +322,7 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             for server in (stt, llm, tts):
                 server.requests.clear()
     finally:
+        lag_task.cancel()
         for server in (stt, llm, tts):
             await server.stop()
         if not args.keep:
@@ -363,6 +377,11 @@ def print_table(r: dict[str, Any]) -> None:
         ll = lv["engine_loop_lag_ms"]
         print(f"{'engine loop lag p50/p99/max':<34} {ll.get('p50_ms')} / {ll.get('p99_ms')} / "
               f"{ll.get('max_ms')} ms")
+        sl, cl = lv["standin_loop_lag_ms"], lv["caller_loop_lag_ms"]
+        print(f"{'stand-in / caller loop lag p99/max':<34} {sl.get('p99')} / {sl.get('max')} ms, "
+              f"{cl.get('p99')} / {cl.get('max')} ms")
+        gc = lv["engine_gc"]
+        print(f"{'engine GC gen2 pauses':<34} {gc.get('gen2', {})}")
         if lv["failures"]:
             print("failures:", "; ".join(lv["failures"]))
 

@@ -31,10 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# The calls benchmark's loop-lag and GC-pause probes, so both benches report alike.
+from bench_engine_proc import GcPauses, LoopLagMonitor
 
 from engine.app import Engine
 from engine.config import Config
@@ -47,40 +49,19 @@ log = get_logger("bench.turns_engine")
 ACCOUNT_SID = "AC" + "c4" * 16
 
 
-class LoopLag:
-    """How late the engine's loop wakes a 50 ms sleeper: the delay every stage suffers."""
-
-    def __init__(self) -> None:
-        self.samples_ms: list[float] = []
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + 0.05
-            await asyncio.sleep(0.05)
-            self.samples_ms.append((loop.time() - due) * 1000)
-
-    def summary(self) -> dict[str, float | int | None]:
-        if not self.samples_ms:
-            return {"samples": 0}
-        arr = np.asarray(self.samples_ms)
-        return {"p50_ms": round(float(np.percentile(arr, 50)), 2),
-                "p99_ms": round(float(np.percentile(arr, 99)), 2),
-                "max_ms": round(float(arr.max()), 2), "samples": len(arr)}
-
-
 class TurnCollector:
     """Every TurnLatency the engine publishes, read from its own bus."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.turns: list[dict[str, Any]] = []
-        self.lag = LoopLag()
+        self.lag = LoopLagMonitor()
+        self.gc = GcPauses()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._read()), loop.create_task(self.lag.run())]
+        self._tasks = [asyncio.get_running_loop().create_task(self._read())]
+        self.lag.start()
 
     async def _read(self) -> None:
         async for _, event in self.engine.hub.bus.subscribe():
@@ -93,7 +74,7 @@ class TurnCollector:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def body(self) -> dict[str, Any]:
-        return {"turns": self.turns, "loop_lag": self.lag.summary(),
+        return {"turns": self.turns, "loop_lag": self.lag.summary(), "gc": self.gc.summary(),
                 "calls_total": self.engine.calls_total, "monotonic": time.monotonic()}
 
     async def turns_route(self, request: web.Request) -> web.Response:
@@ -101,7 +82,8 @@ class TurnCollector:
 
     async def reset_route(self, request: web.Request) -> web.Response:
         self.turns.clear()
-        self.lag.samples_ms.clear()
+        self.lag.reset()
+        self.gc.reset()
         return web.json_response({"reset": True})
 
 

@@ -214,7 +214,8 @@ async def run_demo(config: Config, headless: bool = False, calls: int = 3,
         # The console owns the terminal: engine logs go to a file, not over the screen.
         log_path = cfg.data_path() / "demo-engine.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed below
+        # Opened once before anything runs; closed in `finally` below.
+        log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115, ASYNC230
         configure_logging(cfg.logging.level, "json", stream=log_file)
     else:
         log_file = None

@@ -292,9 +292,10 @@ async def test_kill_9_mid_call_leaves_a_history_report_can_read(tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
         await rest.stop()
-    report = subprocess.run([sys.executable, "-m", "engine", "--config", str(config_path),
-                             "report", "--since", "1d", "--format", "json"],
-                            env=env, capture_output=True, timeout=60)
+    report = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "engine", "--config", str(config_path),
+                         "report", "--since", "1d", "--format", "json"],
+        env=env, capture_output=True, timeout=60)
     assert report.returncode == 0, report.stderr.decode()[-2000:]
     figures = json.loads(report.stdout)
     assert figures["calls"] == 1
@@ -314,9 +315,10 @@ async def test_kill_9_mid_call_leaves_a_history_report_can_read(tmp_path: Path) 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
-    again = subprocess.run([sys.executable, "-m", "engine", "--config", str(config_path),
-                            "report", "--since", "1d", "--format", "json"],
-                           env=env, capture_output=True, timeout=60)
+    again = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "engine", "--config", str(config_path),
+                         "report", "--since", "1d", "--format", "json"],
+        env=env, capture_output=True, timeout=60)
     after = json.loads(again.stdout)
     assert after["calls"] == 1 and after["calls_ended_unexpectedly"] == 1
 

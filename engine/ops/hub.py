@@ -255,7 +255,8 @@ class OpsHub:
             view.alerts.append(kind)
         (session.log if session is not None else log).warning(
             "ops.alert", kind=kind, severity=severity, message=message)
-        clean = {k: v for k, v in data.items() if isinstance(v, str | int | float | bool)}
+        clean: dict[str, ev.JsonScalar] = {
+            k: v for k, v in data.items() if isinstance(v, str | int | float | bool)}
         self.publish(ev.Alert(call_sid=sid, kind=kind, severity=severity,  # type: ignore[arg-type]
                               message=message, data=clean))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -316,7 +316,7 @@ class ConversationPipeline:
         """The sentences whose marks came back before any clear: what the caller heard."""
         return " ".join(s.text for s in spoken if self.session.mark_heard(s.mark))
 
-    async def _agent_stream(self, record: TurnRecord) -> AsyncIterator[AgentEvent]:
+    async def _agent_stream(self, record: TurnRecord) -> AsyncGenerator[AgentEvent, None]:
         """The reply: from the answer cache when the question is a known one."""
         key = None
         matcher = self.deps.matcher

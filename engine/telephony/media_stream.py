@@ -9,6 +9,7 @@ frame close this one socket with a clear close code. Nothing here can touch anot
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -231,11 +232,9 @@ class _StreamConnection:
         self.close_reason = message
         if not self.ws.closed:
             self.log.warning("media.closing", code=int(code), reason=message)
-            try:
+            with contextlib.suppress(TimeoutError, ConnectionError):
                 await asyncio.wait_for(self.ws.close(code=code, message=message.encode()),
                                        timeout=2.0)
-            except (TimeoutError, ConnectionError):
-                pass
 
     async def finish(self) -> None:
         session = self.session

@@ -85,7 +85,7 @@ _DTMF_DIGITS = frozenset("0123456789*#ABCDabcd")
 def _int(value: object, name: str) -> int:
     # Twilio sends sequenceNumber/chunk/timestamp as strings; accept ints too.
     try:
-        return int(value)  # type: ignore[call-overload, no-any-return]
+        return int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         raise ProtocolViolation("bad_field", f"{name} is not a number: {value!r}") from None
 
