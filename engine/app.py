@@ -138,6 +138,15 @@ class Engine:
             degraded.append("signature checks disabled")
         if self.control is not None and not self.control.configured:
             degraded.append("twilio credentials not configured")
+        providers = []
+        if self.deps is not None:
+            for chain in (self.deps.stt, self.deps.agent, self.deps.tts):
+                for health in chain.health():
+                    providers.append({"name": health.name, "kind": health.kind,
+                                      "healthy": health.healthy,
+                                      "last_error": health.last_error})
+                    if not health.healthy:
+                        degraded.append(f"{health.kind} provider {health.name} failing")
         body = {
             "status": "degraded" if degraded else "ok",
             "degraded": degraded,
@@ -148,6 +157,7 @@ class Engine:
             "pacer": {"ticks": self.pacer.ticks, "late_ticks": self.pacer.late_ticks},
             "escalations": self.hub.escalations,
             "bad_messages": self.bad_messages,
+            "providers": providers,
         }
         return web.json_response(body)
 

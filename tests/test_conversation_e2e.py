@@ -147,3 +147,60 @@ async def test_failing_tts_falls_back_and_the_call_goes_on(tmp_path: Path) -> No
     assert any("Main Street" in t for t in agents)
     samples = ulaw_to_int16(bytes(result.agent_audio)).astype(np.float64)
     assert np.sqrt(np.mean(samples ** 2)) > 300  # real speech reached the caller
+
+
+async def test_low_confidence_says_sorry_then_hands_off(tmp_path: Path) -> None:
+    from engine.sim.standins.openai_api import OpenAIStandin
+
+    standin = OpenAIStandin(api_key="sk-test")
+    url = await standin.start()
+    standin.transcript = "mumble mumble"
+    standin.avg_logprob = -1.6  # whisper-1 verbose_json: a poor segment
+    sections = base_sections()
+    sections["providers"] = {"stt": ["openai"], "openai": {
+        "api_key": "sk-test", "base_url": url, "stt_model": "whisper-1"}}
+    sections["policy"] = {"max_misunderstandings": 2}
+
+    async def make(config: Config):  # type: ignore[no-untyped-def]
+        local = local_providers(config)
+        cloud = build_providers(config)
+        return await build_engine(config, history=False, providers=Providers(
+            stt=cloud.stt, agents=local.agents, tts=local.tts))
+
+    try:
+        async with running_engine(tmp_path, make_engine=make, **sections) as run:
+            events = EventLog(run)
+            caller = run.caller()
+            result = await asyncio.wait_for(caller.run(Scenario(
+                name="mumble", hangup_at_end=False,
+                steps=[Step(say="Where are you located?"), Step(say="Where is your store?")])),
+                90)
+            await asyncio.sleep(0.1)
+            await events.close()
+    finally:
+        await standin.stop()
+    agents = [e.text for e in events.lines(caller.call_sid, "system")] + \
+        [e.text for e in events.lines(caller.call_sid, "agent")]
+    assert any("didn't catch that" in t for t in agents), agents
+    assert result.ended_by == "redirect"  # the second miss hands the caller to a person
+    alerts = [e.kind for e in events.events if isinstance(e, Alert)]
+    assert "low_confidence" in alerts and "handoff_requested" in alerts
+
+
+async def test_call_over_its_cost_cap_is_handed_to_a_person(tmp_path: Path) -> None:
+    sections = base_sections()
+    # The first phone minute (billed as it starts) already costs more than the cap.
+    sections["prices"] = {"twilio_per_minute": 0.06}
+    sections["policy"] = {"call_cost_cap_usd": 0.05}
+    async with running_engine(tmp_path, make_engine=make_local_engine, **sections) as run:
+        events = EventLog(run)
+        caller = run.caller()
+        result = await asyncio.wait_for(caller.run(Scenario(
+            name="cap", hangup_at_end=False, steps=[Step(say="Where are you located?")])), 60)
+        await asyncio.sleep(0.1)
+        await events.close()
+    assert result.ended_by == "redirect"
+    kinds = [e.kind for e in events.events if isinstance(e, Alert)]
+    assert "call_cost_cap" in kinds and "handoff_requested" in kinds
+    agents = [e.text for e in events.lines(caller.call_sid, "agent")]
+    assert any("colleague" in t for t in agents), agents
