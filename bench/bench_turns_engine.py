@@ -27,6 +27,7 @@ import inspect
 import json
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # The calls benchmark's loop-lag and GC-pause probes, so both benches report alike.
-from bench_engine_proc import GcPauses, LoopLagMonitor
+from bench_engine_proc import GcPauses, LoopLagMonitor, StallWatchdog
 
 from engine.app import Engine
 from engine.config import Config
@@ -52,16 +53,21 @@ ACCOUNT_SID = "AC" + "c4" * 16
 class TurnCollector:
     """Every TurnLatency the engine publishes, read from its own bus."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, watch_stalls: bool = False) -> None:
         self.engine = engine
+        self.watchdog = StallWatchdog() if watch_stalls else None
         self.turns: list[dict[str, Any]] = []
         self.lag = LoopLagMonitor()
         self.gc = GcPauses()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._tasks = [asyncio.get_running_loop().create_task(self._read())]
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read())]
         self.lag.start()
+        if self.watchdog is not None:
+            self._tasks.append(loop.create_task(self.watchdog.heartbeat()))
+            threading.Thread(target=self.watchdog.watch, daemon=True).start()
 
     async def _read(self) -> None:
         async for _, event in self.engine.hub.bus.subscribe():
@@ -75,6 +81,7 @@ class TurnCollector:
 
     def body(self) -> dict[str, Any]:
         return {"turns": self.turns, "loop_lag": self.lag.summary(), "gc": self.gc.summary(),
+                "stall_reports": self.watchdog.reports[-40:] if self.watchdog else [],
                 "calls_total": self.engine.calls_total, "monotonic": time.monotonic()}
 
     async def turns_route(self, request: web.Request) -> web.Response:
@@ -116,7 +123,7 @@ async def serve(args: argparse.Namespace) -> None:
     if "supervisor_api" in inspect.signature(build_engine).parameters:
         kwargs["supervisor_api"] = False  # no console in the benchmark
     engine = await build_engine(config, **kwargs)
-    collector = TurnCollector(engine)
+    collector = TurnCollector(engine, args.watch_stalls)
     app = engine.build_app()
     app.router.add_get("/bench/turns", collector.turns_route)
     app.router.add_post("/bench/reset", collector.reset_route)
@@ -150,6 +157,8 @@ def main() -> int:
     parser.add_argument("--data-dir", default="/tmp/switchboard-bench-turns")
     parser.add_argument("--history", action="store_true", help="keep the SQLite call history")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--watch-stalls", action="store_true",
+                        help="record the loop's stack and CPU use during stalls over 40 ms")
     parser.add_argument("--cprofile", default=None, help="write cProfile stats to this path")
     args = parser.parse_args()
     configure_logging(args.log_level, "json")

@@ -204,3 +204,18 @@ async def test_call_over_its_cost_cap_is_handed_to_a_person(tmp_path: Path) -> N
     assert "call_cost_cap" in kinds and "handoff_requested" in kinds
     agents = [e.text for e in events.lines(caller.call_sid, "agent")]
     assert any("colleague" in t for t in agents), agents
+
+
+async def test_repeated_question_is_answered_from_the_cache(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, make_engine=make_local_engine,
+                              **base_sections()) as run:
+        before = run.engine.deps.cache.stats().audio.hits
+        result = await asyncio.wait_for(run.caller().run(Scenario(name="twice", steps=[
+            Step(say="Where are you located?"), Step(say="Where are you located?")])), 90)
+        stats = run.engine.deps.cache.stats()
+        metrics, _ = run.engine.hub.metrics.render()
+    assert result.error is None
+    # The answer's audio (and the greeting's) were synthesized once, then replayed.
+    assert stats.audio.hits - before >= 1
+    assert b"switchboard_cache_hits_total 1.0" in metrics or \
+        b"switchboard_cache_hits_total 2.0" in metrics

@@ -133,6 +133,7 @@ class TurnLatency(EventBase):
     voice_to_voice_s: float
     # > 0 when the first audio left before the agent's last token (streaming works).
     audio_lead_over_llm_s: float | None = None
+    llm_first_sentence_s: float | None = None  # first token -> first whole sentence
 
 
 class UsageCost(EventBase):

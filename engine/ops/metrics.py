@@ -50,9 +50,11 @@ class TurnTimings:
     engine_overhead: float | None = None
     voice_to_voice: float | None = None  # caller stops speaking -> first agent audio out
     endpointing: float | None = None  # caller stops speaking -> turn declared over
-    # Not a histogram stage: seconds from the first agent audio out to the agent's last
+    # Not histogram stages: the LLM's first token to its first whole sentence (speech
+    # waits for it), and seconds from the first agent audio out to the agent's last
     # token (positive: speech started before the LLM finished).
     audio_lead_over_llm: float | None = None
+    llm_first_sentence: float | None = None
 
     def items(self) -> list[tuple[Stage, float]]:
         values: tuple[float | None, ...] = (
