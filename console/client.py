@@ -81,6 +81,10 @@ class AuthError(Exception):
     """The server refused the token: retrying will not help."""
 
 
+class _EngineChanged(Exception):
+    """Resumed on an engine other than the one the cursor came from: start over."""
+
+
 class SupervisorClient:
     """One supervisor API connection with reconnect, resume and command replies."""
 
@@ -137,6 +141,8 @@ class SupervisorClient:
                     log.warning("console_auth_refused", url=self.url, detail=str(exc))
                     yield ConnectionChanged("failed", str(exc))
                     return
+                except _EngineChanged:
+                    continue  # at once, without `after`: the server sends a snapshot
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
                 finally:
@@ -166,6 +172,7 @@ class SupervisorClient:
             raise
         self._ws = ws
         self.connects += 1
+        resuming_on = self.hello.engine_id if self.last_event_id and self.hello else ""
         try:
             async for message in ws:
                 if message.type != aiohttp.WSMsgType.TEXT:
@@ -183,6 +190,14 @@ class SupervisorClient:
                         future.set_result(frame)
                     continue
                 if isinstance(frame, Hello):
+                    if resuming_on and frame.engine_id != resuming_on:
+                        # A restarted engine's in-memory bus numbers its events from 1
+                        # again: our cursor may name an unrelated event there.
+                        log.info("console_engine_changed", was=resuming_on,
+                                 now=frame.engine_id, cursor=self.last_event_id)
+                        self.hello = frame
+                        self.last_event_id = ""
+                        raise _EngineChanged
                     self.hello = frame
                     yield ConnectionChanged("connected", frame.engine_id)
                 elif isinstance(frame, Snapshot):

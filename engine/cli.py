@@ -209,7 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "console" in argv:
+        # The console parses its own options (--engine, --token, …): hand them over whole.
+        i = argv.index("console")
+        args = parser.parse_args(argv[:i + 1])
+        args.console_args = argv[i + 1:]
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -41,6 +41,8 @@ def make_config(tmp_path: Path, port: int, rest_url: str = "http://127.0.0.1:9",
         "twilio": {"account_sid": ACCOUNT_SID, "auth_token": AUTH_TOKEN,
                    "api_base_url": rest_url},
         "transfer": {"number": "+15550100999"},
+        # A free port for the supervisor API, so engines in tests never collide.
+        "console_api": {"port": 0},
         "logging": {"format": "json"},
     }
     for name, values in sections.items():

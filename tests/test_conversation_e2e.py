@@ -219,3 +219,38 @@ async def test_repeated_question_is_answered_from_the_cache(tmp_path: Path) -> N
     assert stats.audio.hits - before >= 1
     assert b"switchboard_cache_hits_total 1.0" in metrics or \
         b"switchboard_cache_hits_total 2.0" in metrics
+
+
+async def test_when_every_voice_fails_twilio_says_it_and_the_call_goes_on(
+        tmp_path: Path) -> None:
+    standin = ElevenLabsStandin(api_key="xi-test")
+    url = await standin.start()
+    standin.mode = "500"
+    try:
+        sections = base_sections()
+        sections["providers"] = {"tts": ["elevenlabs"],
+                                 "elevenlabs": {"api_key": "xi-test", "base_url": url}}
+
+        async def make(config: Config):  # type: ignore[no-untyped-def]
+            local = local_providers(config)
+            cloud = build_providers(config)
+            return await build_engine(config, history=False, providers=Providers(
+                stt=local.stt, agents=local.agents, tts=cloud.tts))
+
+        async with running_engine(tmp_path, make_engine=make, **sections) as run:
+            caller = run.caller()
+            result = await asyncio.wait_for(caller.run(Scenario(name="say", steps=[
+                Step(say="Where are you located?")])), 90)
+            session = run.engine.registry.get_any(caller.call_sid)
+            updates = run.rest.updates_for(caller.call_sid)
+    finally:
+        await standin.stop()
+    assert result.error is None, result.error
+    # The greeting and the answer were spoken by Twilio's <Say>, each followed by a new
+    # media stream for the same call; the caller hung up normally at the end.
+    assert any("How can I help" in s for s in result.twilio_says), result.twilio_says
+    assert result.lines, "the caller spoke after the first <Say>"
+    assert any("Main Street" in s for s in result.twilio_says), result.twilio_says
+    assert result.streams >= 3 and result.ended_by == "caller"
+    assert all("<Say>" in u.form.get("Twiml", "") for u in updates)
+    assert session is not None and session.end_reason == "caller hung up"

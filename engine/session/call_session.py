@@ -105,6 +105,8 @@ class CallSession:
         self.ended_at: float | None = None
         self.end_reason: str | None = None
         self.hangup_reason: str | None = None  # set while the engine hangs up
+        # Twilio is speaking a <Say> for us and will open a new stream for this call.
+        self.awaiting_stream = False
         self.stream_sid: str | None = None
         self.twilio_status = "in-progress"
         self.escalated = False  # handed to a human (transfer succeeded)
@@ -160,6 +162,50 @@ class CallSession:
                                           self._duration_cap_reached)
         if self.conversation is not None:
             self.spawn(self.conversation.start(), "conversation.start")
+
+    def reattach_stream(self, stream_sid: str, player: OutboundPlayer,
+                        close_stream: Callable[[int, str], Coroutine[Any, Any, None]]) -> None:
+        """The new stream Twilio opened after a <Say>: the conversation carries on."""
+        self.stream_sid = stream_sid
+        self.player = player
+        self._close_stream = close_stream
+        self.awaiting_stream = False
+        self._cleared_marks.clear()
+        self.log.info("call.stream_reattached", stream_sid=stream_sid)
+
+    def stream_lost_while_awaiting(self) -> None:
+        """Twilio ended the old stream to play our <Say>; give the new one a while."""
+        self.player = None
+        for fut in self._mark_waiters.values():
+            if not fut.done():
+                fut.set_result(False)
+        self._mark_waiters.clear()
+        loop = asyncio.get_running_loop()
+        loop.call_later(60.0, self._reconnect_deadline)
+
+    def _reconnect_deadline(self) -> None:
+        if self.awaiting_stream and not self.ended:
+            self.log.warning("call.no_new_stream", detail="Twilio did not reconnect after <Say>")
+            self.spawn(self.end("media stream did not come back"), "end")
+
+    async def say_via_twilio(self, text: str) -> RestResult:
+        """Have Twilio speak `text` itself (<Say>) when no text-to-speech works, then
+        reconnect the media stream. The caller hears it; the call goes on."""
+        cfg = self.config
+        document = twiml.say_then_reconnect(
+            text, cfg.media_stream_url(), cfg.public_base_url() + "/twilio/stream-status",
+            {"from": self.from_number, "to": self.to_number, "callSid": self.call_sid})
+        self.awaiting_stream = True
+        result = await self.control.update_twiml(self.call_sid, document)
+        if not result.ok or result.already_ended:
+            self.awaiting_stream = False
+            self.log.warning("call.say_fallback_failed", error=result.error)
+        else:
+            self.log.warning("call.say_fallback", chars=len(text))
+            if self.observer is not None:
+                self.observer.transcript(self, "agent", text, True,
+                                         line_id=f"{self.call_sid}-say{time.monotonic_ns()}")
+        return result
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run work owned by this call; its failure is logged and contained here."""

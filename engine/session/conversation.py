@@ -290,10 +290,13 @@ class ConversationPipeline:
 
     async def _say_lines(self, lines: list[str], speaker: str) -> None:
         spoken: list[_Spoken] = []
+        unsaid: list[str] = []
         line_id = f"{self.session.call_sid}-{speaker[0]}{time.monotonic_ns()}"
         try:
             for line in lines:
-                await self._say_sentence(line, spoken, None)
+                await self._say_sentence(line, spoken, None, unsaid)
+            if unsaid:
+                await self._say_via_twilio(unsaid)
             if spoken:
                 await self.session.wait_mark(spoken[-1].mark, timeout=30.0)
         finally:
@@ -304,25 +307,47 @@ class ConversationPipeline:
                 obs.transcript(self.session, speaker, full, True, line_id=line_id,
                                interrupted=heard != full, heard_text=heard)
 
+    async def _say_via_twilio(self, unsaid: list[str]) -> None:
+        """Every voice failed: let Twilio say it (<Say>), and the call goes on."""
+        obs = self.session.observer
+        if obs is not None:
+            obs.alert(self.session, "provider_down", "critical",
+                      "no text-to-speech provider works: Twilio <Say> used", {})
+        await self.session.say_via_twilio(" ".join(unsaid))
+
     async def _say_sentence(self, text: str, spoken: list[_Spoken],
-                            first_audio: list[float] | None) -> None:
-        """Synthesize one sentence straight into the outbound queue, then a mark."""
+                            first_audio: list[float] | None, unsaid: list[str]) -> None:
+        """Synthesize one sentence straight into the outbound queue, then a mark.
+
+        When every voice has failed (nothing synthesized yet), the sentence goes to
+        `unsaid`, for Twilio's own <Say>; so do the sentences after it.
+        """
+        if unsaid:
+            unsaid.append(text)
+            return
         session = self.session
         obs = session.observer
         started = time.monotonic()
         audio_bytes = 0
         from_cache = False
-        async for event in self.deps.tts.synthesize(text):
-            if isinstance(event, AudioChunk):
-                if not audio_bytes and first_audio is not None and not first_audio:
-                    now = time.monotonic()
-                    first_audio.extend((now, now - started))
-                audio_bytes += len(event.ulaw)
-                session.queue_audio(event.ulaw)
-            elif isinstance(event, SynthesisDone):
-                from_cache = event.usage.provider.endswith(":cache")
-                if obs is not None:
-                    obs.usage(session, event.usage)
+        try:
+            async for event in self.deps.tts.synthesize(text):
+                if isinstance(event, AudioChunk):
+                    if not audio_bytes and first_audio is not None and not first_audio:
+                        now = time.monotonic()
+                        first_audio.extend((now, now - started))
+                    audio_bytes += len(event.ulaw)
+                    session.queue_audio(event.ulaw)
+                elif isinstance(event, SynthesisDone):
+                    from_cache = event.usage.provider.endswith(":cache")
+                    if obs is not None:
+                        obs.usage(session, event.usage)
+        except ProviderError as exc:
+            if audio_bytes:
+                raise
+            self.log.error("turn.tts_unavailable", error=str(exc))
+            unsaid.append(text)
+            return
         spoken.append(_Spoken(text, session.queue_mark("s"), audio_bytes, from_cache))
 
     def _heard(self, spoken: list[_Spoken]) -> str:
@@ -363,6 +388,7 @@ class ConversationPipeline:
         first_text_at = 0.0
         # First text -> first whole sentence: time the LLM was still writing it.
         sentence_wait: float | None = None
+        unsaid: list[str] = []
         stream = self._agent_stream(record)
         try:
             async for event in stream:
@@ -373,7 +399,7 @@ class ConversationPipeline:
                     for sentence in aggregator.push(event.text):
                         if sentence_wait is None:
                             sentence_wait = time.monotonic() - first_text_at
-                        await self._say_sentence(sentence, spoken, first_audio)
+                        await self._say_sentence(sentence, spoken, first_audio, unsaid)
                         if obs is not None:
                             obs.transcript(session, "agent",
                                            " ".join(s.text for s in spoken), False,
@@ -388,7 +414,9 @@ class ConversationPipeline:
             if rest:
                 if sentence_wait is None:
                     sentence_wait = time.monotonic() - first_text_at
-                await self._say_sentence(rest, spoken, first_audio)
+                await self._say_sentence(rest, spoken, first_audio, unsaid)
+            if unsaid:
+                await self._say_via_twilio(unsaid)
             if first_audio:
                 self._record_latency(record, speech_end, first_audio, sentence_wait or 0.0)
             # Answered from the cache: no paid agent call and no synthesis at all.

@@ -77,6 +77,8 @@ class CallResult:
     arrivals: list[float] = field(default_factory=list)  # monotonic arrival per frame
     lines: list[SaidLine] = field(default_factory=list)
     redirects: list[str] = field(default_factory=list)  # TwiML the engine sent by REST
+    twilio_says: list[str] = field(default_factory=list)  # <Say> texts Twilio spoke
+    streams: int = 0  # media streams opened (more than one after a <Say> fallback)
     completed_by_rest: bool = False
     ended_by: str = ""  # caller | engine | redirect | rest-completed | error
     close_code: int | None = None
@@ -127,6 +129,9 @@ class SimulatedCaller:
         self._agent_frames_since_line = 0
         self._dtmf: deque[str] = deque()
         self._hangup_requested = False
+        self._reconnecting = False
+        self._receiver: asyncio.Task[None] | None = None
+        self._http_session: aiohttp.ClientSession | None = None
 
     # -- public -------------------------------------------------------------------------
 
@@ -144,15 +149,16 @@ class SimulatedCaller:
                                         scenario.to_number, listener=self._on_rest_update)
             await self._open_stream(http)
             ticker = asyncio.create_task(self._tick(), name="sim-tick")
-            receiver = asyncio.create_task(self._receive(), name="sim-recv")
+            self._receiver = asyncio.create_task(self._receive(), name="sim-recv")
             try:
                 await self._script(scenario)
             finally:
                 if not self._closed.is_set():
                     await self.hang_up()
-                for task in (ticker, receiver):
+                tasks = [ticker, self._receiver]
+                for task in tasks:
                     task.cancel()
-                await asyncio.gather(ticker, receiver, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
             if self.post_status and res.ended_by in ("caller", "rest-completed"):
                 await self._post_status(http, "completed")
         except Exception as exc:
@@ -204,7 +210,8 @@ class SimulatedCaller:
         while time.monotonic() < deadline and not self._closed.is_set():
             now = time.monotonic()
             spoke = self._agent_frames_since_line > 0 or not need_audio
-            if spoke and not self._playout and now - self._last_agent_frame_at >= quiet_s:
+            if spoke and not self._playout and not self._reconnecting \
+                    and now - self._last_agent_frame_at >= quiet_s:
                 return True
             await asyncio.sleep(0.05)
         return False
@@ -292,6 +299,8 @@ class SimulatedCaller:
                                   for p in stream.findall("Parameter")}
 
     async def _open_stream(self, http: aiohttp.ClientSession) -> None:
+        self._http_session = http
+        self.result.streams += 1
         stream_url = self.result.stream_url
         # Sign the URL exactly as written in the TwiML; connect to where the engine is.
         path = urlsplit(stream_url).path or "/twilio/media"
@@ -352,6 +361,11 @@ class SimulatedCaller:
             else:
                 res.heard += SILENCE
             await self._echo_reached_marks()
+            if self._reconnecting:
+                # Between two streams (Twilio is speaking a <Say>): nothing goes out.
+                next_tick += FRAME_S
+                await asyncio.sleep(max(0.0, next_tick - loop.time()))
+                continue
             # Inbound audio: speech if queued, otherwise line silence.
             if self._dtmf:
                 digit = self._dtmf.popleft()
@@ -370,11 +384,15 @@ class SimulatedCaller:
                    + sid + "}")
             ws = self._ws
             if ws is None or ws.closed:
-                break
-            try:
-                await ws.send_str(msg)
-            except (ConnectionError, RuntimeError):
-                break
+                if not self._reconnecting:
+                    break
+                ws = None  # between two streams: nothing to send to
+            if ws is not None:
+                try:
+                    await ws.send_str(msg)
+                except (ConnectionError, RuntimeError):
+                    if not self._reconnecting:
+                        break
             res.frames_sent += 1
             next_tick += FRAME_S
             delay = next_tick - loop.time()
@@ -439,16 +457,20 @@ class SimulatedCaller:
             except (KeyError, TypeError, ValueError) as exc:
                 res.bad_frames_received.append(f"malformed: {exc!r}")
         res.close_code = ws.close_code
-        if not self._closed.is_set():
+        if not self._closed.is_set() and not self._reconnecting:
             res.ended_by = res.ended_by or "engine"
             self._closed.set()
 
     async def _on_rest_update(self, call_sid: str, form: dict[str, str]) -> None:
         """The engine updated the call through the REST API: Twilio ends the stream."""
         res = self.result
+        twiml = form.get("Twiml", "")
         if form.get("Status") == "completed":
             res.completed_by_rest = True
             res.ended_by = res.ended_by or "rest-completed"
+        elif "<Connect>" in twiml and "<Stream" in twiml:
+            await self._say_and_reconnect(twiml)
+            return
         else:
             res.redirects.append(form.get("Twiml", form.get("Url", "")))
             res.ended_by = res.ended_by or "redirect"
@@ -459,6 +481,39 @@ class SimulatedCaller:
                                             "callSid": self.call_sid}})
             self._closed.set()
             await self._ws.close()
+
+    async def _say_and_reconnect(self, twiml: str) -> None:
+        """New TwiML with <Say> then <Connect><Stream>: as Twilio does, end this stream,
+        speak the text, then open a new stream for the same call."""
+        res = self.result
+        root = ET.fromstring(twiml)
+        said = " ".join((e.text or "") for e in root.iter("Say"))
+        stream = root.find("./Connect/Stream")
+        if stream is None or self._ws is None or self._closed.is_set():
+            return
+        self._reconnecting = True
+        try:
+            await self._send_json({"event": "stop", "sequenceNumber": str(self._next_seq()),
+                                   "streamSid": self.stream_sid,
+                                   "stop": {"accountSid": self.account_sid,
+                                            "callSid": self.call_sid}})
+            await self._ws.close()
+            if self._receiver is not None:
+                await asyncio.gather(self._receiver, return_exceptions=True)
+            self._playout.clear()
+            res.twilio_says.append(said)
+            self._agent_frames_since_line += 1  # the agent did answer, in Twilio's voice
+            await asyncio.sleep(min(3.0, 0.02 * len(said)))  # Twilio speaking
+            self._last_agent_frame_at = time.monotonic()
+            res.stream_url = stream.get("url", res.stream_url)
+            res.parameters = {p.get("name", ""): p.get("value", "")
+                              for p in stream.findall("Parameter")}
+            self.stream_sid = new_sid("MZ")
+            assert self._http_session is not None
+            await self._open_stream(self._http_session)
+            self._receiver = asyncio.create_task(self._receive(), name="sim-recv")
+        finally:
+            self._reconnecting = False
 
     async def _post_status(self, http: aiohttp.ClientSession, status: str) -> None:
         form = {"CallSid": self.call_sid, "AccountSid": self.account_sid,

@@ -30,7 +30,7 @@ from engine.telephony.messages import (
     Stop,
     parse_inbound,
 )
-from engine.telephony.outbound import FRAME_BYTES, Pacer
+from engine.telephony.outbound import FRAME_BYTES, OutboundPlayer, Pacer
 from engine.telephony.signature import SignatureChecker
 
 log = get_logger(__name__)
@@ -78,6 +78,7 @@ class _StreamConnection:
         self.ws = ws
         self.request = request
         self.session: CallSession | None = None
+        self.player: OutboundPlayer | None = None
         self.log = log.bind(call_sid=None, peer=request.remote)
         self.warned: dict[str, int] = {}
         self.bad_total = 0
@@ -204,7 +205,7 @@ class _StreamConnection:
             params = start.custom_parameters
             session = registry.create(start.call_sid, params.get("from", ""),
                                       params.get("to", ""))
-        elif session.state is not CallState.CONNECTED:
+        elif session.state is not CallState.CONNECTED and not session.awaiting_stream:
             self.bad("stream_already_attached", f"call is {session.state.value}")
             await self.close(WSCloseCode.POLICY_VIOLATION, "call already has a media stream")
             return
@@ -212,9 +213,13 @@ class _StreamConnection:
         player = self.h.pacer.create_player(start.call_sid, start.stream_sid, self.ws,
                                             transport)
         self.session = session
+        self.player = player
         self.log.info("media.start", tracks=start.tracks,
                       parameters=start.custom_parameters or None)
-        session.attach_stream(start.stream_sid, player, self.close)
+        if session.awaiting_stream and session.state is not CallState.CONNECTED:
+            session.reattach_stream(start.stream_sid, player, self.close)
+        else:
+            session.attach_stream(start.stream_sid, player, self.close)
 
     def bad(self, reason: str, detail: str) -> None:
         self.bad_total += 1
@@ -240,8 +245,15 @@ class _StreamConnection:
         session = self.session
         if session is None:
             return
-        if session.player is not None:
-            session.player.close()
+        if self.player is not None:
+            self.player.close()
+        if session.player is not self.player:
+            return  # a newer stream of this call has taken over
+        if session.awaiting_stream and not session.ended:
+            self.log.info("media.stream_replaced", detail="Twilio plays our <Say>, then "
+                                                          "reconnects")
+            session.stream_lost_while_awaiting()
+            return
         if not session.ended:
             if session.state is CallState.TRANSFERRING:
                 reason = "transferred"

@@ -37,6 +37,22 @@ def transfer(announcement: str, number: str, caller_id: str = "",
     return str(response)
 
 
+def say_then_reconnect(text: str, stream_url: str, status_callback: str,
+                       parameters: dict[str, str]) -> str:
+    """Last resort when no speech provider works: Twilio speaks the text with its own
+    voice, then opens a new media stream for the same call, so the conversation goes on."""
+    response = VoiceResponse()
+    response.say(text)
+    connect = Connect()
+    stream = connect.stream(url=stream_url, status_callback=status_callback,
+                            status_callback_method="POST")
+    for name, value in parameters.items():
+        if value:
+            stream.parameter(name=name, value=value[:450])
+    response.append(connect)
+    return str(response)
+
+
 def say_and_hangup(text: str) -> str:
     """Last resort when no speech provider works: let Twilio speak, then end the call."""
     response = VoiceResponse()
