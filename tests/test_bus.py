@@ -210,6 +210,18 @@ async def test_memory_cursor_from_an_earlier_bus_restarts_with_a_gap() -> None:
     assert texts(got[1:]) == ["line 0"]
 
 
+async def test_memory_cursor_from_a_restarted_engine_is_never_taken_as_ours() -> None:
+    old = MemoryEventBus()
+    old.publish_nowait(line(0))
+    cursor = old.publish_nowait(line(1))  # the console saw 2 events of the old engine
+    new = MemoryEventBus()  # the engine restarted; its stream already has more events
+    for i in range(5):
+        new.publish_nowait(line(10 + i))
+    got = await take(new.subscribe(after=cursor), 6)
+    assert isinstance(got[0][1], BusGap) and got[0][1].reason == "stream_reset"
+    assert texts(got[1:]) == [f"line {10 + i}" for i in range(5)]  # nothing skipped
+
+
 @pytest.mark.parametrize("cursor", ["abc", "-1", "1-2"])
 def test_memory_rejects_bad_cursors(cursor: str) -> None:
     with pytest.raises(ValueError, match="cursor"):

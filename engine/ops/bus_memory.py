@@ -1,6 +1,9 @@
 """In-process event bus: a bounded ring buffer with one cursor per subscriber.
 
-Ids are the decimal strings of 1, 2, 3, ... (FROM_OLDEST = "0"). Event n lives in slot
+Ids are "<epoch>:<n>" for n = 1, 2, 3, ... (FROM_OLDEST = "0"); the epoch is random per
+bus, so a cursor kept across an engine restart is recognized as another stream's (a
+"stream_reset" gap) instead of silently skipping the new stream's first events. Event n
+lives in slot
 n % maxlen until event n + maxlen overwrites it. Publishing writes one slot and sets an
 asyncio.Event: O(1), never awaits, never waits for subscribers. A subscriber that falls
 more than maxlen events behind gets a BusGap (reason "overrun", exact count) and goes on
@@ -10,6 +13,7 @@ from the oldest event still retained. Use it from the event loop's thread only.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncGenerator
 
 from engine.log import get_logger
@@ -24,6 +28,7 @@ class MemoryEventBus:
         if maxlen < 1:
             raise ValueError(f"memory bus maxlen must be >= 1, got {maxlen}")
         self._maxlen = maxlen
+        self.epoch = secrets.token_hex(4)
         self._ring: list[Event | None] = [None] * maxlen
         self._last = 0  # id of the newest event; 0 = none yet
         self._closed = False
@@ -52,22 +57,27 @@ class MemoryEventBus:
         self._last = n
         if not self._wakeup.is_set():
             self._wakeup.set()
-        return str(n)
+        return f"{self.epoch}:{n}"
 
     async def latest_id(self) -> str:
-        return str(self._last)
+        return f"{self.epoch}:{self._last}" if self._last else "0"
+
+    def _id(self, n: int) -> str:
+        return f"{self.epoch}:{n}"
 
     def subscribe(self, after: str | None = None) -> AsyncGenerator[tuple[str, Event], None]:
         # The start is fixed here, not at the first iteration, so events published
         # between subscribe() and the first __anext__ are not lost.
         if after is None:
             return self._iterate(self._last, stale_cursor=None)
-        try:
-            cursor = int(after)
-        except ValueError:
-            raise ValueError(f"invalid memory-bus cursor {after!r}") from None
-        if cursor < 0:
+        epoch, _, number = after.rpartition(":")
+        if not number.isdigit() or len(number) > 18 or (epoch and not epoch.isalnum()):
             raise ValueError(f"invalid memory-bus cursor {after!r}")
+        cursor = int(number)
+        if after != "0" and epoch != self.epoch:
+            # A cursor from another bus (the engine restarted): start over, say so.
+            log.info("bus.stale_cursor", cursor=after, latest=self._last)
+            return self._iterate(0, stale_cursor=after)
         if cursor > self._last:
             # A cursor from an earlier bus (the engine restarted): start over, say so.
             log.info("bus.stale_cursor", cursor=after, latest=self._last)
@@ -87,7 +97,7 @@ class MemoryEventBus:
             if cursor + 1 < oldest:
                 missed = oldest - 1 - cursor
                 log.warning("bus.subscriber_overrun", missed=missed, cursor=cursor)
-                yield str(oldest - 1), BusGap(missed_after=str(cursor),
+                yield self._id(oldest - 1), BusGap(missed_after=str(cursor),
                                               missed_until=str(oldest), count=missed,
                                               reason="overrun")
                 cursor = oldest - 1
@@ -96,7 +106,7 @@ class MemoryEventBus:
             cursor += 1
             event = self._ring[cursor % self._maxlen]
             assert event is not None
-            yield str(cursor), event
+            yield self._id(cursor), event
 
     async def aclose(self) -> None:
         self._closed = True
