@@ -172,11 +172,10 @@ class DemoWatcher:
 
 async def _callers(engine_url: str, config: Config, rest: TwilioApiStandIn,
                    watcher: DemoWatcher, concurrency: int, rounds: int | None,
-                   stop: asyncio.Event) -> list[CallResult]:
+                   stop: asyncio.Event, results: list[CallResult]) -> None:
     scenarios = load_scenarios()
     speech: dict[tuple[str, str], bytes] = {}
     order = itertools.cycle(scenarios)
-    results: list[CallResult] = []
     total = None if rounds is None else rounds * len(scenarios)
     started = 0
     lock = asyncio.Lock()
@@ -202,7 +201,6 @@ async def _callers(engine_url: str, config: Config, rest: TwilioApiStandIn,
             await asyncio.sleep(1.0)
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return results
 
 
 async def run_demo(config: Config, headless: bool = False, calls: int = 3,
@@ -241,16 +239,20 @@ async def run_demo(config: Config, headless: bool = False, calls: int = 3,
               f"local speech models. Per-call cost cap ${cfg.policy.call_cost_cap_usd} "
               "(lowered for the demo).", file=out, flush=True)
     rounds = 1 if headless and duration_s is None else None
+    results: list[CallResult] = []
     callers = asyncio.create_task(_callers(engine_url, cfg, rest, watcher, calls, rounds,
-                                           stop))
+                                           stop, results))
     code = 0
     try:
         if headless:
             if duration_s is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(callers), duration_s)
-                stop.set()
-            results = await callers
+                stop.set()  # no new calls; the ones in progress get a little longer
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(callers), 10.0)
+                callers.cancel()  # callers still talking hang up now
+            await asyncio.gather(callers, return_exceptions=True)
             await engine.hub.drain()
             await asyncio.sleep(0.3)
             print(watcher.summary(), file=out, flush=True)
