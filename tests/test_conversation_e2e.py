@@ -29,6 +29,20 @@ from tests.harness import (
 
 pytestmark = pytest.mark.slow
 
+async def cloud_tts_engine(config: Config):  # type: ignore[no-untyped-def]
+    """Local speech recognition and agent; the voices the config names (cloud)."""
+    local, cloud = local_providers(config), build_providers(config)
+    return await build_engine(config, history=False, providers=Providers(
+        stt=local.stt, agents=local.agents, tts=cloud.tts))
+
+
+async def cloud_stt_engine(config: Config):  # type: ignore[no-untyped-def]
+    """The speech recognition the config names (cloud); local agent and voice."""
+    local, cloud = local_providers(config), build_providers(config)
+    return await build_engine(config, history=False, providers=Providers(
+        stt=cloud.stt, agents=local.agents, tts=local.tts))
+
+
 async def test_faq_question_is_answered_and_heard(tmp_path: Path) -> None:
     async with running_engine(tmp_path, make_engine=make_local_engine,
                               **base_sections()) as run:
@@ -124,13 +138,8 @@ async def test_failing_tts_falls_back_and_the_call_goes_on(tmp_path: Path) -> No
         sections["providers"] = {"tts": ["elevenlabs", "espeak"],
                                  "elevenlabs": {"api_key": "xi-test", "base_url": url}}
 
-        async def make(config: Config):  # type: ignore[no-untyped-def]
-            local = local_providers(config)
-            cloud = build_providers(config)
-            return await build_engine(config, history=False, providers=Providers(
-                stt=local.stt, agents=local.agents, tts=cloud.tts))
-
-        async with running_engine(tmp_path, make_engine=make, **sections) as run:
+        async with running_engine(tmp_path, make_engine=cloud_tts_engine,
+                                  **sections) as run:
             events = EventLog(run)
             caller = run.caller()
             result = await caller.run(Scenario(name="fallback", steps=[
@@ -161,14 +170,9 @@ async def test_low_confidence_says_sorry_then_hands_off(tmp_path: Path) -> None:
         "api_key": "sk-test", "base_url": url, "stt_model": "whisper-1"}}
     sections["policy"] = {"max_misunderstandings": 2}
 
-    async def make(config: Config):  # type: ignore[no-untyped-def]
-        local = local_providers(config)
-        cloud = build_providers(config)
-        return await build_engine(config, history=False, providers=Providers(
-            stt=cloud.stt, agents=local.agents, tts=local.tts))
-
     try:
-        async with running_engine(tmp_path, make_engine=make, **sections) as run:
+        async with running_engine(tmp_path, make_engine=cloud_stt_engine,
+                                  **sections) as run:
             events = EventLog(run)
             caller = run.caller()
             result = await asyncio.wait_for(caller.run(Scenario(
@@ -231,13 +235,8 @@ async def test_when_every_voice_fails_twilio_says_it_and_the_call_goes_on(
         sections["providers"] = {"tts": ["elevenlabs"],
                                  "elevenlabs": {"api_key": "xi-test", "base_url": url}}
 
-        async def make(config: Config):  # type: ignore[no-untyped-def]
-            local = local_providers(config)
-            cloud = build_providers(config)
-            return await build_engine(config, history=False, providers=Providers(
-                stt=local.stt, agents=local.agents, tts=cloud.tts))
-
-        async with running_engine(tmp_path, make_engine=make, **sections) as run:
+        async with running_engine(tmp_path, make_engine=cloud_tts_engine,
+                                  **sections) as run:
             caller = run.caller()
             result = await asyncio.wait_for(caller.run(Scenario(name="say", steps=[
                 Step(say="Where are you located?")])), 90)
