@@ -204,11 +204,15 @@ async def _callers(engine_url: str, config: Config, rest: TwilioApiStandIn,
 
 
 async def run_demo(config: Config, headless: bool = False, calls: int = 3,
-                   duration_s: float | None = None, out: TextIO | None = None) -> int:
+                   duration_s: float | None = None, out: TextIO | None = None,
+                   configure_logs: bool = True) -> int:
     from engine.wiring import build_engine
 
     cfg = demo_config(config)
-    if not headless:
+    log_file = None
+    if not configure_logs:
+        pass
+    elif not headless:
         # The console owns the terminal: engine logs go to a file, not over the screen.
         log_path = cfg.data_path() / "demo-engine.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +220,6 @@ async def run_demo(config: Config, headless: bool = False, calls: int = 3,
         log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115, ASYNC230
         configure_logging(cfg.logging.level, "json", stream=log_file)
     else:
-        log_file = None
         configure_logging("warning", cfg.logging.format)
     out = out or sys.stdout
     rest = TwilioApiStandIn(cfg.twilio.account_sid, cfg.twilio.auth_token.get_secret_value())

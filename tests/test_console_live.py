@@ -52,6 +52,11 @@ DEFAULT_QUEUE = "+15550100999"
 BILLING = "+15550100901"
 
 
+
+def _seq(cursor: str | None) -> int:
+    """The event number in a memory-bus cursor ("<epoch>:<n>")."""
+    return int((cursor or "0").rpartition(":")[2])
+
 def sections(api_port: int = 0) -> dict[str, dict[str, Any]]:
     out = base_sections()
     out["console_api"] = {"port": api_port, "token": TOKEN}
@@ -331,7 +336,7 @@ async def test_console_reconnects_to_a_restarted_engine(tmp_path: Path) -> None:
             # past the old cursor when it comes back: that cursor then names an
             # unrelated event, and only a fresh snapshot gives a true picture.
             client._backoff_initial_s = client._backoff_max_s = 6.0
-            old_cursor = int(client.last_event_id)
+            old_cursor = _seq(client.last_event_id)
             await until(pilot, lambda: (app.connection.retry_in_s or 0) >= 3.0,
                         what="a long retry wait")
             async with engine_on(tmp_path, port, api_port, rest) as run:
@@ -342,7 +347,7 @@ async def test_console_reconnects_to_a_restarted_engine(tmp_path: Path) -> None:
                     await asyncio.sleep(0.2)  # distinct start times: a stable row order
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + 10
-                while int(await run.engine.hub.bus.latest_id()) <= old_cursor:
+                while _seq(await run.engine.hub.bus.latest_id()) <= old_cursor:
                     assert loop.time() < deadline, "the new engine published too little"
                     await pilot.pause(0.05)
                 assert app.connection.state != "connected", "reconnected too early"

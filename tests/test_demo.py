@@ -34,7 +34,8 @@ async def test_headless_demo_runs_calls_and_prints_a_summary(tmp_path: Path) -> 
     config.engine.port = 0
     config.console_api.port = 0
     out = io.StringIO()
-    code = await run_demo(config, headless=True, calls=3, duration_s=20, out=out)
+    code = await run_demo(config, headless=True, calls=3, duration_s=20, out=out,
+                          configure_logs=False)
     text = out.getvalue()
     assert code == 0, text
     assert "Summary" in text and "calls completed" in text

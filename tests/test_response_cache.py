@@ -375,8 +375,10 @@ async def test_redis_recovers_after_back_off(redis_server: RedisServer) -> None:
     if redis_server.process is None:
         _redis_unavailable("cannot restart an external REDIS_URL server")
     clock = FakeClock()
+    # A generous operation timeout: a loaded CI machine must not turn a slow reply
+    # after the restart into a second outage.
     cache = RedisResponseCache(redis_server.url, _prefix(), ttl_s=60, retry_after_s=5.0,
-                               clock=clock)
+                               op_timeout_s=3.0, clock=clock)
     try:
         redis_server.stop()
         assert await cache.get_answer("k") is None
