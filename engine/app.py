@@ -189,6 +189,10 @@ class Engine:
         if not self.control.configured:
             log.warning("engine.twilio_credentials_missing",
                         detail="set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN")
+        if self.signatures.enabled and not self.signatures.has_token:
+            log.error("engine.no_auth_token",
+                      detail="TWILIO_AUTH_TOKEN is not set: every webhook and media stream "
+                             "will be refused (403) until it is")
         # Start-up objects live as long as the process: keep them out of the collector,
         # so a full collection at 200 calls does not stall the pacer (measured ~60 ms).
         gc.collect()

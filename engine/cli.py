@@ -88,8 +88,9 @@ async def _call(args: argparse.Namespace, config: Config) -> int:
     engine_url = args.engine or f"http://{config.engine.host}:{config.engine.port}"
     token = config.twilio.auth_token.get_secret_value()
     if not token:
-        print("warning: TWILIO_AUTH_TOKEN is not set; requests are signed with an empty "
-              "token and a checking engine will refuse them (403)", file=sys.stderr)
+        print("warning: TWILIO_AUTH_TOKEN is not set, so requests cannot be signed; set it "
+              "to the engine's token (any value for a local engine you started with the "
+              "same TWILIO_AUTH_TOKEN)", file=sys.stderr)
     caller = SimulatedCaller(engine_url, token, config.twilio.account_sid,
                              public_url=args.public_url or config.engine.public_url or None,
                              voice=config.providers.espeak.caller_voice)

@@ -136,6 +136,15 @@ async def test_websocket_handshake_requires_signature(tmp_path: Path) -> None:
                 assert info.value.status == 403
 
 
+async def test_engine_without_auth_token_refuses_everything(tmp_path: Path) -> None:
+    async with running_engine(tmp_path, twilio={"auth_token": ""}) as run:
+        # An empty key is one anyone could sign with: never accepted.
+        empty = str(RequestValidator("").compute_signature(run.url + "/twilio/voice",
+                                                           VOICE_FORM))
+        status, _, _ = await post_voice(run, empty)
+    assert status == 403
+
+
 async def test_unsigned_mode_is_explicit_and_loud(tmp_path: Path) -> None:
     with capture_logs() as logs:
         async with running_engine(tmp_path,

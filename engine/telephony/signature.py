@@ -23,6 +23,9 @@ SIGNATURE_HEADER = "X-Twilio-Signature"
 class SignatureChecker:
     def __init__(self, auth_token: str, public_base_url: str, enabled: bool = True) -> None:
         self.enabled = enabled
+        # Without the account's auth token nothing can be verified: refuse everything
+        # rather than accept what anyone can sign with an empty key.
+        self.has_token = bool(auth_token)
         self._validator = RequestValidator(auth_token)
         self._public_base = public_base_url.rstrip("/")
 
@@ -42,7 +45,7 @@ class SignatureChecker:
               signature: str | None, settings_header: str | None = None) -> bool:
         if not self.enabled:
             return True
-        if not signature:
+        if not signature or not self.has_token:
             return False
         algorithm = get_signature_algorithm(settings_header) if settings_header else None
         return bool(self._validator.validate(url, params or {}, signature, algorithm))
