@@ -169,6 +169,7 @@ class Engine:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/twilio/voice", self.webhooks.voice)
+        app.router.add_get("/twilio/voice", self.webhooks.voice)  # webhooks set to GET
         app.router.add_post("/twilio/status", self.webhooks.call_status)
         app.router.add_post("/twilio/stream-status", self.webhooks.stream_status)
         app.router.add_get("/twilio/media", self.media.handle)

@@ -89,6 +89,21 @@ async def test_behind_tls_proxy_signature_uses_public_url(tmp_path: Path) -> Non
     assert stream.get("statusCallback") == "https://voice.example.com/twilio/stream-status"
 
 
+async def test_voice_webhook_configured_as_get_is_signed_over_the_query(
+        tmp_path: Path) -> None:
+    async with running_engine(tmp_path) as run:
+        from urllib.parse import urlencode
+
+        path = "/twilio/voice?" + urlencode(VOICE_FORM)
+        sig = twilio_signature(run.url + path, {})
+        async with aiohttp.ClientSession() as http:
+            async with http.get(run.url + path, headers={"X-Twilio-Signature": sig}) as resp:
+                assert resp.status == 200
+                assert "<Stream" in await resp.text()
+            async with http.get(run.url + path, headers={"X-Twilio-Signature": "x"}) as resp:
+                assert resp.status == 403
+
+
 async def test_signature_with_explicit_port_is_accepted(tmp_path: Path) -> None:
     public = "https://voice.example.com"
     async with running_engine(tmp_path, public_url=public) as run:

@@ -33,16 +33,22 @@ class TwilioWebhooks:
         self._count_bad = count_bad or (lambda reason: None)
 
     async def _signed_form(self, request: web.Request) -> MultiDictProxy[str]:
-        form = await request.post()
-        # Twilio posts plain form fields; a file upload here is not Twilio.
-        params = MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+        if request.method == "GET":
+            # A webhook configured as GET: the parameters are in the signed URL itself.
+            params: MultiDict[str] = MultiDict()
+            fields = MultiDict(request.query)
+        else:
+            form = await request.post()
+            # Twilio posts plain form fields; a file upload here is not Twilio.
+            params = MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
+            fields = params
         if not self.signatures.check_webhook(request, params):
             log.warning("webhook.bad_signature", path=request.path, peer=request.remote,
                         call_sid=params.get("CallSid"),
                         has_signature="X-Twilio-Signature" in request.headers)
             self._count_bad("bad_signature")
             raise web.HTTPForbidden(text="invalid or missing X-Twilio-Signature")
-        return MultiDictProxy(params)
+        return MultiDictProxy(fields)
 
     async def voice(self, request: web.Request) -> web.Response:
         form = await self._signed_form(request)
