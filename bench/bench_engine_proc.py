@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,20 @@ def bench_config(port: int, auth_token: str, lead_ms: int | None, data_dir: str)
     })
 
 
+def run_profiled(main: Coroutine[Any, Any, None], profile_path: str | None) -> None:
+    """asyncio.run(main), under cProfile when a stats path is given."""
+    if not profile_path:
+        asyncio.run(main)
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        asyncio.run(main)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile_path)
+
+
 async def serve(args: argparse.Namespace) -> None:
     config = bench_config(args.port, args.auth_token, args.lead_ms, args.data_dir)
     bench = BenchEngine(config, speech_like_ulaw(args.chunk_s), args.watch_stalls)
@@ -379,16 +394,7 @@ def main() -> int:
     parser.add_argument("--cprofile", default=None, help="write cProfile stats to this path")
     args = parser.parse_args()
     configure_logging(args.log_level, "json")
-    if args.cprofile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            asyncio.run(serve(args))
-        finally:
-            profiler.disable()
-            profiler.dump_stats(args.cprofile)
-    else:
-        asyncio.run(serve(args))
+    run_profiled(serve(args), args.cprofile)
     return 0
 
 

@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_calls import cpu_seconds, free_port, loadavg, rss_mb  # noqa: E402
+from bench_calls import LoopLag, cpu_seconds, free_port, loadavg, rss_mb  # noqa: E402
 
 AUTH_TOKEN = "bench-auth-token-8d41c07e2b9a4f53"
 ACCOUNT_SID = "AC" + "d5" * 16
@@ -59,20 +59,6 @@ STAGES = ("endpointing_s", "stt_s", "llm_first_token_s", "tts_first_audio_s",
 
 
 # -- the caller side (one worker process) --------------------------------------------------
-
-
-class LoopLag:
-    """How late this process's loop wakes a 50 ms sleeper (caller-side timing error)."""
-
-    def __init__(self) -> None:
-        self.samples_ms: list[float] = []
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            due = loop.time() + 0.05
-            await asyncio.sleep(0.05)
-            self.samples_ms.append((loop.time() - due) * 1000)
 
 
 async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import inspect
 import json
 import signal
@@ -37,7 +36,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # The calls benchmark's loop-lag and GC-pause probes, so both benches report alike.
-from bench_engine_proc import GcPauses, LoopLagMonitor, StallWatchdog
+from bench_engine_proc import GcPauses, LoopLagMonitor, StallWatchdog, run_profiled
 
 from engine.app import Engine
 from engine.config import Config
@@ -162,16 +161,7 @@ def main() -> int:
     parser.add_argument("--cprofile", default=None, help="write cProfile stats to this path")
     args = parser.parse_args()
     configure_logging(args.log_level, "json")
-    if args.cprofile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        try:
-            asyncio.run(serve(args))
-        finally:
-            profiler.disable()
-            profiler.dump_stats(args.cprofile)
-    else:
-        asyncio.run(serve(args))
+    run_profiled(serve(args), args.cprofile)
     return 0
 
 
