@@ -108,8 +108,12 @@ async def test_barge_in_clears_and_context_keeps_what_was_heard(tmp_path: Path) 
     pricing_turn = next(t for t in turns if "premium" in t.user.lower())
     full = ("The Basic plan is 20 dollars a month with 10 gigabytes of data. The Premium "
             "plan is 45 dollars a month with unlimited data and calls.")
-    # Cut during the first sentence: only what the caller heard (by marks) is kept.
+    # Cut during the first sentence: only what the caller heard (by marks, to 400 ms) is
+    # kept — the first words of that sentence, marked as cut.
     assert len(pricing_turn.assistant) < len(full)
+    heard = pricing_turn.assistant
+    assert heard.endswith("…") and len(heard) > 3, heard
+    assert full.startswith(heard[:-1]), heard
     assert result.marks_echoed  # the cut sentence's mark was echoed after the clear
     assert "45 dollars" not in pricing_turn.assistant
     assert "Main Street" in turns[-1].assistant

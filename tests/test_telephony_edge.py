@@ -462,3 +462,25 @@ async def test_duration_cap_says_goodbye_and_hangs_up(tmp_path: Path) -> None:
     assert result.completed_by_rest
     assert result.clears_received >= 1  # the greeting was cut for the goodbye
     assert result.frames_received > 50
+
+
+async def test_progress_marks_sit_on_frame_boundaries_without_padding() -> None:
+    from engine.telephony.outbound import OutboundPlayer, Pacer
+
+    sent: list[str] = []
+
+    async def send(msg: str) -> None:
+        sent.append(msg)
+
+    pacer = Pacer(lead_s=10.0)  # everything due at once
+    player = OutboundPlayer("CA1", "MZ1", send, None, pacer)
+    player.enqueue_audio(b"\x01" * 400)  # 2 whole frames + 80 bytes
+    player.enqueue_mark("p1", pad=False)  # after the 2 whole frames
+    player.enqueue_audio(b"\x02" * 80)  # completes frame 3 without any silence
+    player.enqueue_mark("s1")  # end of sentence
+    while await player.pump(0.0, pacer.lead_s):
+        pass
+    kinds = ["mark:" + m.split('"name":"')[1].split('"')[0] if '"mark"' in m else "media"
+             for m in sent]
+    assert kinds == ["media", "media", "mark:p1", "media", "mark:s1"]
+    assert player.frames_sent == 3  # 480 bytes: no padding frame was added

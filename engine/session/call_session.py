@@ -330,6 +330,13 @@ class CallSession:
         player.enqueue_mark(mark)
         return mark
 
+    def queue_progress_mark(self, prefix: str = "p") -> str:
+        """A mark inside a sentence (no padding, nobody waits on it): how far playback got
+        when the caller cut the agent off."""
+        name = f"{prefix}{next(self._mark_ids)}"
+        self._live_player().enqueue_mark(name, pad=False)
+        return name
+
     async def play_ulaw(self, ulaw: bytes, prefix: str = "u") -> str:
         """Queue audio followed by a mark; returns the mark name."""
         self.queue_audio(ulaw)

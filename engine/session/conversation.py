@@ -68,12 +68,18 @@ class PipelineDeps:
     matcher: FaqMatcher | None = None  # answer-cache keys for common questions
 
 
+# A progress mark every this many bytes of a sentence (400 ms of audio): after a
+# barge-in, the part of the sentence the caller heard is known to within 400 ms.
+PROGRESS_MARK_BYTES = 3200
+
+
 @dataclass(slots=True)
 class _Spoken:
     text: str
     mark: str
     audio_bytes: int
     from_cache: bool  # replayed from the response cache: no TTS call
+    progress: list[tuple[str, int]]  # (mark, audio bytes of this sentence before it)
 
 
 class ConversationPipeline:
@@ -330,6 +336,7 @@ class ConversationPipeline:
         started = time.monotonic()
         audio_bytes = 0
         from_cache = False
+        progress: list[tuple[str, int]] = []
         try:
             async for event in self.deps.tts.synthesize(text):
                 if isinstance(event, AudioChunk):
@@ -338,6 +345,9 @@ class ConversationPipeline:
                         first_audio.extend((now, now - started))
                     audio_bytes += len(event.ulaw)
                     session.queue_audio(event.ulaw)
+                    last = progress[-1][1] if progress else 0
+                    if audio_bytes - last >= PROGRESS_MARK_BYTES:
+                        progress.append((session.queue_progress_mark(), audio_bytes))
                 elif isinstance(event, SynthesisDone):
                     from_cache = event.usage.provider.endswith(":cache")
                     if obs is not None:
@@ -348,11 +358,24 @@ class ConversationPipeline:
             self.log.error("turn.tts_unavailable", error=str(exc))
             unsaid.append(text)
             return
-        spoken.append(_Spoken(text, session.queue_mark("s"), audio_bytes, from_cache))
+        spoken.append(_Spoken(text, session.queue_mark("s"), audio_bytes, from_cache,
+                              progress))
 
     def _heard(self, spoken: list[_Spoken]) -> str:
-        """The sentences whose marks came back before any clear: what the caller heard."""
-        return " ".join(s.text for s in spoken if self.session.mark_heard(s.mark))
+        """What the caller heard, from the marks that came back before any clear: whole
+        sentences, then the share of the cut sentence its progress marks vouch for."""
+        heard: list[str] = []
+        for s in spoken:
+            if self.session.mark_heard(s.mark):
+                heard.append(s.text)
+                continue
+            played = max((n for m, n in s.progress if self.session.mark_heard(m)), default=0)
+            words = s.text.split()
+            count = int(len(words) * played / s.audio_bytes) if s.audio_bytes else 0
+            if count:
+                heard.append(" ".join(words[:count]) + "…")
+            break
+        return " ".join(heard)
 
     async def _agent_stream(self, record: TurnRecord) -> AsyncGenerator[AgentEvent, None]:
         """The reply: from the answer cache when the question is a known one."""

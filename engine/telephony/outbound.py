@@ -76,12 +76,18 @@ class OutboundPlayer:
         self._enqueued += len(ulaw)
         self._pacer.wake(self)
 
-    def enqueue_mark(self, name: str) -> None:
-        """Queue a mark after the audio queued so far (padded to a whole frame)."""
+    def enqueue_mark(self, name: str, pad: bool = True) -> None:
+        """Queue a mark after the audio queued so far, padded to a whole frame; or, with
+        `pad=False` (progress marks inside a sentence), after the last whole frame, so
+        no silence is inserted mid-speech."""
         if self._closed:
             return
-        self._pad_to_frame()
-        self._marks.append((self._enqueued, name))
+        if pad:
+            self._pad_to_frame()
+            position = self._enqueued
+        else:
+            position = self._enqueued - (len(self._audio) - self._pos) % FRAME_BYTES
+        self._marks.append((position, name))
         self._pacer.wake(self)
 
     def _pad_to_frame(self) -> None:
