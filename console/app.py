@@ -307,7 +307,8 @@ class SupervisorConsole(App[int]):
 
     @on(DataTable.RowHighlighted, "#calls")
     def _row_highlighted(self) -> None:
-        if not self._mounted:
+        # A highlight can still be queued while the app shuts down (no screen left).
+        if not self._mounted or not self.screen_stack:
             return
         self._apply_selection(Changes())
         self.refresh_bindings()
