@@ -276,6 +276,8 @@ class ConsoleModel:
             return
         call.from_number = event.from_number
         call.to_number = event.to_number
+        if event.cost_cap_usd is not None:
+            call.cost_cap_usd = event.cost_cap_usd
         if event.ts:
             call.started_at = event.ts
 

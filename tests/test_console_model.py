@@ -104,9 +104,11 @@ def test_durations_follow_the_engine_clock_despite_skew(clock: FakeClock) -> Non
 
 def test_every_event_type(clock: FakeClock, stamp: Stamper) -> None:
     model = ConsoleModel(clock)
-    model.apply_event(stamp(CallStarted(call_sid="CA9", from_number="+1555", to_number="+1666")))
+    model.apply_event(stamp(CallStarted(call_sid="CA9", from_number="+1555", to_number="+1666",
+                                        cost_cap_usd=0.07)))
     call = model.calls["CA9"]
     assert call.from_number == "+1555" and call.started_at == T0 and call.state == "connected"
+    assert call.cost_cap_usd == 0.07  # the call's own cap, not a snapshot's default
     model.apply_event(stamp(StateChanged(call_sid="CA9", old="connected", new="ai")))
     assert call.state == "ai"
     model.apply_event(stamp(CallUpdated(call_sid="CA9", turns=2, stt_provider="whisper")))

@@ -72,6 +72,7 @@ class CallStarted(EventBase):
     to_number: str = ""
     stream_sid: str = ""
     direction: Literal["inbound", "outbound"] = "inbound"
+    cost_cap_usd: float | None = None  # the call's cost cap (None: not reported)
 
 
 class CallUpdated(EventBase):

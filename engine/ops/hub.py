@@ -122,7 +122,8 @@ class OpsHub:
         self.ledger.open_call(sid, self.config.policy.call_cost_cap_usd)
         self.metrics.call_started()
         self.publish(ev.CallStarted(call_sid=sid, from_number=session.from_number,
-                                    to_number=session.to_number))
+                                    to_number=session.to_number,
+                                    cost_cap_usd=self.config.policy.call_cost_cap_usd))
         if self.history is not None:
             self._history(self.history.call_started(sid, session.from_number,
                                                     session.to_number, session.created_at))
