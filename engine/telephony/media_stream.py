@@ -236,7 +236,9 @@ class _StreamConnection:
     async def close(self, code: int, message: str) -> None:
         self.close_reason = message
         if not self.ws.closed:
-            self.log.warning("media.closing", code=int(code), reason=message)
+            # A normal close (the engine hung up) is routine; anything else is a warning.
+            (self.log.info if code == 1000 else self.log.warning)(
+                "media.closing", code=int(code), reason=message)
             with contextlib.suppress(TimeoutError, ConnectionError):
                 await asyncio.wait_for(self.ws.close(code=code, message=message.encode()),
                                        timeout=2.0)
