@@ -53,6 +53,8 @@ class StandinServer:
         self.mode: Mode = "ok"
         self.latency_s = 0.0
         self.token_interval_s = 0.0
+        self.audio_chunk_bytes = 800  # streamed audio piece size (subclasses set their own)
+        self.last_audio_sent = b""  # what the last audio stream really sent
         self.api_key = api_key
         self.requests: list[RecordedRequest] = []
         self.base_url = ""
@@ -126,6 +128,36 @@ class StandinServer:
         return RecordedRequest(method=request.method, path=request.path,
                                query=dict(request.query), headers=dict(request.headers),
                                json=json_body, form=form or {})
+
+
+    async def stream_audio(self, request: web.Request, record: RecordedRequest,
+                           data: bytes, headers: dict[str, str]) -> web.StreamResponse:
+        """Stream `data` in `audio_chunk_bytes` pieces `token_interval_s` apart, as the TTS
+        APIs do; mode "cut" drops the connection halfway. `last_audio_sent` keeps what
+        actually went out, and a client that hangs up early is recorded as disconnected."""
+        response = web.StreamResponse(headers=headers)
+        sent = bytearray()
+        try:
+            await response.prepare(request)
+            step = max(1, self.audio_chunk_bytes)
+            cut_at = len(data) // 2 if self.mode == "cut" else None
+            for offset in range(0, len(data), step):
+                if cut_at is not None and offset >= cut_at:
+                    self.last_audio_sent = bytes(sent)
+                    self.drop_connection(request)
+                    return response
+                if offset:
+                    await self.sleep(self.token_interval_s)
+                piece = data[offset:offset + step]
+                await response.write(piece)
+                sent += piece
+            self.last_audio_sent = bytes(sent)
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.last_audio_sent = bytes(sent)
+            self.mark_disconnected(record)
+            raise
+        return response
 
     @staticmethod
     def drop_connection(request: web.Request) -> None:

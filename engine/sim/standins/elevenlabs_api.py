@@ -7,7 +7,6 @@ POST /v1/text-to-speech/{voice_id}/stream?output_format=ulaw_8000&… with heade
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from typing import Any
@@ -48,7 +47,6 @@ class ElevenLabsStandin(StandinServer):
         super().__init__(api_key=api_key)
         self.seconds_per_char = 0.06
         self.audio_chunk_bytes = 800  # 100 ms of mu-law 8 kHz
-        self.last_audio_sent = b""
 
     def build_app(self) -> web.Application:
         app = web.Application()
@@ -88,30 +86,8 @@ class ElevenLabsStandin(StandinServer):
             return error_response(500)
         data, content_type = audio
         await self.sleep(self.latency_s)
-        response = web.StreamResponse(headers={
+        return await self.stream_audio(request, record, data, {
             "Content-Type": content_type,
             "x-character-count": str(len(body["text"])),
             "request-id": uuid.uuid4().hex,
         })
-        sent = bytearray()
-        try:
-            await response.prepare(request)
-            step = max(1, self.audio_chunk_bytes)
-            cut_at = len(data) // 2 if self.mode == "cut" else None
-            for offset in range(0, len(data), step):
-                if cut_at is not None and offset >= cut_at:
-                    self.last_audio_sent = bytes(sent)
-                    self.drop_connection(request)
-                    return response
-                if offset:
-                    await self.sleep(self.token_interval_s)
-                piece = data[offset:offset + step]
-                await response.write(piece)
-                sent += piece
-            self.last_audio_sent = bytes(sent)
-            await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.last_audio_sent = bytes(sent)
-            self.mark_disconnected(record)
-            raise
-        return response

@@ -85,7 +85,6 @@ class OpenAIStandin(StandinServer):
         self.audio_tokens_per_second = 10.0
         self.speech_seconds_per_char = 0.06
         self.audio_chunk_bytes = 4800  # 100 ms of 24 kHz PCM16
-        self.last_audio_sent = b""
         self.last_usage: dict[str, Any] | None = None
         # Every usage object sent, as (endpoint, usage): what a bill would be built from.
         self.usage_log: list[tuple[str, dict[str, Any]]] = []
@@ -333,29 +332,7 @@ class OpenAIStandin(StandinServer):
         seconds = len(str(body["input"])) * self.speech_seconds_per_char
         audio = speech_like_pcm(seconds, TTS_SAMPLE_RATE).astype("<i2").tobytes()
         await self.sleep(self.latency_s)
-        response = web.StreamResponse(headers={"Content-Type": "audio/pcm"})
-        sent = bytearray()
-        try:
-            await response.prepare(request)
-            step = max(1, self.audio_chunk_bytes)
-            cut_at = len(audio) // 2 if self.mode == "cut" else None
-            for offset in range(0, len(audio), step):
-                if cut_at is not None and offset >= cut_at:
-                    self.last_audio_sent = bytes(sent)
-                    self.drop_connection(request)
-                    return response
-                if offset:
-                    await self.sleep(self.token_interval_s)
-                piece = audio[offset:offset + step]
-                await response.write(piece)
-                sent += piece
-            self.last_audio_sent = bytes(sent)
-            await response.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.last_audio_sent = bytes(sent)
-            self.mark_disconnected(record)
-            raise
-        return response
+        return await self.stream_audio(request, record, audio, {"Content-Type": "audio/pcm"})
 
 
 async def _sse(response: web.StreamResponse, payload: dict[str, Any]) -> None:
