@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -97,6 +97,7 @@ class _Named(Protocol):
 
 
 P = TypeVar("P", bound=_Named)
+T = TypeVar("T")
 
 
 def _describe(exc: BaseException, timeout_s: float | None) -> str:
@@ -217,6 +218,25 @@ class _Walk(Generic[P]):
                                        mid_stream=True))
 
 
+async def _first_success(chain: _Chain[P], timeout_s: float,
+                         call: Callable[[P], Awaitable[T]]) -> T:
+    """A one-shot request through the chain: the first provider that answers in time."""
+    walk = _Walk(chain)
+    for provider, breaker in walk:
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await call(provider)
+        except asyncio.CancelledError:
+            breaker.release()
+            raise
+        except Exception as exc:
+            walk.failed(provider, breaker, exc, timeout_s)
+            continue
+        walk.served(provider, breaker)
+        return result
+    raise walk.exhausted()
+
+
 # --- speech-to-text -------------------------------------------------------------------
 
 
@@ -240,20 +260,8 @@ class FallbackSTT:
         return self._chain.health()
 
     async def transcribe(self, pcm16: bytes, sample_rate: int) -> Transcript:
-        walk = _Walk(self._chain)
-        for provider, breaker in walk:
-            try:
-                async with asyncio.timeout(self.timeout_s):
-                    transcript = await provider.transcribe(pcm16, sample_rate)
-            except asyncio.CancelledError:
-                breaker.release()
-                raise
-            except Exception as exc:
-                walk.failed(provider, breaker, exc, self.timeout_s)
-                continue
-            walk.served(provider, breaker)
-            return transcript
-        raise walk.exhausted()
+        return await _first_success(self._chain, self.timeout_s,
+                                    lambda p: p.transcribe(pcm16, sample_rate))
 
     async def aclose(self) -> None:
         await self._chain.aclose()
@@ -355,20 +363,8 @@ class FallbackAgent:
         return TruncatedAgentDone(usage=usage, timing=Timing(first_byte_s, total_s))
 
     async def summarize(self, messages: list[ChatMessage]) -> tuple[str, Usage]:
-        walk = _Walk(self._chain)
-        for provider, breaker in walk:
-            try:
-                async with asyncio.timeout(self.summarize_timeout_s):
-                    result = await provider.summarize(messages)
-            except asyncio.CancelledError:
-                breaker.release()
-                raise
-            except Exception as exc:
-                walk.failed(provider, breaker, exc, self.summarize_timeout_s)
-                continue
-            walk.served(provider, breaker)
-            return result
-        raise walk.exhausted()
+        return await _first_success(self._chain, self.summarize_timeout_s,
+                                    lambda p: p.summarize(messages))
 
     async def aclose(self) -> None:
         await self._chain.aclose()
