@@ -14,6 +14,8 @@ import pytest
 from structlog.testing import capture_logs
 from twilio.request_validator import RequestValidator
 
+from engine.session.call_session import CallSession
+from engine.sim.caller import CallResult, SimulatedCaller
 from engine.sim.scenario import Scenario, Step
 from engine.telephony.signature import sign
 from tests.harness import ACCOUNT_SID, AUTH_TOKEN, RunningEngine, running_engine
@@ -394,15 +396,22 @@ async def test_no_start_message_times_out(tmp_path: Path) -> None:
 # -- REST control ------------------------------------------------------------------------------
 
 
+async def held_call(run: RunningEngine) -> tuple[SimulatedCaller, asyncio.Task[CallResult],
+                                                CallSession]:
+    """A caller who stays on the line silently, and its live session once streaming."""
+    caller = run.caller()
+    task = asyncio.create_task(caller.run(Scenario(name="hold", wait_for_greeting=False,
+                                                   hangup_at_end=False, steps=[])))
+    await wait_until(lambda: (s := run.engine.registry.get(caller.call_sid)) is not None
+                     and s.stream_sid is not None)
+    session = run.engine.registry.get(caller.call_sid)
+    assert session is not None
+    return caller, task, session
+
+
 async def test_transfer_updates_the_call_with_say_and_dial(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as run:
-        caller = run.caller()
-        task = asyncio.create_task(caller.run(Scenario(name="hold", wait_for_greeting=False,
-                                                       hangup_at_end=False, steps=[])))
-        await wait_until(lambda: (s := run.engine.registry.get(caller.call_sid)) is not None
-                         and s.stream_sid is not None)
-        session = run.engine.registry.get(caller.call_sid)
-        assert session is not None
+        caller, task, session = await held_call(run)
         result = await session.transfer("+15550100999", reason="test")
         assert result.ok and not result.already_ended
         call = await asyncio.wait_for(task, 5)
@@ -416,13 +425,7 @@ async def test_transfer_updates_the_call_with_say_and_dial(tmp_path: Path) -> No
 
 async def test_hang_up_completes_the_call_and_404_means_already_ended(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as run:
-        caller = run.caller()
-        task = asyncio.create_task(caller.run(Scenario(name="hold", wait_for_greeting=False,
-                                                       hangup_at_end=False, steps=[])))
-        await wait_until(lambda: (s := run.engine.registry.get(caller.call_sid)) is not None
-                         and s.stream_sid is not None)
-        session = run.engine.registry.get(caller.call_sid)
-        assert session is not None
+        caller, task, session = await held_call(run)
         result = await session.hang_up("test")
         call = await asyncio.wait_for(task, 5)
         assert result.ok
@@ -437,13 +440,7 @@ async def test_hang_up_completes_the_call_and_404_means_already_ended(tmp_path: 
 
 async def test_rest_errors_are_reported_not_raised(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as run:
-        caller = run.caller()
-        task = asyncio.create_task(caller.run(Scenario(name="hold", wait_for_greeting=False,
-                                                       hangup_at_end=False, steps=[])))
-        await wait_until(lambda: (s := run.engine.registry.get(caller.call_sid)) is not None
-                         and s.stream_sid is not None)
-        session = run.engine.registry.get(caller.call_sid)
-        assert session is not None
+        caller, task, session = await held_call(run)
         run.rest.fail_next.append((500, 20500, "Internal Server Error"))
         result = await session.transfer("+15550100999", reason="test")
         assert not result.ok and result.status == 500
