@@ -1,12 +1,39 @@
 """Shared fixtures. Redis fixtures start a real redis-server (or use REDIS_URL); they skip
 when none exists, unless SWITCHBOARD_REQUIRE_REDIS=1 (set by .ci/run) makes them fail."""
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import structlog
 
+from engine.ops.bus import EventBus
+from engine.ops.bus_memory import MemoryEventBus
+from engine.ops.bus_redis import RedisEventBus
 from tests.redis_server import redis_server, redis_url  # noqa: F401
+
+BusFactory = Callable[..., Awaitable[EventBus]]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[BusFactory]:
+    """Each test runs on both buses: in-process, and Redis Streams on a real server."""
+    buses: list[EventBus] = []
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+
+    async def factory(maxlen: int = 1000, block_ms: int = 500) -> EventBus:
+        bus: EventBus
+        if request.param == "memory":
+            bus = MemoryEventBus(maxlen=maxlen)
+        else:
+            bus = RedisEventBus(url, key_prefix=prefix, maxlen=maxlen, block_ms=block_ms)
+        buses.append(bus)
+        return bus
+
+    yield factory
+    for bus in buses:
+        await bus.aclose()
 
 
 @pytest.fixture(autouse=True)

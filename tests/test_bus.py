@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -18,15 +18,13 @@ from engine.ops.bus import (
     BusClosedError,
     BusError,
     BusPublishError,
-    EventBus,
     make_event_bus,
 )
 from engine.ops.bus_memory import MemoryEventBus
 from engine.ops.bus_redis import RedisEventBus
 from engine.ops.events import BusGap, Event, EventStamper, TranscriptLine
+from tests.conftest import BusFactory
 from tests.redis_server import RedisServer
-
-BusFactory = Callable[..., Awaitable[EventBus]]
 
 
 def line(i: int) -> TranscriptLine:
@@ -48,24 +46,6 @@ def texts(items: list[tuple[str, Event]]) -> list[str]:
     return [ev.text for _, ev in items if isinstance(ev, TranscriptLine)]
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[BusFactory]:
-    buses: list[EventBus] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
-
-    async def factory(maxlen: int = 1000) -> EventBus:
-        bus: EventBus
-        if request.param == "memory":
-            bus = MemoryEventBus(maxlen=maxlen)
-        else:
-            bus = RedisEventBus(url, key_prefix=prefix, maxlen=maxlen, block_ms=500)
-        buses.append(bus)
-        return bus
-
-    yield factory
-    for bus in buses:
-        await bus.aclose()
 
 
 # --- both backends ----------------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from engine.ops.events import (
 )
 from engine.ops.supervisor_api import CLOSE_TOO_SLOW, READONLY_REFUSAL, SupervisorApi
 from engine.ops.tokens import ConsoleTokens, TokenError, load_or_create_tokens
+from tests.conftest import BusFactory
 
 FULL = "full-token-" + "f" * 32
 READONLY = "readonly-token-" + "r" * 32
@@ -125,27 +126,8 @@ class CallTable:
         return Reply(id=command.id, ok=not error, error=error or None)
 
 
-BusFactory = Callable[..., Awaitable[EventBus]]
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def make_bus(request: pytest.FixtureRequest) -> AsyncIterator[BusFactory]:
-    buses: list[EventBus] = []
-    url = request.getfixturevalue("redis_url") if request.param == "redis" else ""
-    prefix = f"test-api-{uuid.uuid4().hex[:8]}"
-
-    async def factory(maxlen: int = 10_000) -> EventBus:
-        bus: EventBus
-        if request.param == "memory":
-            bus = MemoryEventBus(maxlen=maxlen)
-        else:
-            bus = RedisEventBus(url, key_prefix=prefix, maxlen=maxlen, block_ms=300)
-        buses.append(bus)
-        return bus
-
-    yield factory
-    for bus in buses:
-        await bus.aclose()
 
 
 def make_config(**console_api: Any) -> Config:
@@ -231,7 +213,7 @@ def line_texts(frames: list[Any]) -> list[str]:
 
 
 async def test_snapshot_then_live_events(make_bus: BusFactory) -> None:
-    backend = CallTable(await make_bus())
+    backend = CallTable(await make_bus(maxlen=10_000, block_ms=300))
     backend.add_call("CA1", lines=5)
     backend.add_call("CA2", state="human_takeover")
     await backend.say_line("CA2", "before connect")
@@ -408,7 +390,7 @@ async def test_malformed_frames_get_an_error_and_the_socket_stays_open() -> None
 
 
 async def test_reconnect_with_cursor_misses_no_event(make_bus: BusFactory) -> None:
-    backend = CallTable(await make_bus())
+    backend = CallTable(await make_bus(maxlen=10_000, block_ms=300))
     backend.add_call("CA1")
     total = 300
     published: list[str] = []
@@ -443,7 +425,7 @@ async def test_reconnect_with_cursor_misses_no_event(make_bus: BusFactory) -> No
 
 
 async def test_trimmed_cursor_gets_a_fresh_snapshot(make_bus: BusFactory) -> None:
-    bus = await make_bus(maxlen=20)
+    bus = await make_bus(maxlen=20, block_ms=300)
     backend = CallTable(bus)
     backend.add_call("CA1")
     async with running_api(backend) as api:
