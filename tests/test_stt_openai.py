@@ -9,8 +9,9 @@ import wave
 import openai
 import pytest
 
+from engine.audio.wav import pcm16_to_wav_bytes as pcm16_to_wav
 from engine.providers.base import ProviderError, SpeechToText
-from engine.providers.stt_openai import OpenAITranscriber, pcm16_to_wav
+from engine.providers.stt_openai import OpenAITranscriber
 from engine.sim.standins.openai_api import OpenAIStandin, SegmentSpec
 from tests.cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, speech_pcm16
 

@@ -1,7 +1,9 @@
 """20 ms framing of 8 kHz mu-law audio, the unit Twilio Media Streams carries.
 
-Every outbound byte of every call passes through `FrameAssembler.push`, so the common
-case (input already a whole number of frames, nothing pending) does no extra copies.
+Every inbound payload passes through `FrameAssembler.push` (the media stream re-frames
+whatever size Twilio sends), so the common case (one whole frame, nothing pending) returns
+the same object without a copy. Outbound framing lives in `telephony/outbound.py`, where
+marks sit between frames at byte positions.
 """
 
 from __future__ import annotations

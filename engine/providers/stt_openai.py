@@ -7,13 +7,12 @@ The request shape depends on the model: `whisper-1` gives per-segment confidence
 
 from __future__ import annotations
 
-import io
 import time
-import wave
 from typing import Any
 
 import openai
 
+from engine.audio.wav import pcm16_to_wav_bytes
 from engine.log import get_logger
 from engine.providers.base import (
     ProviderError,
@@ -28,17 +27,6 @@ log = get_logger(__name__)
 
 PROVIDER = "openai"
 _LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
-
-
-def pcm16_to_wav(pcm16: bytes, sample_rate: int) -> bytes:
-    """Wrap PCM16 little-endian mono in a WAV container (the API needs a file format)."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(pcm16)
-    return buffer.getvalue()
 
 
 def whisper_confidence(segments: list[Any]) -> TranscriptConfidence:
@@ -90,7 +78,7 @@ class OpenAITranscriber:
             raise ProviderError(PROVIDER, f"bad audio: {len(pcm16)} bytes of PCM16 at "
                                 f"{sample_rate} Hz", retryable=False)
         audio_seconds = len(pcm16) / 2 / sample_rate
-        wav_bytes = pcm16_to_wav(pcm16, sample_rate)
+        wav_bytes = pcm16_to_wav_bytes(pcm16, sample_rate)
         started = time.monotonic()
         try:
             result: Any = await self._client.audio.transcriptions.create(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from engine.audio.frames import FrameAssembler
 from engine.config import Config
 from engine.log import get_logger
 from engine.session.call_session import CallSession
@@ -84,7 +85,7 @@ class _StreamConnection:
         self.bad_total = 0
         self.window_start = time.monotonic()
         self.window_count = 0
-        self.remainder = b""  # partial inbound frame (Twilio may send other sizes)
+        self.frames = FrameAssembler()  # re-frames payloads of other sizes to 20 ms
         self.stopped = False
         self.close_reason = "stream closed without stop"
 
@@ -171,16 +172,13 @@ class _StreamConnection:
             self.log.exception("media.dispatch_failed")
 
     def feed_audio(self, session: CallSession, payload: bytes) -> None:
-        if not self.remainder and len(payload) == FRAME_BYTES:
-            session.on_audio(payload)  # the common case: Twilio's 20 ms frames
+        if len(payload) == FRAME_BYTES and not self.frames.pending_bytes:
+            session.on_audio(payload)  # Twilio's usual 20 ms frame: no list, no copy
             return
         if len(payload) % FRAME_BYTES:
             self.bad("odd_size_payload", f"{len(payload)} bytes (re-framed)")
-        data = self.remainder + payload
-        end = len(data) - len(data) % FRAME_BYTES
-        for i in range(0, end, FRAME_BYTES):
-            session.on_audio(data[i:i + FRAME_BYTES])
-        self.remainder = data[end:]
+        for frame in self.frames.push(payload):
+            session.on_audio(frame)
 
     async def on_start(self, start: Start) -> None:
         if self.session is not None:

@@ -53,14 +53,6 @@ def say_then_reconnect(text: str, stream_url: str, status_callback: str,
     return str(response)
 
 
-def say_and_hangup(text: str) -> str:
-    """Last resort when no speech provider works: let Twilio speak, then end the call."""
-    response = VoiceResponse()
-    response.say(text)
-    response.hangup()
-    return str(response)
-
-
 def reject_busy() -> str:
     response = VoiceResponse()
     response.reject(reason="busy")
