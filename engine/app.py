@@ -20,10 +20,7 @@ from aiohttp import web
 from engine import __version__
 from engine.config import Config
 from engine.log import get_logger
-from engine.ops.events import new_engine_id
 from engine.ops.hub import OpsHub
-from engine.ops.ledger import SpendLedger
-from engine.ops.metrics import EngineMetrics
 from engine.providers.base import TextToSpeech
 from engine.session.call_session import CallSession, Conversation
 from engine.session.registry import CallRegistry
@@ -69,15 +66,6 @@ class GreetingOnly:
         pass
 
 
-def default_hub(config: Config) -> OpsHub:
-    """In-process bus, ledger and metrics, no history: the smallest working hub."""
-    from engine.ops.bus import make_event_bus
-
-    return OpsHub(config, make_event_bus(config), SpendLedger(config.prices, config.budget),
-                  EngineMetrics(config.metrics, config.metrics.alert_min_turns), None,
-                  new_engine_id())
-
-
 class Engine:
     """Everything one engine process owns."""
 
@@ -93,7 +81,7 @@ class Engine:
             tts = EspeakTTS(voice=esp.voice, rate_wpm=esp.rate_wpm)
         self.tts = tts
         self.conversation_factory = conversation_factory or GreetingOnly
-        self.hub = hub or default_hub(config)
+        self.hub = hub or OpsHub.from_config(config)
         tw = config.twilio
         self.signatures = SignatureChecker(tw.auth_token.get_secret_value(),
                                            config.public_base_url(),

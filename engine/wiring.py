@@ -14,12 +14,8 @@ from typing import Any
 from engine.app import Engine
 from engine.config import Config
 from engine.log import get_logger
-from engine.ops.bus import make_event_bus
-from engine.ops.events import new_engine_id
 from engine.ops.history import CallHistory
 from engine.ops.hub import OpsHub
-from engine.ops.ledger import SpendLedger
-from engine.ops.metrics import EngineMetrics
 from engine.providers.base import Agent, SpeechToText, TextToSpeech
 from engine.providers.fallback import FallbackAgent, FallbackEvent, FallbackSTT, FallbackTTS
 from engine.providers.faq_matcher import FaqMatcher
@@ -129,13 +125,6 @@ def build_providers(config: Config) -> Providers:
     return out
 
 
-def build_hub(config: Config, history: CallHistory | None) -> OpsHub:
-    engine_id = new_engine_id()
-    return OpsHub(config, make_event_bus(config), SpendLedger(config.prices, config.budget),
-                  EngineMetrics(config.metrics, config.metrics.alert_min_turns), history,
-                  engine_id)
-
-
 def build_deps(config: Config, providers: Providers, cache: ResponseCache,
                hub: OpsHub) -> PipelineDeps:
     p = config.providers
@@ -179,7 +168,7 @@ async def build_engine(config: Config, *, history: bool = True,
         recovered = await store.recover_unfinished()
         if recovered:
             log.warning("wiring.recovered_unfinished_calls", calls=len(recovered))
-    hub = build_hub(config, store)
+    hub = OpsHub.from_config(config, store)
     if store is not None:
         from datetime import UTC, datetime, timedelta
 

@@ -28,7 +28,7 @@ from engine.ops.api_schema import (
     SpendTotals,
     TranscriptEntry,
 )
-from engine.ops.bus import BusPublishError, EventBus
+from engine.ops.bus import BusPublishError, EventBus, make_event_bus
 from engine.ops.history import CallHistory, TurnRecord
 from engine.ops.ledger import BudgetAlert, SpendLedger, SpendUpdate
 from engine.ops.metrics import EngineMetrics
@@ -81,6 +81,13 @@ class OpsHub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_failures = 0
         self.escalations = 0
+
+    @classmethod
+    def from_config(cls, config: Config, history: CallHistory | None = None) -> OpsHub:
+        """The bus the config names, a ledger and metrics; history when given."""
+        return cls(config, make_event_bus(config), SpendLedger(config.prices, config.budget),
+                   EngineMetrics(config.metrics, config.metrics.alert_min_turns), history,
+                   ev.new_engine_id())
 
     # -- plumbing ------------------------------------------------------------------------
 
