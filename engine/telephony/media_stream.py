@@ -113,7 +113,9 @@ class _StreamConnection:
                         self.bad("flood", f"more than {max_rate} messages/s")
                         await self.close(WSCloseCode.POLICY_VIOLATION, "message rate exceeded")
                         break
-                    await self.dispatch(msg.data)
+                    start = self.dispatch(msg.data)
+                    if start is not None:  # the one message whose handling awaits
+                        await self.on_start_safely(start)
                     if self.stopped or ws.closed:
                         break
                 elif kind is WSMsgType.BINARY:
@@ -135,31 +137,33 @@ class _StreamConnection:
         finally:
             await self.finish()
 
-    async def dispatch(self, data: str) -> None:
+    def dispatch(self, data: str) -> Start | None:
+        """Handle one text frame; a `start` is returned for the caller to await. Kept
+        synchronous: it runs 50 times a second per call."""
         try:
             message = parse_inbound(data, self.h.config.engine.max_media_payload_bytes)
         except ProtocolViolation as exc:
             self.bad(exc.reason, exc.detail)
-            return
+            return None
         session = self.session
         try:
             if isinstance(message, Media):
                 if session is None:
                     self.bad("media_before_start", "media received before start")
-                    return
+                    return None
                 self.feed_audio(session, message.payload)
             elif isinstance(message, Mark):
                 if session is None:
                     self.bad("mark_before_start", "mark received before start")
-                    return
+                    return None
                 session.on_mark(message.name)
             elif isinstance(message, Dtmf):
                 if session is None:
                     self.bad("dtmf_before_start", "dtmf received before start")
-                    return
+                    return None
                 session.on_dtmf(message.digit)
             elif isinstance(message, Start):
-                await self.on_start(message)
+                return message
             elif isinstance(message, Stop):
                 self.stopped = True
                 self.close_reason = "caller hung up"
@@ -169,6 +173,14 @@ class _StreamConnection:
                                version=message.version)
         except Exception:  # a bug in one call's handling must not end the socket loop
             self.bad("internal_error", "handler raised")
+            self.log.exception("media.dispatch_failed")
+        return None
+
+    async def on_start_safely(self, start: Start) -> None:
+        try:
+            await self.on_start(start)
+        except Exception:
+            self.bad("internal_error", "start handler raised")
             self.log.exception("media.dispatch_failed")
 
     def feed_audio(self, session: CallSession, payload: bytes) -> None:
