@@ -280,8 +280,9 @@ async def test_live_events_update_rows_and_partial_lines(server: ApiStandIn) -> 
                                    severity="warning", message="caller asked for a human"))
         await until(pilot, lambda: table.get_cell("CA-A", "alerts").plain == "!H",
                     what="alert marker")
-        assert any("caller asked for a human" in str(n.message)
-                   for n in app._notifications)
+        # The toast and the table marker come from different redraw ticks: wait for it.
+        await until(pilot, lambda: any("caller asked for a human" in str(n.message)
+                                       for n in app._notifications), what="alert toast")
 
 
 async def test_transcript_tail_mode_never_yanks_a_reader(server: ApiStandIn) -> None:
