@@ -22,17 +22,7 @@ from collections.abc import AsyncIterator
 from console.app import SupervisorConsole
 from console.client import ConnectionChanged, SourceItem
 from console.widgets import CallsTable
-from engine.ops.api_schema import (
-    SERVER_FRAME,
-    CallSnapshot,
-    CommandName,
-    EventFrame,
-    Hello,
-    Reply,
-    Snapshot,
-    SpendTotals,
-)
-from engine.ops.events import (
+from engine.bus.events import (
     CallEnded,
     CallStarted,
     CallUpdated,
@@ -42,6 +32,16 @@ from engine.ops.events import (
     TurnLatency,
     UsageCost,
     UsageKind,
+)
+from engine.supervision.api_schema import (
+    SERVER_FRAME,
+    CallSnapshot,
+    CommandName,
+    EventFrame,
+    Hello,
+    Reply,
+    Snapshot,
+    SpendTotals,
 )
 
 TURN_S = 4.0

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.config import FaqConfig
-from engine.providers.faq_matcher import FaqMatch, FaqMatcher, detect_intent
+from engine.providers.faq.matcher import FaqMatch, FaqMatcher, detect_intent
 
 DEFAULT_CASES = Path(__file__).resolve().parent.parent / "tests" / "data" / "faq_cases.toml"
 
@@ -70,7 +70,7 @@ def _latency_line(label: str, samples_us: list[float]) -> str:
 
 def run_semantic(faq: FaqConfig, cases: list[dict[str, str]], matcher: FaqMatcher,
                  threshold: float) -> None:
-    from engine.providers.embeddings import (  # optional: only with the model installed
+    from engine.providers.faq.embeddings import (  # optional: only with the model installed
         SemanticFaqStage,
         SentenceEmbedder,
     )

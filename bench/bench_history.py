@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.ops.history import CallHistory, TurnRecord
-from engine.ops.metrics import TurnTimings, percentile
 from engine.providers.base import Usage
+from engine.record.history import CallHistory
+from engine.record.metrics import percentile
+from engine.session.records import TurnRecord, TurnTimings
 
 
 async def one_call(history: CallHistory, sid: str, turns: int, waits: list[float]) -> None:

@@ -63,7 +63,7 @@ STAGES = ("endpointing_s", "stt_s", "llm_first_token_s", "tts_first_audio_s",
 
 async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     from engine.log import configure_logging
-    from engine.providers.espeak_engine import get_espeak
+    from engine.providers.builtin.espeak_engine import get_espeak
     from engine.sim.caller import CallResult, SimulatedCaller
     from engine.sim.scenario import Scenario, Step
 

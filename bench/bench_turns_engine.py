@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_engine_proc import GcPauses, LoopLagMonitor, StallWatchdog, run_profiled
 
 from engine.app import Engine
+from engine.bus.events import TurnLatency
 from engine.config import Config
 from engine.log import configure_logging, get_logger
-from engine.ops.events import TurnLatency
 from engine.wiring import build_engine
 
 log = get_logger("bench.turns_engine")

@@ -46,8 +46,15 @@ from console.widgets import (
     row_cells,
     status_text,
 )
-from engine.ops.api_schema import CommandName, ErrorFrame, EventFrame, Hello, Reply, Snapshot
-from engine.ops.events import BusGap
+from engine.bus.events import BusGap
+from engine.supervision.api_schema import (
+    CommandName,
+    ErrorFrame,
+    EventFrame,
+    Hello,
+    Reply,
+    Snapshot,
+)
 
 log = structlog.get_logger(__name__)
 

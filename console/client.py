@@ -23,7 +23,7 @@ import structlog
 from pydantic import ValidationError
 from yarl import URL
 
-from engine.ops.api_schema import (
+from engine.supervision.api_schema import (
     SERVER_FRAME,
     Command,
     CommandName,

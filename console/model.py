@@ -13,8 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from engine.ops.api_schema import CallSnapshot, Snapshot, SpendTotals
-from engine.ops.events import (
+from engine.bus.events import (
     Alert,
     BusGap,
     CallEnded,
@@ -31,6 +30,7 @@ from engine.ops.events import (
     TurnLatency,
     UsageCost,
 )
+from engine.supervision.api_schema import CallSnapshot, Snapshot, SpendTotals
 
 Clock = Callable[[], float]
 

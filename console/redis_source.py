@@ -18,8 +18,8 @@ import structlog
 from redis.exceptions import RedisError
 
 from console.client import ConnectionChanged, SourceItem
-from engine.ops.api_schema import CommandName, EventFrame, Reply
-from engine.ops.events import BusGap, EventDecodeError, decode_event
+from engine.bus.events import BusGap, EventDecodeError, decode_event
+from engine.supervision.api_schema import CommandName, EventFrame, Reply
 
 log = structlog.get_logger(__name__)
 

@@ -19,8 +19,8 @@ from aiohttp import web
 
 from engine import __version__
 from engine.config import Config
+from engine.hub import OpsHub
 from engine.log import get_logger
-from engine.ops.hub import OpsHub
 from engine.providers.base import TextToSpeech
 from engine.session.call_session import CallSession, Conversation
 from engine.session.registry import CallRegistry
@@ -75,7 +75,7 @@ class Engine:
         self.config = config
         self.started_at = time.time()
         if tts is None:
-            from engine.providers.tts_espeak import EspeakTTS
+            from engine.providers.builtin.tts_espeak import EspeakTTS
 
             esp = config.providers.espeak
             tts = EspeakTTS(voice=esp.voice, rate_wpm=esp.rate_wpm)

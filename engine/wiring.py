@@ -13,13 +13,13 @@ from typing import Any
 
 from engine.app import Engine
 from engine.config import Config
+from engine.hub import OpsHub
 from engine.log import get_logger
-from engine.ops.history import CallHistory
-from engine.ops.hub import OpsHub
 from engine.providers.base import Agent, SpeechToText, TextToSpeech
 from engine.providers.fallback import FallbackAgent, FallbackEvent, FallbackSTT, FallbackTTS
-from engine.providers.faq_matcher import FaqMatcher
+from engine.providers.faq.matcher import FaqMatcher
 from engine.providers.response_cache import CachingTTS, ResponseCache, make_response_cache
+from engine.record.history import CallHistory
 from engine.session.call_session import CallSession
 from engine.session.conversation import ConversationPipeline, PipelineDeps
 
@@ -49,7 +49,7 @@ def build_providers(config: Config) -> Providers:
     out = Providers()
     for name in p.stt:
         if name == "local_whisper":
-            from engine.providers.stt_local_whisper import LocalWhisperSTT
+            from engine.providers.builtin.stt_local_whisper import LocalWhisperSTT
 
             lw = p.local_whisper
             out.stt.append(LocalWhisperSTT(model=lw.model, device=lw.device,
@@ -60,7 +60,7 @@ def build_providers(config: Config) -> Providers:
             if not oa_key:
                 _skip("stt", name, "OPENAI_API_KEY is not set")
                 continue
-            from engine.providers.stt_openai import OpenAITranscriber
+            from engine.providers.builtin.stt_openai import OpenAITranscriber
 
             out.stt.append(OpenAITranscriber(oa_key, oa.stt_base_url or oa.base_url,
                                              model=oa.stt_model, timeout_s=p.stt_timeout_s,
@@ -70,7 +70,7 @@ def build_providers(config: Config) -> Providers:
             raise NoProviderError(f"unknown speech-to-text provider {name!r}")
     for name in p.agent:
         if name == "faq":
-            from engine.providers.agent_faq import FaqAgent
+            from engine.providers.builtin.agent_faq import FaqAgent
 
             prompt = config.faq.prompt_answer.replace("{business}", config.faq.business_name)
             out.agents.append(FaqAgent(config.faq, prompt_answer=prompt))
@@ -78,7 +78,7 @@ def build_providers(config: Config) -> Providers:
             if not oa_key:
                 _skip("agent", name, "OPENAI_API_KEY is not set")
                 continue
-            from engine.providers.llm_openai import OpenAIChatAgent
+            from engine.providers.builtin.llm_openai import OpenAIChatAgent
 
             out.agents.append(OpenAIChatAgent(
                 oa_key, oa.base_url, model=oa.llm_model, temperature=oa.llm_temperature,
@@ -89,7 +89,7 @@ def build_providers(config: Config) -> Providers:
             raise NoProviderError(f"unknown agent provider {name!r}")
     for name in p.tts:
         if name == "espeak":
-            from engine.providers.tts_espeak import EspeakTTS
+            from engine.providers.builtin.tts_espeak import EspeakTTS
 
             out.tts.append(EspeakTTS(voice=p.espeak.voice, rate_wpm=p.espeak.rate_wpm))
         elif name == "elevenlabs":
@@ -97,7 +97,7 @@ def build_providers(config: Config) -> Providers:
             if not key:
                 _skip("tts", name, "ELEVENLABS_API_KEY is not set")
                 continue
-            from engine.providers.tts_elevenlabs import ElevenLabsTTS
+            from engine.providers.builtin.tts_elevenlabs import ElevenLabsTTS
 
             out.tts.append(ElevenLabsTTS(key, el.voice_id, base_url=el.base_url,
                                          model_id=el.model_id,
@@ -108,7 +108,7 @@ def build_providers(config: Config) -> Providers:
             if not oa_key:
                 _skip("tts", name, "OPENAI_API_KEY is not set")
                 continue
-            from engine.providers.tts_openai import OpenAITTS
+            from engine.providers.builtin.tts_openai import OpenAITTS
 
             out.tts.append(OpenAITTS(oa_key, oa.tts_base_url or oa.base_url,
                                      model=oa.tts_model, voice=oa.tts_voice,
@@ -203,7 +203,7 @@ async def build_engine(config: Config, *, history: bool = True,
     engine.on_stopping.append(close_all)
     engine.deps = deps
     if supervisor_api:
-        from engine.ops.supervisor_api import SupervisorApi
+        from engine.supervision.server import SupervisorApi
 
         api = SupervisorApi(config, hub)  # reads or creates the console token now
         engine.supervisor_api = api

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 import structlog
 
-from engine.ops.bus import EventBus
-from engine.ops.bus_memory import MemoryEventBus
-from engine.ops.bus_redis import RedisEventBus
+from engine.bus.event_bus import EventBus
+from engine.bus.memory import MemoryEventBus
+from engine.bus.redis_streams import RedisEventBus
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 
 BusFactory = Callable[..., Awaitable[EventBus]]

@@ -15,9 +15,9 @@ from aiohttp import web
 
 from engine.app import Engine
 from engine.audio.codec import ulaw_to_int16
+from engine.bus.events import Event, TranscriptLine
 from engine.config import Config, load_config
-from engine.ops.events import Event, TranscriptLine
-from engine.providers.stt_local_whisper import LocalWhisperSTT
+from engine.providers.builtin.stt_local_whisper import LocalWhisperSTT
 from engine.sim.caller import SimulatedCaller
 from engine.sim.standins.twilio_api import TwilioApiStandIn
 from engine.wiring import Providers, build_engine, build_providers

@@ -12,17 +12,17 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
-from engine.config import Config
-from engine.ops.bus import (
+from engine.bus.event_bus import (
     FROM_OLDEST,
     BusClosedError,
     BusError,
     BusPublishError,
     make_event_bus,
 )
-from engine.ops.bus_memory import MemoryEventBus
-from engine.ops.bus_redis import RedisEventBus
-from engine.ops.events import BusGap, Event, EventStamper, TranscriptLine
+from engine.bus.events import BusGap, Event, EventStamper, TranscriptLine
+from engine.bus.memory import MemoryEventBus
+from engine.bus.redis_streams import RedisEventBus
+from engine.config import Config
 from tests.conftest import BusFactory
 from tests.redis_server import RedisServer
 

@@ -23,19 +23,7 @@ from console.client import ConnectionChanged, SourceItem, SupervisorClient, cons
 from console.redis_source import RedisEventSource
 from console.screens import ConfirmScreen, HelpScreen, TransferScreen
 from console.widgets import CallsTable, TakeoverBar, TranscriptPanel
-from engine.ops.api_schema import (
-    COMMAND,
-    CallSnapshot,
-    Command,
-    CommandName,
-    EventFrame,
-    Hello,
-    Reply,
-    Snapshot,
-    SpendTotals,
-    TranscriptEntry,
-)
-from engine.ops.events import (
+from engine.bus.events import (
     Alert,
     BusGap,
     CallEnded,
@@ -46,6 +34,18 @@ from engine.ops.events import (
     TurnLatency,
     UsageCost,
     encode_event,
+)
+from engine.supervision.api_schema import (
+    COMMAND,
+    CallSnapshot,
+    Command,
+    CommandName,
+    EventFrame,
+    Hello,
+    Reply,
+    Snapshot,
+    SpendTotals,
+    TranscriptEntry,
 )
 from tests import redis_server as redis_helpers
 

@@ -389,9 +389,9 @@ async def test_console_in_tmux_shows_a_live_call_and_quits(tmp_path: Path) -> No
     socket = tmp_path / "tmux.sock"
     rc_file = tmp_path / "console.rc"
     async with running_engine(tmp_path, supervised_engine, None, **sections()) as run:
-        # `switchboard console …`, as an operator types it (through `python -m engine`).
+        # `switchboard console …`, as an operator types it (through `python -m switchboard`).
         command = " ".join(shlex.quote(part) for part in [
-            sys.executable, "-m", "engine", "console", "--engine", api_url(run), "--token", TOKEN,
+            sys.executable, "-m", "switchboard", "console", "--engine", api_url(run), "--token", TOKEN,
             "--log-file", str(tmp_path / "console.log")]) + f"; echo $? > {rc_file}"
         env = dict(os.environ, TERM="xterm-256color")
         env.pop("TMUX", None)
@@ -433,7 +433,7 @@ async def test_console_in_tmux_shows_a_live_call_and_quits(tmp_path: Path) -> No
 
 async def test_switchboard_console_passes_its_options_on() -> None:
     done = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "engine", "console", "--engine",
+        subprocess.run, [sys.executable, "-m", "switchboard", "console", "--engine",
                          "ws://127.0.0.1:9", "--token", "t", "--help"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

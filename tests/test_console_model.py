@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from console.model import ConsoleModel, percentile
-from engine.ops.api_schema import CallSnapshot, Snapshot, SpendTotals, TranscriptEntry
-from engine.ops.events import (
+from engine.bus.events import (
     Alert,
     BusGap,
     CallEnded,
@@ -23,6 +22,7 @@ from engine.ops.events import (
     TurnLatency,
     UsageCost,
 )
+from engine.supervision.api_schema import CallSnapshot, Snapshot, SpendTotals, TranscriptEntry
 
 T0 = 1_700_000_000.0
 
@@ -267,8 +267,8 @@ def test_percentile() -> None:
 
 
 def test_console_imports_only_the_event_schema_and_api_schema() -> None:
-    """The console may depend on engine.ops.events and engine.ops.api_schema only."""
-    allowed = {"engine.ops.events", "engine.ops.api_schema"}
+    """The console may depend on engine.bus.events and engine.supervision.api_schema only."""
+    allowed = {"engine.bus.events", "engine.supervision.api_schema"}
     seen: set[str] = set()
     for path in Path("console").glob("*.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"))

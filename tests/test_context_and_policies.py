@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.config import FaqConfig, load_config
-from engine.providers.agent_faq import FaqAgent
 from engine.providers.base import ChatMessage
-from engine.providers.llm_openai import OpenAIChatAgent
+from engine.providers.builtin.agent_faq import FaqAgent
+from engine.providers.builtin.llm_openai import OpenAIChatAgent
 from engine.session.context import ConversationContext
 from engine.session.sentences import SentenceAggregator
 from engine.sim.standins.openai_api import OpenAIStandin

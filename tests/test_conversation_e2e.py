@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from engine.audio.codec import ulaw_to_int16
+from engine.bus.events import Alert
 from engine.config import Config
-from engine.ops.events import Alert
 from engine.sim.scenario import Scenario, Step
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.wiring import Providers, build_engine, build_providers

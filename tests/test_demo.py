@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import load_config
-from engine.demo import demo_config, load_scenarios, run_demo
+from switchboard.demo import demo_config, load_scenarios, run_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

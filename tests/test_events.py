@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from engine.ops import events as events_module
-from engine.ops.events import (
+from engine.bus import events as events_module
+from engine.bus.events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
     Alert,
@@ -167,12 +167,12 @@ def test_schema_module_imports_only_stdlib_and_pydantic() -> None:
 
 
 def test_importing_the_schema_loads_no_other_engine_module() -> None:
-    code = ("import sys, engine.ops.events; "
+    code = ("import sys, engine.bus.events; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'engine'))")
     root = Path(events_module.__file__).parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True,
                          text=True, check=True).stdout
-    assert out.strip() == "['engine', 'engine.ops', 'engine.ops.events']"
+    assert out.strip() == "['engine', 'engine.bus', 'engine.bus.events']"
 
 
 def test_encode_decode_cost_stays_in_microseconds() -> None:

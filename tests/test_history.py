@@ -15,24 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from engine.ops.history import (
+from engine.providers.base import Usage
+from engine.record.history import (
     END_REASON_UNEXPECTED,
     SCHEMA_VERSION,
     CallHistory,
     HistoryError,
-    TurnRecord,
 )
-from engine.ops.metrics import TurnTimings
-from engine.ops.report import build_report
-from engine.providers.base import Usage
+from engine.record.report import build_report
+from engine.session.records import TurnRecord, TurnTimings
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Writes a call, three turns and some usage, then kills itself (SIGKILL) mid-call.
 CRASHING_ENGINE = textwrap.dedent("""
     import asyncio, os, sys
-    from engine.ops.history import CallHistory, TurnRecord
-    from engine.ops.metrics import TurnTimings
+    from engine.record.history import CallHistory
+    from engine.session.records import TurnRecord, TurnTimings
     from engine.providers.base import Usage
 
     async def main() -> None:

@@ -10,7 +10,9 @@ import pytest
 import structlog
 
 from engine.config import BudgetConfig, PricesConfig
-from engine.ops.ledger import CallLedger, PriceTable, SpendLedger, realtime_conversation_cost
+from engine.money.ledger import CallLedger, SpendLedger
+from engine.money.prices import PriceTable
+from engine.money.realtime import realtime_conversation_cost
 from engine.providers.base import Usage
 
 # Explicit prices, so a change of the shipped defaults cannot move these figures.

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from engine.providers.base import Agent, AgentDone, ChatMessage, ProviderError, TextDelta
-from engine.providers.llm_openai import OpenAIChatAgent
+from engine.providers.builtin.llm_openai import OpenAIChatAgent
 from engine.sim.standins.openai_api import OpenAIStandin
 from tests.cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, collect
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.config import MetricsConfig
-from engine.ops.metrics import (
+from engine.record.metrics import (
     EngineMetrics,
     LatencyTracker,
     RollingWindow,
-    TurnTimings,
     percentile,
 )
+from engine.session.records import TurnTimings
 
 
 def test_percentiles_on_known_data() -> None:

@@ -18,13 +18,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from engine.bus.events import CallEnded, StateChanged, TurnLatency, UsageCost
 from engine.config import Config
-from engine.ops.api_schema import SERVER_FRAME, EventFrame, Reply, Snapshot
-from engine.ops.events import CallEnded, StateChanged, TurnLatency, UsageCost
 from engine.sim.scenario import Scenario, Step
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.sim.standins.openai_api import OpenAIStandin
 from engine.sim.standins.twilio_api import TwilioApiStandIn
+from engine.supervision.api_schema import SERVER_FRAME, EventFrame, Reply, Snapshot
 from engine.wiring import build_engine
 from tests.harness import (
     ACCOUNT_SID,
@@ -241,7 +241,7 @@ async def test_ledger_equals_price_table_applied_to_reported_usage(tmp_path: Pat
 
 
 def _serve(config_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "engine", "--config", str(config_path),
+    return subprocess.Popen([sys.executable, "-m", "switchboard", "--config", str(config_path),
                              "serve"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
 
@@ -294,7 +294,7 @@ async def test_kill_9_mid_call_leaves_a_history_report_can_read(tmp_path: Path) 
             proc.kill()
         await rest.stop()
     report = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "engine", "--config", str(config_path),
+        subprocess.run, [sys.executable, "-m", "switchboard", "--config", str(config_path),
                          "report", "--since", "1d", "--format", "json"],
         env=env, capture_output=True, timeout=60)
     assert report.returncode == 0, report.stderr.decode()[-2000:]
@@ -317,7 +317,7 @@ async def test_kill_9_mid_call_leaves_a_history_report_can_read(tmp_path: Path) 
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
     again = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "engine", "--config", str(config_path),
+        subprocess.run, [sys.executable, "-m", "switchboard", "--config", str(config_path),
                          "report", "--since", "1d", "--format", "json"],
         env=env, capture_output=True, timeout=60)
     after = json.loads(again.stdout)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from engine.config import PricesConfig
-from engine.ops.history import CallHistory, HistoryError, TurnRecord
-from engine.ops.metrics import TurnTimings
-from engine.ops.report import DAYS_PER_MONTH, build_report, parse_since, render_report
 from engine.providers.base import Usage
+from engine.record.history import CallHistory, HistoryError
+from engine.record.report import DAYS_PER_MONTH, build_report, parse_since, render_report
+from engine.session.records import TurnRecord, TurnTimings
 
 NOW = datetime(2027, 3, 31, 12, 0, tzinfo=UTC)
 PRICES = PricesConfig(realtime_audio_in=10.0, realtime_audio_cached_in=0.30,

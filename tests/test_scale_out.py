@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.ops.bus_redis import RedisEventBus
-from engine.ops.events import CallEnded, CallStarted, Event
+from engine.bus.events import CallEnded, CallStarted, Event
+from engine.bus.redis_streams import RedisEventBus
 from engine.sim.scenario import Scenario, Step
 from tests.harness import base_sections, make_local_engine, running_engine
 

@@ -14,7 +14,8 @@ from rapidfuzz import fuzz
 
 from engine.audio.codec import ulaw_to_pcm16
 from engine.providers.base import ProviderError, SpeechToText
-from engine.providers.espeak_engine import get_espeak
+from engine.providers.builtin.espeak_engine import get_espeak
+from engine.providers.builtin.stt_local_whisper import LocalWhisperSTT
 from engine.providers.model_files import (
     WHISPER_TINY_EN_FILES,
     ExpectedFile,
@@ -23,7 +24,6 @@ from engine.providers.model_files import (
     locate_bundled_whisper,
     verify_model_dir,
 )
-from engine.providers.stt_local_whisper import LocalWhisperSTT
 
 pytest.importorskip("faster_whisper")
 

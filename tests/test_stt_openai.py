@@ -11,7 +11,7 @@ import pytest
 
 from engine.audio.wav import pcm16_to_wav_bytes as pcm16_to_wav
 from engine.providers.base import ProviderError, SpeechToText
-from engine.providers.stt_openai import OpenAITranscriber
+from engine.providers.builtin.stt_openai import OpenAITranscriber
 from engine.sim.standins.openai_api import OpenAIStandin, SegmentSpec
 from tests.cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, speech_pcm16
 

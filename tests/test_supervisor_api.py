@@ -21,8 +21,18 @@ import pytest
 import redis.asyncio as aioredis
 from structlog.testing import capture_logs
 
+from engine.bus.event_bus import EventBus
+from engine.bus.events import (
+    CallState,
+    CommandAudit,
+    EventStamper,
+    StateChanged,
+    TranscriptLine,
+)
+from engine.bus.memory import MemoryEventBus
+from engine.bus.redis_streams import RedisEventBus
 from engine.config import Config, ConsoleApiConfig
-from engine.ops.api_schema import (
+from engine.supervision.api_schema import (
     SERVER_FRAME,
     CallSnapshot,
     Command,
@@ -33,18 +43,8 @@ from engine.ops.api_schema import (
     Snapshot,
     TranscriptEntry,
 )
-from engine.ops.bus import EventBus
-from engine.ops.bus_memory import MemoryEventBus
-from engine.ops.bus_redis import RedisEventBus
-from engine.ops.events import (
-    CallState,
-    CommandAudit,
-    EventStamper,
-    StateChanged,
-    TranscriptLine,
-)
-from engine.ops.supervisor_api import CLOSE_TOO_SLOW, READONLY_REFUSAL, SupervisorApi
-from engine.ops.tokens import ConsoleTokens, TokenError, load_or_create_tokens
+from engine.supervision.server import CLOSE_TOO_SLOW, READONLY_REFUSAL, SupervisorApi
+from engine.supervision.tokens import ConsoleTokens, TokenError, load_or_create_tokens
 from tests.conftest import BusFactory
 
 FULL = "full-token-" + "f" * 32

@@ -8,8 +8,8 @@ import pytest
 from engine.audio.codec import ulaw_to_int16
 from engine.audio.resample import resample
 from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech
-from engine.providers.tts_elevenlabs import STREAM_CHUNK_BYTES, ElevenLabsTTS
-from engine.providers.tts_openai import OpenAITTS, Pcm24kToUlaw
+from engine.providers.builtin.tts_elevenlabs import STREAM_CHUNK_BYTES, ElevenLabsTTS
+from engine.providers.builtin.tts_openai import OpenAITTS, Pcm24kToUlaw
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.sim.standins.openai_api import OpenAIStandin
 from tests.cloud_fixtures import (

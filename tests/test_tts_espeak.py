@@ -12,8 +12,8 @@ import pytest
 
 from engine.audio.codec import ulaw_to_int16
 from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech
-from engine.providers.espeak_engine import get_espeak
-from engine.providers.tts_espeak import EspeakTTS
+from engine.providers.builtin.espeak_engine import get_espeak
+from engine.providers.builtin.tts_espeak import EspeakTTS
 
 SENTENCE = "How much does the premium plan cost?"
 

@@ -1,1 +1,1 @@
-"""Providers: speech-to-text, agent (LLM or FAQ), text-to-speech; one module each."""
+"""Providers: interfaces per kind, the registry, fallback chains, the response cache."""

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from engine.config import Config
 from engine.log import get_logger
-from engine.ops.history import TurnRecord
 from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech, Usage
+from engine.session.records import TurnRecord
 from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransition
 from engine.telephony import twiml
 from engine.telephony.outbound import OutboundPlayer

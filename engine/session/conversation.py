@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Any
 from engine.audio.vad import Endpointer, EndpointerOptions, SpeechEnded, SpeechStarted
 from engine.config import Config
 from engine.log import get_logger
-from engine.ops.history import TurnRecord
-from engine.ops.metrics import TurnTimings
 from engine.providers.base import (
     Agent,
     AgentDone,
@@ -36,9 +34,10 @@ from engine.providers.base import (
     TextToSpeech,
     Transcript,
 )
-from engine.providers.faq_matcher import FaqMatcher, detect_intent
+from engine.providers.faq.matcher import FaqMatcher, detect_intent
 from engine.providers.response_cache import ResponseCache
 from engine.session.context import ConversationContext
+from engine.session.records import TurnRecord, TurnTimings
 from engine.session.sentences import SentenceAggregator
 from engine.session.states import CallState
 

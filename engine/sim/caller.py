@@ -339,7 +339,7 @@ class SimulatedCaller:
         key = (self.voice, text)
         audio = self._speech_cache.get(key)
         if audio is None:
-            from engine.providers.espeak_engine import get_espeak
+            from engine.providers.builtin.espeak_engine import get_espeak
 
             audio = await get_espeak().synthesize_ulaw8k(text, self.voice, self.rate_wpm)
             self._speech_cache[key] = audio

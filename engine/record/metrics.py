@@ -13,7 +13,6 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,41 +25,13 @@ from prometheus_client import (
 
 from engine.config import MetricsConfig
 from engine.log import get_logger
+from engine.session.records import STAGES, Stage, TurnTimings
 
 log = get_logger(__name__)
-
-Stage = Literal["stt", "llm_first_token", "tts_first_audio", "engine_overhead",
-                "voice_to_voice", "endpointing"]
-STAGES: tuple[Stage, ...] = ("stt", "llm_first_token", "tts_first_audio", "engine_overhead",
-                             "voice_to_voice", "endpointing")
 
 # Phone latency: a good voice-to-voice is under a second, over 2-3 s feels broken.
 LATENCY_BUCKETS_S = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0,
                      4.0, 6.0, 10.0)
-
-
-@dataclass(slots=True)
-class TurnTimings:
-    """Seconds spent in each stage of one turn; None when the stage did not run
-    (e.g. no LLM for a cached answer)."""
-
-    stt: float | None = None
-    llm_first_token: float | None = None
-    tts_first_audio: float | None = None
-    engine_overhead: float | None = None
-    voice_to_voice: float | None = None  # caller stops speaking -> first agent audio out
-    endpointing: float | None = None  # caller stops speaking -> turn declared over
-    # Not histogram stages: the LLM's first token to its first whole sentence (speech
-    # waits for it), and seconds from the first agent audio out to the agent's last
-    # token (positive: speech started before the LLM finished).
-    audio_lead_over_llm: float | None = None
-    llm_first_sentence: float | None = None
-
-    def items(self) -> list[tuple[Stage, float]]:
-        values: tuple[float | None, ...] = (
-            self.stt, self.llm_first_token, self.tts_first_audio, self.engine_overhead,
-            self.voice_to_voice, self.endpointing)
-        return [(stage, v) for stage, v in zip(STAGES, values, strict=True) if v is not None]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float | None:

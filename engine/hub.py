@@ -16,10 +16,17 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.bus import events as ev
+from engine.bus.event_bus import BusPublishError, EventBus, make_event_bus
 from engine.config import Config
 from engine.log import get_logger
-from engine.ops import events as ev
-from engine.ops.api_schema import (
+from engine.money.ledger import BudgetAlert, SpendLedger, SpendUpdate
+from engine.providers.base import Usage
+from engine.record.history import CallHistory
+from engine.record.metrics import EngineMetrics
+from engine.session.records import TurnRecord
+from engine.session.states import CallState
+from engine.supervision.api_schema import (
     CallSnapshot,
     Command,
     Hello,
@@ -28,12 +35,6 @@ from engine.ops.api_schema import (
     SpendTotals,
     TranscriptEntry,
 )
-from engine.ops.bus import BusPublishError, EventBus, make_event_bus
-from engine.ops.history import CallHistory, TurnRecord
-from engine.ops.ledger import BudgetAlert, SpendLedger, SpendUpdate
-from engine.ops.metrics import EngineMetrics
-from engine.providers.base import Usage
-from engine.session.states import CallState
 
 if TYPE_CHECKING:
     from engine.session.call_session import CallSession

@@ -22,9 +22,7 @@ from typing import TextIO
 
 from aiohttp import web
 
-from engine.config import Config
-from engine.log import configure_logging, get_logger
-from engine.ops.events import (
+from engine.bus.events import (
     Alert,
     CallEnded,
     CallStarted,
@@ -34,6 +32,8 @@ from engine.ops.events import (
     TurnLatency,
     UsageCost,
 )
+from engine.config import Config
+from engine.log import configure_logging, get_logger
 from engine.sim.caller import CallResult, SimulatedCaller
 from engine.sim.scenario import Scenario, bundled_scenarios_dir
 from engine.sim.standins.twilio_api import TwilioApiStandIn

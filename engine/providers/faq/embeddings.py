@@ -24,7 +24,7 @@ import numpy as np
 
 from engine.config import FaqEntry
 from engine.log import get_logger
-from engine.providers.faq_matcher import FaqMatch
+from engine.providers.faq.matcher import FaqMatch
 
 log = get_logger(__name__)
 

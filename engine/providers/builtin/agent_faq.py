@@ -25,10 +25,10 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
-from engine.providers.faq_matcher import FaqMatch, FaqMatcher, Intent, detect_intent, normalize
+from engine.providers.faq.matcher import FaqMatch, FaqMatcher, Intent, detect_intent, normalize
 
 if TYPE_CHECKING:
-    from engine.providers.embeddings import SemanticFaqStage
+    from engine.providers.faq.embeddings import SemanticFaqStage
 
 log = get_logger(__name__)
 
@@ -92,7 +92,7 @@ class FaqAgent:
                  prompt_answer: str = DEFAULT_PROMPT) -> None:
         self.faq = faq
         self.matcher = matcher or FaqMatcher(faq.entries, faq.match_threshold)
-        # Optional embedding stage (engine.providers.embeddings), asked only when the
+        # Optional embedding stage (engine.providers.faq.embeddings), asked only when the
         # lexical matcher finds nothing; ~10 ms in a thread.
         self.semantic = semantic
         self.prompt_answer = prompt_answer.format(business=faq.business_name)

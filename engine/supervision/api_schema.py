@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from engine.ops.events import SCHEMA_VERSION, CallState, Event, Speaker
+from engine.bus.events import SCHEMA_VERSION, CallState, Event, Speaker
 
 API_VERSION = 1
 

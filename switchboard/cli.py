@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -37,34 +35,15 @@ def _load(args: argparse.Namespace) -> Config:
 # -- serve ---------------------------------------------------------------------------------
 
 
-async def _serve(config: Config) -> None:
-    from aiohttp import web
-
-    from engine.wiring import build_engine
-
-    engine = await build_engine(config)
-    runner = web.AppRunner(engine.build_app(), access_log=None, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, config.engine.host, config.engine.port)
-    await site.start()
-    log.info("engine.listening", host=config.engine.host, port=config.engine.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("engine.stopping")
-    await runner.cleanup()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.host:
         config.engine.host = args.host
     if args.port:
         config.engine.port = args.port
-    asyncio.run(_serve(config))
+    from engine.serve import serve
+
+    asyncio.run(serve(config))
     return 0
 
 
@@ -123,7 +102,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo
+    from switchboard.demo import run_demo
 
     config = _load(args)
     return asyncio.run(run_demo(config, headless=args.headless, calls=args.calls,
@@ -134,8 +113,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from engine.ops.history import HistoryError
-    from engine.ops.report import build_report, parse_since, render_report
+    from engine.record.history import HistoryError
+    from engine.record.report import build_report, parse_since, render_report
 
     config = _load(args)
     try:

@@ -16,9 +16,9 @@ import asyncio
 import secrets
 from collections.abc import AsyncGenerator
 
+from engine.bus.event_bus import BusClosedError
+from engine.bus.events import BusGap, Event, EventBase
 from engine.log import get_logger
-from engine.ops.bus import BusClosedError
-from engine.ops.events import BusGap, Event, EventBase
 
 log = get_logger(__name__)
 

@@ -33,9 +33,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from engine.bus.event_bus import FROM_OLDEST, BusClosedError, BusError, BusPublishError
+from engine.bus.events import BusGap, Event, EventDecodeError, decode_event, encode_event
 from engine.log import get_logger
-from engine.ops.bus import FROM_OLDEST, BusClosedError, BusError, BusPublishError
-from engine.ops.events import BusGap, Event, EventDecodeError, decode_event, encode_event
 
 log = get_logger(__name__)
 

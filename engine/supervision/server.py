@@ -39,12 +39,12 @@ from typing import Literal, Protocol
 from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import ValidationError
 
+from engine.bus.event_bus import BusError, EventBus
+from engine.bus.events import BusGap, Event, encode_event
 from engine.config import Config
 from engine.log import get_logger
-from engine.ops.api_schema import COMMAND, Command, ErrorFrame, Hello, Reply, Snapshot
-from engine.ops.bus import BusError, EventBus
-from engine.ops.events import BusGap, Event, encode_event
-from engine.ops.tokens import ConsoleTokens, load_or_create_tokens
+from engine.supervision.api_schema import COMMAND, Command, ErrorFrame, Hello, Reply, Snapshot
+from engine.supervision.tokens import ConsoleTokens, load_or_create_tokens
 
 log = get_logger(__name__)
 

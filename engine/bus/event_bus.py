@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from engine.ops.events import Event
+from engine.bus.events import Event
 
 if TYPE_CHECKING:
     from engine.config import Config
@@ -67,14 +67,14 @@ def make_event_bus(config: Config) -> EventBus:
     """The bus selected by `config.bus.backend` ("memory" or "redis")."""
     backend = config.bus.backend
     if backend == "memory":
-        from engine.ops.bus_memory import MemoryEventBus
+        from engine.bus.memory import MemoryEventBus
 
         return MemoryEventBus(maxlen=config.bus.memory_maxlen)
     if backend == "redis":
         if not config.redis.url:
             raise ValueError("bus.backend is 'redis' but redis.url (env REDIS_URL) is empty")
         # Imported lazily: the embedded default never loads the Redis client.
-        from engine.ops.bus_redis import RedisEventBus
+        from engine.bus.redis_streams import RedisEventBus
 
         return RedisEventBus(config.redis.url, key_prefix=config.redis.key_prefix,
                              maxlen=config.bus.stream_maxlen)

@@ -21,7 +21,7 @@ from engine.providers.base import (
     TranscriptConfidence,
     Usage,
 )
-from engine.providers.llm_openai import map_openai_error
+from engine.providers.builtin.llm_openai import map_openai_error
 
 log = get_logger(__name__)
 

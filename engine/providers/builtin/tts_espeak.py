@@ -20,7 +20,7 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
-from engine.providers.espeak_engine import EspeakEngine, get_espeak
+from engine.providers.builtin.espeak_engine import EspeakEngine, get_espeak
 
 log = get_logger(__name__)
 

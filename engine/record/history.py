@@ -30,14 +30,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from engine.log import get_logger
-from engine.ops.metrics import TurnTimings
 from engine.providers.base import Usage
+from engine.session.records import TurnRecord
 
 log = get_logger(__name__)
 
@@ -146,21 +146,6 @@ def migrate(conn: sqlite3.Connection) -> int:
         conn.executescript(f"BEGIN;\n{MIGRATIONS[version - 1]}\n"
                            f"PRAGMA user_version={version};\nCOMMIT;")
     return found
-
-
-@dataclass(slots=True)
-class TurnRecord:
-    """One completed turn as it is stored."""
-
-    idx: int
-    caller_text: str = ""
-    agent_text: str = ""
-    heard_text: str = ""  # what the caller actually heard (cut at a barge-in)
-    interrupted: bool = False
-    cached: bool = False  # answered from the response cache
-    caller_audio_s: float = 0.0  # caller speech length (for the Realtime comparison)
-    agent_audio_s: float = 0.0  # agent speech played
-    timings: TurnTimings = field(default_factory=TurnTimings)
 
 
 @dataclass(slots=True, frozen=True)

@@ -1,0 +1,1 @@
+"""The event bus and its schema: typed events, in-process and Redis Streams backends."""

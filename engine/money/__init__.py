@@ -1,0 +1,1 @@
+"""Money: the price table, per-call ledgers, daily and monthly budgets."""

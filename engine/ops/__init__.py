@@ -1,1 +1,0 @@
-"""Operations plane: events, bus, supervisor API, metrics, spend ledger, call history."""

@@ -1,0 +1,1 @@
+"""The provider implementations; each module declares and registers one or more."""

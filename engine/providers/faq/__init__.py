@@ -1,0 +1,1 @@
+"""FAQ understanding: text normalisation, caller intent, question matching."""

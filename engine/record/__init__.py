@@ -1,0 +1,1 @@
+"""The record: call history (SQLite), latency metrics, the business report."""

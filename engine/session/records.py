@@ -1,0 +1,53 @@
+"""What a call produces besides audio: one record per turn, with its stage timings.
+
+The session fills these in; the operations side (history, metrics, events) reads them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Stage = Literal["stt", "llm_first_token", "tts_first_audio", "engine_overhead",
+                "voice_to_voice", "endpointing"]
+STAGES: tuple[Stage, ...] = ("stt", "llm_first_token", "tts_first_audio", "engine_overhead",
+                             "voice_to_voice", "endpointing")
+
+
+@dataclass(slots=True)
+class TurnTimings:
+    """Seconds spent in each stage of one turn; None when the stage did not run
+    (e.g. no LLM for a cached answer)."""
+
+    stt: float | None = None
+    llm_first_token: float | None = None
+    tts_first_audio: float | None = None
+    engine_overhead: float | None = None
+    voice_to_voice: float | None = None  # caller stops speaking -> first agent audio out
+    endpointing: float | None = None  # caller stops speaking -> turn declared over
+    # Not histogram stages: the LLM's first token to its first whole sentence (speech
+    # waits for it), and seconds from the first agent audio out to the agent's last
+    # token (positive: speech started before the LLM finished).
+    audio_lead_over_llm: float | None = None
+    llm_first_sentence: float | None = None
+
+    def items(self) -> list[tuple[Stage, float]]:
+        values: tuple[float | None, ...] = (
+            self.stt, self.llm_first_token, self.tts_first_audio, self.engine_overhead,
+            self.voice_to_voice, self.endpointing)
+        return [(stage, v) for stage, v in zip(STAGES, values, strict=True) if v is not None]
+
+
+@dataclass(slots=True)
+class TurnRecord:
+    """One completed turn as it is stored."""
+
+    idx: int
+    caller_text: str = ""
+    agent_text: str = ""
+    heard_text: str = ""  # what the caller actually heard (cut at a barge-in)
+    interrupted: bool = False
+    cached: bool = False  # answered from the response cache
+    caller_audio_s: float = 0.0  # caller speech length (for the Realtime comparison)
+    agent_audio_s: float = 0.0  # agent speech played
+    timings: TurnTimings = field(default_factory=TurnTimings)

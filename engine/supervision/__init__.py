@@ -1,0 +1,1 @@
+"""Supervision: the supervisor API (snapshot, live events, commands) and its tokens."""

@@ -1,0 +1,1 @@
+"""The `switchboard` command: the only place that knows both the engine and the console."""
