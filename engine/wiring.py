@@ -2,7 +2,9 @@
 
 The embedded default (in-process bus, SQLite history, local providers) and the scaled
 deployment (Redis bus and cache, cloud providers) are the same code with other parts
-chosen here. Cloud providers whose API key is not set are skipped, loudly.
+chosen here. The chains name providers; the registry (engine.providers.registry) says
+how to build each. A provider that cannot run here (a cloud provider without its API
+key) is skipped, loudly.
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ from engine.config import Config
 from engine.hub import OpsHub
 from engine.log import get_logger
 from engine.providers.base import Agent, SpeechToText, TextToSpeech
-from engine.providers.fallback import FallbackAgent, FallbackEvent, FallbackSTT, FallbackTTS
+from engine.providers.caching_tts import CachingTTS
+from engine.providers.chain import FallbackEvent
+from engine.providers.fallback import FallbackAgent, FallbackSTT, FallbackTTS
 from engine.providers.faq.matcher import FaqMatcher
-from engine.providers.response_cache import CachingTTS, ResponseCache, make_response_cache
+from engine.providers.registry import Kind, ProviderUnavailable, registry
+from engine.providers.response_cache import ResponseCache, make_response_cache
 from engine.record.history import CallHistory
 from engine.session.call_session import CallSession
 from engine.session.conversation import ConversationPipeline, PipelineDeps
 
 log = get_logger(__name__)
+
+_PROTOCOLS: dict[Kind, type] = {"stt": SpeechToText, "agent": Agent, "tts": TextToSpeech}
 
 
 class NoProviderError(ValueError):
@@ -36,93 +43,38 @@ class Providers:
     agents: list[Agent] = field(default_factory=list)
     tts: list[TextToSpeech] = field(default_factory=list)
 
-
-def _skip(kind: str, name: str, why: str) -> None:
-    log.warning("wiring.provider_skipped", kind=kind, provider=name, reason=why)
+    def all(self) -> list[SpeechToText | Agent | TextToSpeech]:
+        return [*self.stt, *self.agents, *self.tts]
 
 
 def build_providers(config: Config) -> Providers:
     """Instantiate every provider the chains name (without warming them up)."""
-    p = config.providers
-    oa, el = p.openai, p.elevenlabs
-    oa_key = oa.api_key.get_secret_value()
-    out = Providers()
-    for name in p.stt:
-        if name == "local_whisper":
-            from engine.providers.builtin.stt_local_whisper import LocalWhisperSTT
-
-            lw = p.local_whisper
-            out.stt.append(LocalWhisperSTT(model=lw.model, device=lw.device,
-                                           compute_type=lw.compute_type,
-                                           cpu_threads=lw.cpu_threads, workers=lw.workers,
-                                           beam_size=lw.beam_size))
-        elif name == "openai":
-            if not oa_key:
-                _skip("stt", name, "OPENAI_API_KEY is not set")
-                continue
-            from engine.providers.builtin.stt_openai import OpenAITranscriber
-
-            out.stt.append(OpenAITranscriber(oa_key, oa.stt_base_url or oa.base_url,
-                                             model=oa.stt_model, timeout_s=p.stt_timeout_s,
-                                             max_retries=oa.max_retries,
-                                             language=oa.stt_language or None))
-        else:
-            raise NoProviderError(f"unknown speech-to-text provider {name!r}")
-    for name in p.agent:
-        if name == "faq":
-            from engine.providers.builtin.agent_faq import FaqAgent
-
-            prompt = config.faq.prompt_answer.replace("{business}", config.faq.business_name)
-            out.agents.append(FaqAgent(config.faq, prompt_answer=prompt))
-        elif name == "openai":
-            if not oa_key:
-                _skip("agent", name, "OPENAI_API_KEY is not set")
-                continue
-            from engine.providers.builtin.llm_openai import OpenAIChatAgent
-
-            out.agents.append(OpenAIChatAgent(
-                oa_key, oa.base_url, model=oa.llm_model, temperature=oa.llm_temperature,
-                max_tokens=oa.llm_max_tokens, timeout_s=oa.timeout_s,
-                first_token_timeout_s=p.llm_first_token_timeout_s, max_retries=oa.max_retries,
-                summary_instruction=config.policy.summary_instruction))
-        else:
-            raise NoProviderError(f"unknown agent provider {name!r}")
-    for name in p.tts:
-        if name == "espeak":
-            from engine.providers.builtin.tts_espeak import EspeakTTS
-
-            out.tts.append(EspeakTTS(voice=p.espeak.voice, rate_wpm=p.espeak.rate_wpm))
-        elif name == "elevenlabs":
-            key = el.api_key.get_secret_value()
-            if not key:
-                _skip("tts", name, "ELEVENLABS_API_KEY is not set")
-                continue
-            from engine.providers.builtin.tts_elevenlabs import ElevenLabsTTS
-
-            out.tts.append(ElevenLabsTTS(key, el.voice_id, base_url=el.base_url,
-                                         model_id=el.model_id,
-                                         optimize_streaming_latency=el.optimize_streaming_latency,
-                                         timeout_s=el.timeout_s,
-                                         first_audio_timeout_s=p.tts_first_audio_timeout_s))
-        elif name == "openai":
-            if not oa_key:
-                _skip("tts", name, "OPENAI_API_KEY is not set")
-                continue
-            from engine.providers.builtin.tts_openai import OpenAITTS
-
-            out.tts.append(OpenAITTS(oa_key, oa.tts_base_url or oa.base_url,
-                                     model=oa.tts_model, voice=oa.tts_voice,
-                                     timeout_s=oa.timeout_s,
-                                     first_audio_timeout_s=p.tts_first_audio_timeout_s,
-                                     max_retries=oa.max_retries,
-                                     instructions=oa.tts_instructions or None))
-        else:
-            raise NoProviderError(f"unknown text-to-speech provider {name!r}")
+    registry.discover(config.providers.packages)
+    out = Providers(stt=_build_chain(config, "stt"), agents=_build_chain(config, "agent"),
+                    tts=_build_chain(config, "tts"))
     for kind, chain in (("stt", out.stt), ("agent", out.agents), ("tts", out.tts)):
         if not chain:
             raise NoProviderError(f"providers.{kind}: no usable provider (check the chain "
                                   "and the API keys in the environment)")
     return out
+
+
+def _build_chain(config: Config, kind: Kind) -> list[Any]:
+    """The providers of one chain, in order; those that cannot run here are skipped."""
+    protocol = _PROTOCOLS[kind]
+    chain: list[Any] = []
+    for name in config.providers.chains()[kind]:
+        spec = registry.spec(kind, name)
+        try:
+            provider = spec.build(config.providers.settings(name, spec.settings), config)
+        except ProviderUnavailable as exc:
+            log.warning("wiring.provider_skipped", kind=kind, provider=name, reason=exc.reason)
+            continue
+        if not isinstance(provider, protocol):  # a plug-in's mistake, caught at start-up
+            raise TypeError(f"providers.{kind}: {name!r} built a {type(provider).__name__}, "
+                            f"which is not a {protocol.__name__}")
+        chain.append(provider)
+    return chain
 
 
 def build_deps(config: Config, providers: Providers, cache: ResponseCache,
@@ -175,10 +127,8 @@ async def build_engine(config: Config, *, history: bool = True,
         since = (datetime.now(UTC) - timedelta(days=40)).date()
         hub.ledger.restore_day_totals(await store.daily_costs(since))
     providers = providers or build_providers(config)
-    for stt in providers.stt:
-        load = getattr(stt, "load", None)
-        if load is not None:
-            await load()  # load speech models before the first call, not during it
+    for provider in providers.all():
+        await provider.warm_up()  # load models before the first call, not during it
     cache = make_response_cache(config)
     deps = build_deps(config, providers, cache, hub)
 

@@ -26,10 +26,9 @@ from engine.providers.base import (
     Usage,
 )
 from engine.providers.breaker import BreakerState, CircuitBreaker
+from engine.providers.chain import AllProvidersFailed, FallbackEvent
 from engine.providers.fallback import (
-    AllProvidersFailed,
     FallbackAgent,
-    FallbackEvent,
     FallbackSTT,
     FallbackTTS,
     TruncatedAgentDone,
@@ -99,6 +98,9 @@ class ScriptedAgent:
         self.calls += 1
         return f"summary by {self.name}", _usage(self.name, "llm")
 
+    async def warm_up(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 
@@ -106,6 +108,7 @@ class ScriptedAgent:
 class ScriptedTTS:
     def __init__(self, name: str, scripts: list[list[Any]], voice: str = "v") -> None:
         self.name = name
+        self.model = "test-voice-model"
         self.voice = voice
         self._scripts = scripts
         self.calls = 0
@@ -118,6 +121,9 @@ class ScriptedTTS:
         self.streams.append(stream)
         return stream
 
+    async def warm_up(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 
@@ -125,6 +131,7 @@ class ScriptedTTS:
 class ScriptedSTT:
     def __init__(self, name: str, outcomes: list[Any]) -> None:
         self.name = name
+        self.model = "test-stt-model"
         self._outcomes = outcomes  # str (text), an exception, or HANG; last one repeats
         self.calls = 0
         self.closed = False
@@ -138,6 +145,9 @@ class ScriptedSTT:
             raise outcome
         return Transcript(text=outcome, confidence=TranscriptConfidence(),
                           usage=_usage(self.name, "stt"), timing=Timing(0.1, 0.1))
+
+    async def warm_up(self) -> None:
+        pass
 
     async def aclose(self) -> None:
         self.closed = True
@@ -507,3 +517,24 @@ async def test_cancelled_half_open_trial_releases_the_slot() -> None:
 def test_empty_chain_is_rejected() -> None:
     with pytest.raises(ValueError, match="at least one provider"):
         FallbackTTS([], first_audio_timeout_s=1)
+
+
+async def test_chains_report_the_serving_model_warm_up_members_and_mark_cuts() -> None:
+    first = ScriptedTTS("eleven", [[ProviderError("eleven", "down")]])
+    second = ScriptedTTS("espeak", [[AudioChunk(b"\x05"), ProviderError("espeak", "cut")]])
+    first.model, second.model = "flash", "espeak-ng"
+    chain = FallbackTTS([first, second], first_audio_timeout_s=1)
+    assert chain.model == "flash"  # the first provider's until another serves
+    out = await collect(chain.synthesize("Hi."))
+    assert chain.model == "espeak-ng" and out[-1].truncated
+    assert out[-1].usage.model == "espeak-ng"
+    assert not synth_done("x").truncated and not agent_done("x").truncated
+
+    warmed: list[str] = []
+
+    class Warming(ScriptedSTT):
+        async def warm_up(self) -> None:
+            warmed.append(self.name)
+
+    await FallbackSTT([Warming("a", ["x"]), Warming("b", ["y"])], timeout_s=1).warm_up()
+    assert warmed == ["a", "b"]

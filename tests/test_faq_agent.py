@@ -18,7 +18,9 @@ import pytest
 from engine.config import FaqConfig, FaqEntry
 from engine.providers.base import Agent, AgentDone, ChatMessage, TextDelta
 from engine.providers.builtin.agent_faq import FaqAgent, split_sentences
-from engine.providers.faq.matcher import FaqMatcher, content_tokens, detect_intent, normalize
+from engine.providers.faq.intent import detect_intent
+from engine.providers.faq.matcher import FaqMatcher
+from engine.providers.faq.text import content_tokens, normalize
 
 CASES_FILE = Path(__file__).parent / "data" / "faq_cases.toml"
 MIN_ACCURACY = {"exact": 1.0, "paraphrase": 0.9, "asr": 0.85}
@@ -343,3 +345,23 @@ async def test_agent_asks_semantic_stage_only_after_lexical_miss(embedder: Any) 
     # Intents stay with detect_intent: similarity never ends or transfers a call.
     found = stage.match("Goodbye, thanks.")
     assert found is None or found.entry.action == "answer"
+
+
+async def test_semantic_stage_is_loaded_by_warm_up_only_when_configured() -> None:
+    from structlog.testing import capture_logs
+
+    from engine.providers.faq import embeddings
+
+    off = FaqAgent(FAQ)
+    with capture_logs() as logs:
+        await off.warm_up()
+    assert off.semantic is None and not logs  # faq.semantic_threshold = 0: never tried
+    on = FaqAgent(FAQ.model_copy(update={"semantic_threshold": 0.51}))
+    with capture_logs() as logs:
+        await on.warm_up()
+    if embeddings.bundled_model_dir() is None:
+        assert on.semantic is None
+        assert [e["event"] for e in logs] == ["faq_semantic_stage_unavailable"]
+    else:
+        assert on.semantic is not None and on.semantic.threshold == 0.51
+

@@ -28,10 +28,9 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
+from engine.providers.caching_tts import CACHED_CHUNK_BYTES, CachingTTS
 from engine.providers.fallback import FallbackTTS
 from engine.providers.response_cache import (
-    CACHED_CHUNK_BYTES,
-    CachingTTS,
     MemoryResponseCache,
     NullCache,
     RedisResponseCache,
@@ -136,6 +135,9 @@ class CountingTTS:
             yield AudioChunk(chunk)
         yield SynthesisDone(Usage(self.name, "tts", self.model, characters=len(text)),
                             Timing(0.1, 0.3))
+
+    async def warm_up(self) -> None:
+        pass
 
     async def aclose(self) -> None:
         pass

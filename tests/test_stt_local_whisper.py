@@ -27,7 +27,7 @@ from engine.providers.model_files import (
 
 pytest.importorskip("faster_whisper")
 
-CALLER_VOICE = "en-gb"  # EspeakConfig.caller_voice
+CALLER_VOICE = "en-gb"  # EspeakSettings.caller_voice
 QUESTION = "How much does the premium plan cost?"
 
 
@@ -56,7 +56,7 @@ async def _telephone_pcm(text: str, voice: str = CALLER_VOICE) -> bytes:
 async def test_transcribes_caller_question_after_telephone_round_trip(
         stt: LocalWhisperSTT) -> None:
     assert isinstance(stt, SpeechToText)
-    await stt.load()
+    await stt.warm_up()
     pcm = await _telephone_pcm(QUESTION)
     transcript = await stt.transcribe(pcm, 8000)
 
@@ -84,7 +84,7 @@ async def test_silence_gives_empty_or_low_confidence(stt: LocalWhisperSTT) -> No
 
 @pytest.mark.slow
 async def test_concurrent_transcriptions_do_not_block_the_loop(stt: LocalWhisperSTT) -> None:
-    await stt.load()
+    await stt.warm_up()
     first = await _telephone_pcm(QUESTION)
     second = await _telephone_pcm("I would like to cancel my subscription.", "en-us")
     gaps: list[float] = []
@@ -149,7 +149,7 @@ async def test_tampered_model_file_is_refused(bundled_dir: Path, tmp_path: Path)
     # The provider refuses it too: it is the pinned model (config.json matches), damaged.
     provider = LocalWhisperSTT(model=str(model_dir))
     with pytest.raises(ModelIntegrityError):
-        await provider.load()
+        await provider.warm_up()
     await provider.aclose()
 
 
@@ -160,7 +160,7 @@ async def test_missing_model_file_is_refused(bundled_dir: Path, tmp_path: Path) 
         verify_model_dir(model_dir, WHISPER_TINY_EN_FILES)
     provider = LocalWhisperSTT(model=str(model_dir))
     with pytest.raises(ModelIntegrityError):
-        await provider.load()
+        await provider.warm_up()
     await provider.aclose()
 
 
@@ -170,7 +170,7 @@ async def test_unknown_model_dir_is_loaded_as_is_not_verified(tmp_path: Path) ->
     (model_dir / "config.json").write_text("{}")
     provider = LocalWhisperSTT(model=str(model_dir))
     with pytest.raises(ProviderError) as info:
-        await provider.load()
+        await provider.warm_up()
     # Not our pinned model, so no integrity refusal: the load itself fails.
     assert not isinstance(info.value, ModelIntegrityError)
     await provider.aclose()

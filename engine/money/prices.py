@@ -4,30 +4,33 @@ Money is kept as `Decimal` (built from the floats' shortest repr, so 0.15 is exa
 0.15): sums of thousands of sub-cent amounts stay exact. Amounts leave as floats (USD,
 unrounded); round only for display.
 
-Pricing rules (every number comes from `PricesConfig`):
-- STT: per audio minute for the model (`stt_openai_per_minute`); local providers use
-  `stt_local_per_minute`. A model may instead be token-billed: when the usage carries
-  tokens and the model is in `stt_per_million` (in, out per 1M tokens) the tokens are
-  priced.
-- LLM: (input - cached) * in + cached * cached_in + output * out, per 1M tokens.
-- TTS: characters / 1000 * the model's per-1K-characters price.
+A usage is priced by the units its provider declares (`engine.providers.registry`:
+`ProviderSpec.billing`, tried in order; a provider that declares nothing is billed in
+its kind's usual units). Every number comes from `PricesConfig`:
+- audio minute: `stt_openai_per_minute[model]`; local audio minute: `stt_local_per_minute`;
+- audio tokens: `stt_per_million[model]` (in, out per 1M), when the usage carries tokens;
+- tokens: (input - cached) * in + cached * cached_in + output * out, per 1M
+  (`llm_per_million[model]`);
+- characters: characters / 1000 * `tts_per_thousand_chars[model]` (or [provider]);
+- free: nothing; nor does audio replayed from the response cache ("<provider>:cache").
 - Phone (Twilio): billed per started minute, so the duration is rounded *up* to whole
   minutes (a 61 s call costs two minutes).
-A model without a price is counted at $0, logged once as a warning and listed in
-`PriceTable.unpriced_models`, so a missing price is visible and never crashes a call.
+A usage no declared unit has a price for is counted at $0, logged once as a warning and
+listed in `PriceTable.unpriced_models`, so a missing price is visible and never crashes
+a call.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Literal
 
 from engine.config import PricesConfig
 from engine.log import get_logger
-from engine.providers.base import Usage
+from engine.providers.base import CACHE_SUFFIX, Usage
+from engine.providers.registry import BillingUnit, registry
 
 log = get_logger(__name__)
 
@@ -35,9 +38,6 @@ ZERO = Decimal(0)
 MILLION = Decimal(1_000_000)
 THOUSAND = Decimal(1000)
 SIXTY = Decimal(60)
-
-# Providers that run on our own machine: no per-call bill beyond `stt_local_per_minute`.
-LOCAL_PROVIDERS = frozenset({"local_whisper", "espeak", "faq", "cache", "local"})
 
 CostKind = Literal["stt", "llm", "tts", "phone"]
 
@@ -55,10 +55,10 @@ class PriceTable:
     """Turns a `Usage` into dollars using the configured list prices."""
 
     def __init__(self, prices: PricesConfig) -> None:
+        registry.discover()  # the built-in providers' billing declarations
         self.config = prices
         self._stt_minute = {m: dec(p) for m, p in prices.stt_openai_per_minute.items()}
-        stt_tokens: Mapping[str, list[float]] = getattr(prices, "stt_per_million", {}) or {}
-        self._stt_tokens = {m: [dec(p) for p in ps] for m, ps in stt_tokens.items()}
+        self._stt_tokens = {m: [dec(p) for p in ps] for m, ps in prices.stt_per_million.items()}
         self._llm = {m: [dec(p) for p in ps] for m, ps in prices.llm_per_million.items()}
         self._tts = {m: dec(p) for m, p in prices.tts_per_thousand_chars.items()}
         self._stt_local = dec(prices.stt_local_per_minute)
@@ -67,19 +67,20 @@ class PriceTable:
 
     def cost_decimal(self, usage: Usage) -> tuple[Decimal, bool]:
         """(cost, priced): priced is False when no price was found (cost counted as 0)."""
-        if usage.kind == "stt":
-            cost, priced = self._stt_cost(usage)
-        elif usage.kind == "llm":
-            cost, priced = self._llm_cost(usage)
-        elif usage.kind == "tts":
-            cost, priced = self._tts_cost(usage)
-        else:
-            return self._unpriced(usage)
-        if cost < 0:  # negative quantities are a provider-adapter bug, not a refund
-            log.warning("negative usage ignored", kind=usage.kind, provider=usage.provider,
-                        model=usage.model)
-            return ZERO, False
-        return cost, priced
+        if usage.provider.endswith(CACHE_SUFFIX):
+            return ZERO, True  # replayed from the response cache: nothing synthesized
+        for billing in registry.billing(usage.kind, usage.provider):
+            if not billing.applies_to(usage.model):
+                continue
+            cost = self._price(billing.unit, usage)
+            if cost is None:
+                continue
+            if cost < 0:  # negative quantities are a provider-adapter bug, not a refund
+                log.warning("negative usage ignored", kind=usage.kind,
+                            provider=usage.provider, model=usage.model)
+                return ZERO, False
+            return cost, True
+        return self._unpriced(usage)
 
     def cost(self, usage: Usage) -> float:
         """USD for one provider call (0.0 for an unpriced model, see `unpriced_models`)."""
@@ -98,28 +99,36 @@ class PriceTable:
         """USD for a call leg of `duration_s` seconds, rounded up to whole minutes."""
         return float(self.phone_cost_decimal(duration_s))
 
-    # --- per kind -------------------------------------------------------------------
+    # --- per unit -------------------------------------------------------------------
 
-    def _stt_cost(self, usage: Usage) -> tuple[Decimal, bool]:
-        has_tokens = usage.input_tokens > 0 or usage.output_tokens > 0
-        if has_tokens and usage.model in self._stt_tokens:
-            rates = self._stt_tokens[usage.model]
-            price_in, price_out = rates[0], rates[-1]
-            cost = (usage.input_tokens * price_in + usage.output_tokens * price_out) / MILLION
-            return cost, True
+    def _price(self, unit: BillingUnit, usage: Usage) -> Decimal | None:
+        """The cost of `usage` in `unit`, or None when no price is configured for it."""
         minutes = dec(usage.audio_seconds) / SIXTY
-        if usage.model in self._stt_minute:
-            return minutes * self._stt_minute[usage.model], True
-        if usage.provider in LOCAL_PROVIDERS:
-            return minutes * self._stt_local, True
-        return self._unpriced(usage)
+        if unit is BillingUnit.AUDIO_MINUTE:
+            rate = self._stt_minute.get(usage.model)
+            return None if rate is None else minutes * rate
+        if unit is BillingUnit.LOCAL_AUDIO_MINUTE:
+            return minutes * self._stt_local
+        if unit is BillingUnit.AUDIO_TOKENS:
+            return self._audio_token_cost(usage)
+        if unit is BillingUnit.TOKENS:
+            return self._token_cost(usage)
+        if unit is BillingUnit.CHARACTERS:
+            rate = self._tts.get(usage.model, self._tts.get(usage.provider))
+            return None if rate is None else usage.characters * rate / THOUSAND
+        return ZERO  # BillingUnit.FREE
 
-    def _llm_cost(self, usage: Usage) -> tuple[Decimal, bool]:
+    def _audio_token_cost(self, usage: Usage) -> Decimal | None:
+        rates = self._stt_tokens.get(usage.model)
+        if rates is None or (usage.input_tokens <= 0 and usage.output_tokens <= 0):
+            return None  # not token-billed: the next declared unit prices it
+        price_in, price_out = rates[0], rates[-1]
+        return (usage.input_tokens * price_in + usage.output_tokens * price_out) / MILLION
+
+    def _token_cost(self, usage: Usage) -> Decimal | None:
         rates = self._llm.get(usage.model)
         if rates is None:
-            if usage.provider in LOCAL_PROVIDERS:
-                return ZERO, True
-            return self._unpriced(usage)
+            return None
         # [in, cached, out]; a model without a cached price lists [in, out].
         if len(rates) >= 3:
             price_in, price_cached, price_out = rates[0], rates[1], rates[2]
@@ -127,21 +136,8 @@ class PriceTable:
             price_in, price_cached, price_out = rates[0], rates[0], rates[-1]
         cached = min(usage.cached_input_tokens, usage.input_tokens)
         uncached = usage.input_tokens - cached
-        cost = (uncached * price_in + cached * price_cached
+        return (uncached * price_in + cached * price_cached
                 + usage.output_tokens * price_out) / MILLION
-        return cost, True
-
-    def _tts_cost(self, usage: Usage) -> tuple[Decimal, bool]:
-        if usage.provider.endswith(":cache"):
-            return ZERO, True  # replayed from the response cache: nothing synthesized
-        rate = self._tts.get(usage.model)
-        if rate is None:
-            rate = self._tts.get(usage.provider)
-        if rate is None:
-            if usage.provider in LOCAL_PROVIDERS:
-                return ZERO, True
-            return self._unpriced(usage)
-        return usage.characters * rate / THOUSAND, True
 
     def _unpriced(self, usage: Usage) -> tuple[Decimal, bool]:
         key = f"{usage.kind}:{usage.provider}:{usage.model}"

@@ -1,8 +1,11 @@
 """Provider interfaces: speech-to-text, agent (LLM or FAQ) and text-to-speech.
 
-One small Protocol per kind; one module per provider implements it. Every call reports
-what it used (`Usage`, priced later by the ledger) and how long it took (`Timing`),
-taken from the provider's own response wherever it reports them.
+One small Protocol per kind; one module per provider implements it (and declares it in
+`engine.providers.registry`). Every call reports what it used (`Usage`, priced later by
+the ledger) and how long it took (`Timing`), taken from the provider's own response
+wherever it reports them. Each provider also says which model it runs (`model`), may
+load or connect ahead of the first call (`warm_up`), and releases what it holds
+(`aclose`). Fallback chains and the audio cache are providers of their kind too.
 
 Audio conventions: STT takes PCM16 little-endian mono at the rate given; TTS yields
 mu-law 8 kHz (Twilio's format) so no conversion happens on the way out.
@@ -10,11 +13,13 @@ mu-law 8 kHz (Twilio's format) so no conversion happens on the way out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 ProviderKind = Literal["stt", "llm", "tts"]
+# Usage.provider of audio replayed from the response cache: "<provider>:cache", free.
+CACHE_SUFFIX = ":cache"
 
 
 @dataclass(slots=True)
@@ -65,6 +70,23 @@ class TranscriptConfidence:
     compression_ratio: float | None = None
     token_logprob_mean: float | None = None  # gpt-4o(-mini)-transcribe include=logprobs
 
+    @classmethod
+    def from_whisper_segments(cls, segments: Sequence[Any]) -> TranscriptConfidence:
+        """Whisper's per-segment signals folded into one utterance.
+
+        avg_logprob is weighted by segment duration; no_speech_prob and compression_ratio
+        take the worst segment, since one hallucinated segment spoils the utterance.
+        """
+        if not segments:
+            return cls()
+        durations = [max(float(s.end) - float(s.start), 0.0) for s in segments]
+        weights = durations if sum(durations) > 0 else [1.0] * len(segments)
+        avg_logprob = (sum(w * float(s.avg_logprob)
+                           for w, s in zip(weights, segments, strict=True)) / sum(weights))
+        return cls(avg_logprob=avg_logprob,
+                   no_speech_prob=max(float(s.no_speech_prob) for s in segments),
+                   compression_ratio=max(float(s.compression_ratio) for s in segments))
+
 
 @dataclass(slots=True)
 class Transcript:
@@ -78,8 +100,17 @@ class Transcript:
 class SpeechToText(Protocol):
     name: str
 
+    @property
+    def model(self) -> str:
+        """The model as reported in Usage."""
+        ...
+
     async def transcribe(self, pcm16: bytes, sample_rate: int) -> Transcript:
         """Transcribe one utterance. Raises ProviderError on failure."""
+        ...
+
+    async def warm_up(self) -> None:
+        """Load models or open connections before the first call (idempotent)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -113,6 +144,8 @@ class AgentDone:
     action: AgentAction = "answer"
     # Identifies a reusable answer (FAQ entry id, or a normalized question) for the cache.
     cache_key: str | None = None
+    # The provider failed mid-stream: the reply is cut and its usage estimated.
+    truncated: bool = False
 
 
 AgentEvent = TextDelta | AgentDone
@@ -122,7 +155,10 @@ AgentEvent = TextDelta | AgentDone
 class Agent(Protocol):
     name: str
 
-    def respond(self, messages: list[ChatMessage]) -> AsyncIterator[AgentEvent]:
+    @property
+    def model(self) -> str: ...
+
+    def respond(self, messages: list[ChatMessage]) -> AsyncGenerator[AgentEvent, None]:
         """Stream the reply to the conversation so far; the last event is AgentDone.
 
         Closing the iterator early (barge-in) must stop the work promptly.
@@ -132,6 +168,10 @@ class Agent(Protocol):
 
     async def summarize(self, messages: list[ChatMessage]) -> tuple[str, Usage]:
         """A short summary of older turns, used to keep the context bounded."""
+        ...
+
+    async def warm_up(self) -> None:
+        """Load what the first reply needs (idempotent)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -151,6 +191,8 @@ class AudioChunk:
 class SynthesisDone:
     usage: Usage
     timing: Timing
+    # The provider failed mid-stream: the audio is cut (never cache it).
+    truncated: bool = False
 
 
 SynthesisEvent = AudioChunk | SynthesisDone
@@ -159,14 +201,25 @@ SynthesisEvent = AudioChunk | SynthesisDone
 @runtime_checkable
 class TextToSpeech(Protocol):
     name: str
-    voice: str  # part of the audio cache key
 
-    def synthesize(self, text: str) -> AsyncIterator[SynthesisEvent]:
+    @property
+    def model(self) -> str:
+        """With `voice`, part of the audio cache key."""
+        ...
+
+    @property
+    def voice(self) -> str: ...
+
+    def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
         """Stream mu-law 8 kHz audio for `text`; the last event is SynthesisDone.
 
         Closing the iterator early (barge-in) must stop the work promptly.
         Raises ProviderError before the first chunk when the provider fails.
         """
+        ...
+
+    async def warm_up(self) -> None:
+        """Load or connect before the first sentence (idempotent)."""
         ...
 
     async def aclose(self) -> None: ...

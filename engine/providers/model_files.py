@@ -21,7 +21,7 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ExpectedFile:
-    size: int
+    size: int | None  # bytes, for the error message; None where only the digest is pinned
     sha256: str
 
 
@@ -88,9 +88,10 @@ def verify_model_dir(path: Path, expected: dict[str, ExpectedFile]) -> None:
         size = file_path.stat().st_size
         got = file_sha256(file_path)
         if got != want.sha256:
+            expected_size = "" if want.size is None else f" ({want.size} bytes)"
             raise ModelIntegrityError(
-                f"{file_path} has sha256 {got} ({size} bytes), expected {want.sha256} "
-                f"({want.size} bytes)")
+                f"{file_path} has sha256 {got} ({size} bytes), expected {want.sha256}"
+                f"{expected_size}")
     log.info("model_dir_verified", path=str(path), files=len(expected))
 
 

@@ -7,7 +7,8 @@ Two namespaces behind one small interface:
 
 Backends: in-process LRU with TTL (`memory`), Redis shared by every engine (`redis`),
 or nothing (`off`). A cache is an optimisation: every backend error degrades to a miss
-with a warning log and never reaches the call.
+with a warning log and never reaches the call. `CachingTTS` (caching_tts.py) puts the
+audio namespace in front of a voice.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -26,21 +27,10 @@ from redis.backoff import NoBackoff
 
 from engine.config import Config, ConfigError
 from engine.log import get_logger
-from engine.providers.base import (
-    AudioChunk,
-    SynthesisDone,
-    SynthesisEvent,
-    TextToSpeech,
-    Timing,
-    Usage,
-)
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
-
-# 100 ms of mu-law 8 kHz: cached audio is replayed in chunks like a live stream.
-CACHED_CHUNK_BYTES = 800
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,58 +330,3 @@ def make_response_cache(config: Config) -> ResponseCache:
     except ValueError as exc:  # redis-py rejects a malformed URL here
         log.error("invalid Redis URL for the response cache", error=str(exc))
         raise ConfigError(f"invalid redis.url for the response cache: {exc}") from exc
-
-
-# --- caching TTS ----------------------------------------------------------------------
-
-
-class CachingTTS:
-    """A TextToSpeech that replays cached audio and stores what `inner` synthesizes.
-
-    Wrap each provider inside a fallback chain (not the chain itself), so audio is keyed
-    by the provider that really produced it. The key includes the provider's `model`
-    when it has one, so changing the model does not replay the old one's audio.
-    Only complete streams are stored: a barge-in, an error or a truncated end is not.
-    """
-
-    def __init__(self, inner: TextToSpeech, cache: ResponseCache) -> None:
-        self.inner = inner
-        self.cache = cache
-        self.name = inner.name
-        self.voice = inner.voice
-        model = getattr(inner, "model", None)
-        self._cache_provider = f"{inner.name}/{model}" if model else inner.name
-
-    async def synthesize(self, text: str) -> AsyncIterator[SynthesisEvent]:
-        cacheable = bool(text.strip())
-        started = time.monotonic()
-        cached = (await self.cache.get_audio(self._cache_provider, self.voice, text)
-                  if cacheable else None)
-        if cached:
-            elapsed = time.monotonic() - started
-            for offset in range(0, len(cached), CACHED_CHUNK_BYTES):
-                yield AudioChunk(cached[offset:offset + CACHED_CHUNK_BYTES])
-            usage = Usage(provider=f"{self.inner.name}:cache", kind="tts",
-                          model=str(getattr(self.inner, "model", "") or "cache"),
-                          characters=0)
-            yield SynthesisDone(usage=usage, timing=Timing(elapsed,
-                                                           time.monotonic() - started))
-            return
-        parts: list[bytes] = []
-        stream = self.inner.synthesize(text)
-        try:
-            async for event in stream:
-                if isinstance(event, AudioChunk):
-                    parts.append(event.ulaw)
-                elif cacheable and parts and not getattr(event, "truncated", False):
-                    # Store before handing over the end: a consumer may stop right after it.
-                    await self.cache.put_audio(self._cache_provider, self.voice, text,
-                                               b"".join(parts))
-                yield event
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()

@@ -1,1 +1,1 @@
-"""The provider implementations; each module declares and registers one or more."""
+"""The built-in providers, one module each (plus shared helpers); each registers itself."""

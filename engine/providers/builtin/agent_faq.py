@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from engine.config import FaqConfig
+from engine.config import Config, FaqConfig
 from engine.log import get_logger
 from engine.providers.base import (
     AgentAction,
@@ -25,10 +24,11 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
-from engine.providers.faq.matcher import FaqMatch, FaqMatcher, Intent, detect_intent, normalize
-
-if TYPE_CHECKING:
-    from engine.providers.faq.embeddings import SemanticFaqStage
+from engine.providers.faq.embeddings import SemanticFaqStage, load_semantic_stage
+from engine.providers.faq.intent import Intent, detect_intent
+from engine.providers.faq.matcher import FaqMatch, FaqMatcher
+from engine.providers.faq.text import normalize
+from engine.providers.registry import Billing, BillingUnit, NoSettings, ProviderSpec, register
 
 log = get_logger(__name__)
 
@@ -54,7 +54,8 @@ def _is_greeting_or_empty(text: str) -> bool:
 
 
 def _usage() -> Usage:
-    return Usage(provider="faq", kind="llm", model="faq", input_tokens=0, output_tokens=0)
+    return Usage(provider=FaqAgent.name, kind="llm", model=FaqAgent.model, input_tokens=0,
+                 output_tokens=0)
 
 
 @dataclass(slots=True)
@@ -86,6 +87,7 @@ class FaqAgent:
     """Agent over a FAQ; matching takes well under a millisecond, so it runs inline."""
 
     name = "faq"
+    model = "faq"
 
     def __init__(self, faq: FaqConfig, matcher: FaqMatcher | None = None, *,
                  semantic: SemanticFaqStage | None = None,
@@ -93,7 +95,8 @@ class FaqAgent:
         self.faq = faq
         self.matcher = matcher or FaqMatcher(faq.entries, faq.match_threshold)
         # Optional embedding stage (engine.providers.faq.embeddings), asked only when the
-        # lexical matcher finds nothing; ~10 ms in a thread.
+        # lexical matcher finds nothing; ~10 ms in a thread. Loaded by warm_up when
+        # faq.semantic_threshold is set.
         self.semantic = semantic
         self.prompt_answer = prompt_answer.format(business=faq.business_name)
 
@@ -117,7 +120,7 @@ class FaqAgent:
                           "goodbye", None)
         return _Reply(self.faq.unknown_answer, "unknown", None)
 
-    async def respond(self, messages: list[ChatMessage]) -> AsyncIterator[AgentEvent]:
+    async def respond(self, messages: list[ChatMessage]) -> AsyncGenerator[AgentEvent, None]:
         started = time.perf_counter()
         last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
         if not last_user.strip():
@@ -161,5 +164,21 @@ class FaqAgent:
     async def summarize(self, messages: list[ChatMessage]) -> tuple[str, Usage]:
         return self.summary_of(messages).as_text(), _usage()
 
+    async def warm_up(self) -> None:
+        """Load the embedding stage when configured (logged and skipped if unavailable)."""
+        if self.semantic is None and self.faq.semantic_threshold > 0 and self.faq.entries:
+            self.semantic = await load_semantic_stage(self.faq.entries,
+                                                      self.faq.semantic_threshold)
+
     async def aclose(self) -> None:
         return None
+
+
+def build(settings: NoSettings, config: Config) -> FaqAgent:
+    prompt = config.faq.prompt_answer.replace("{business}", config.faq.business_name)
+    return FaqAgent(config.faq, prompt_answer=prompt)
+
+
+# Reads the [faq] section; its own provider table has nothing in it.
+SPEC = register(ProviderSpec(name="faq", kind="agent", settings=NoSettings, build=build,
+                             billing=(Billing(BillingUnit.FREE),)))

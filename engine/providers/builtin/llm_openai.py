@@ -15,12 +15,9 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx2
-import openai
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
-
+from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import (
     AgentDone,
@@ -31,10 +28,21 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
+from engine.providers.builtin.openai_common import (
+    ENV,
+    PROVIDER,
+    OpenAISettings,
+    api_key,
+    map_openai_error,
+    openai,
+)
+from engine.providers.registry import Billing, BillingUnit, ProviderSpec, register
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 log = get_logger(__name__)
 
-PROVIDER = "openai"
 DEFAULT_SUMMARY_INSTRUCTION = (
     "Summarize the phone conversation so far in at most three short sentences. Keep the "
     "caller's name, request, any numbers they gave, and what was already answered."
@@ -44,36 +52,6 @@ DEFAULT_SUMMARY_INSTRUCTION = (
 def estimate_tokens(text: str) -> int:
     """About four characters per token: used only when the server reports no usage."""
     return math.ceil(len(text) / 4) if text else 0
-
-
-def map_openai_error(exc: BaseException, provider: str = PROVIDER) -> ProviderError:
-    """An SDK exception as a ProviderError with its status and whether a retry may help."""
-    if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        # 408/409/429 and 5xx are transient; other 4xx (bad key, bad request) are not.
-        retryable = status in (408, 409, 429) or status >= 500
-        message = _error_message(exc)
-        return ProviderError(provider, f"HTTP {status}: {message}", status=status,
-                             retryable=retryable)
-    if isinstance(exc, openai.APITimeoutError):
-        return ProviderError(provider, "request timed out", retryable=True)
-    if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc
-        return ProviderError(provider, f"connection failed: {cause!r}", retryable=True)
-    if isinstance(exc, httpx2.TimeoutException):
-        return ProviderError(provider, "request timed out", retryable=True)
-    if isinstance(exc, httpx2.HTTPError):
-        return ProviderError(provider, f"connection failed: {exc!r}", retryable=True)
-    return ProviderError(provider, f"{type(exc).__name__}: {exc}", retryable=True)
-
-
-def _error_message(exc: openai.APIStatusError) -> str:
-    body = exc.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
-            return str(inner["message"])
-    return str(exc.message)
 
 
 class OpenAIChatAgent:
@@ -198,5 +176,21 @@ class OpenAIChatAgent:
                           output_tokens=u.completion_tokens)
         return summary, usage
 
+    async def warm_up(self) -> None:
+        """Nothing to load; the first request opens the connection."""
+
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def build(settings: OpenAISettings, config: Config) -> OpenAIChatAgent:
+    return OpenAIChatAgent(
+        api_key(settings), settings.base_url, model=settings.llm_model,
+        temperature=settings.llm_temperature, max_tokens=settings.llm_max_tokens,
+        timeout_s=settings.timeout_s,
+        first_token_timeout_s=config.providers.llm_first_token_timeout_s,
+        max_retries=settings.max_retries, summary_instruction=config.policy.summary_instruction)
+
+
+SPEC = register(ProviderSpec(name=PROVIDER, kind="agent", settings=OpenAISettings, build=build,
+                             env=ENV, billing=(Billing(BillingUnit.TOKENS),)))

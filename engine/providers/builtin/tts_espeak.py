@@ -8,9 +8,10 @@ time is the telephony side's job.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from engine.audio.codec import SAMPLE_RATE as ULAW_RATE
+from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import (
     AudioChunk,
@@ -21,16 +22,25 @@ from engine.providers.base import (
     Usage,
 )
 from engine.providers.builtin.espeak_engine import EspeakEngine, get_espeak
+from engine.providers.registry import Billing, BillingUnit, ProviderSettings, ProviderSpec, register
 
 log = get_logger(__name__)
 
 MODEL = "espeak-ng"
 
 
+class EspeakSettings(ProviderSettings):
+    voice: str = "en-us"
+    rate_wpm: int = 175
+    # The simulated caller speaks with another voice, so the two are told apart.
+    caller_voice: str = "en-us+m3"
+
+
 class EspeakTTS:
     """TextToSpeech over the process-wide espeak engine."""
 
     name = "espeak"
+    model = MODEL
 
     def __init__(self, voice: str = "en-us", rate_wpm: int = 175, chunk_ms: int = 100,
                  engine: EspeakEngine | None = None) -> None:
@@ -41,7 +51,7 @@ class EspeakTTS:
         self._chunk_bytes = ULAW_RATE * chunk_ms // 1000  # mu-law: one byte per sample
         self._engine = engine or get_espeak()
 
-    async def synthesize(self, text: str) -> AsyncIterator[SynthesisEvent]:
+    async def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
         started = time.perf_counter()
         try:
             audio = await self._engine.synthesize_ulaw8k(text, self.voice, self.rate_wpm)
@@ -57,10 +67,29 @@ class EspeakTTS:
                 first_byte_s = time.perf_counter() - started
             yield AudioChunk(ulaw=audio[offset:offset + self._chunk_bytes])
         yield SynthesisDone(
-            usage=Usage(provider=self.name, kind="tts", model=MODEL, characters=len(text)),
+            usage=Usage(provider=self.name, kind="tts", model=self.model,
+                        characters=len(text)),
             timing=Timing(first_byte_s=first_byte_s, total_s=time.perf_counter() - started),
         )
+
+    async def warm_up(self) -> None:
+        """Nothing to load: the library initializes on the first sentence (milliseconds)."""
 
     async def aclose(self) -> None:
         # The engine is shared by the whole process; nothing of ours to release.
         return None
+
+
+def espeak_settings(config: Config) -> EspeakSettings:
+    """The `[providers.espeak]` table: the engine's voice, and the simulated caller's."""
+    return config.providers.settings("espeak", EspeakSettings)
+
+
+def build(settings: EspeakSettings, config: Config) -> EspeakTTS:
+    return EspeakTTS(voice=settings.voice, rate_wpm=settings.rate_wpm)
+
+
+# Free on our own CPU, unless prices.tts_per_thousand_chars names a price for it.
+SPEC = register(ProviderSpec(name="espeak", kind="tts", settings=EspeakSettings, build=build,
+                             billing=(Billing(BillingUnit.CHARACTERS),
+                                      Billing(BillingUnit.FREE))))

@@ -12,12 +12,11 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator
 
-import httpx2  # openai 3.x's HTTP client: raw byte streams raise its errors unmapped
 import numpy as np
-import openai
 
 from engine.audio.codec import int16_to_ulaw
 from engine.audio.resample import StreamResampler
+from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import (
     AudioChunk,
@@ -27,11 +26,19 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
-from engine.providers.builtin.llm_openai import map_openai_error
+from engine.providers.builtin.openai_common import (
+    ENV,
+    PROVIDER,
+    OpenAISettings,
+    api_key,
+    httpx2,
+    map_openai_error,
+    openai,
+)
+from engine.providers.registry import Billing, BillingUnit, ProviderSpec, register
 
 log = get_logger(__name__)
 
-PROVIDER = "openai"
 SOURCE_RATE = 24000  # OpenAI `pcm`: 24 kHz, 16-bit little-endian, mono
 TARGET_RATE = 8000
 
@@ -122,5 +129,21 @@ class OpenAITTS:
         yield SynthesisDone(usage=usage, timing=Timing(first_byte_s=first_audio_s,
                                                        total_s=time.monotonic() - started))
 
+    async def warm_up(self) -> None:
+        """Nothing to load; the first request opens the connection."""
+
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def build(settings: OpenAISettings, config: Config) -> OpenAITTS:
+    return OpenAITTS(api_key(settings), settings.tts_base_url or settings.base_url,
+                     model=settings.tts_model, voice=settings.tts_voice,
+                     timeout_s=settings.timeout_s,
+                     first_audio_timeout_s=config.providers.tts_first_audio_timeout_s,
+                     max_retries=settings.max_retries,
+                     instructions=settings.tts_instructions or None)
+
+
+SPEC = register(ProviderSpec(name=PROVIDER, kind="tts", settings=OpenAISettings, build=build,
+                             env=ENV, billing=(Billing(BillingUnit.CHARACTERS),)))

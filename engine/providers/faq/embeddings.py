@@ -13,7 +13,6 @@ questions out (see bench/bench_faq.py --semantic).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.metadata
 import math
 from collections.abc import Sequence
@@ -25,6 +24,8 @@ import numpy as np
 from engine.config import FaqEntry
 from engine.log import get_logger
 from engine.providers.faq.matcher import FaqMatch
+from engine.providers.model_files import ExpectedFile, ModelIntegrityError
+from engine.providers.model_files import verify_model_dir as verify_files
 
 log = get_logger(__name__)
 
@@ -36,6 +37,7 @@ MODEL_DIGESTS: dict[str, str] = {
     "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
     "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
 }
+MODEL_FILES = {name: ExpectedFile(None, digest) for name, digest in MODEL_DIGESTS.items()}
 _MAX_TOKENS = 256  # the model's max_seq_length
 _LAYERS = 6
 _HEADS = 12
@@ -57,16 +59,11 @@ def bundled_model_dir() -> Path | None:
 
 
 def verify_model_dir(model_dir: Path) -> None:
-    for name, expected in MODEL_DIGESTS.items():
-        digest = hashlib.sha256()
-        try:
-            with (model_dir / name).open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-        except OSError as exc:
-            raise EmbeddingUnavailable(f"{model_dir / name}: {exc}") from exc
-        if digest.hexdigest() != expected:
-            raise EmbeddingUnavailable(f"{model_dir / name}: SHA-256 mismatch")
+    """The pinned digests, checked by the one verifier; EmbeddingUnavailable on mismatch."""
+    try:
+        verify_files(model_dir, MODEL_FILES)
+    except ModelIntegrityError as exc:
+        raise EmbeddingUnavailable(f"SHA-256 verification failed: {exc}") from exc
 
 
 def _erf(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""What the three OpenAI providers share: the `[providers.openai]` table, its environment
+variables, the API key check and the SDK's error mapping.
+
+Speech-to-text (stt_openai.py), the agent (llm_openai.py) and text-to-speech
+(tts_openai.py) each register under the name "openai" with this one settings model, so
+config.toml has one OpenAI table whatever the chains use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
+
+from engine.providers.base import ProviderError
+from engine.providers.registry import ProviderSettings, lazy_import, require_secret
+
+if TYPE_CHECKING:
+    import httpx2
+    import openai
+else:  # the SDK loads when a provider first uses it, not when discovery imports the three
+    # openai 3.x's HTTP client: raw byte streams raise its errors unmapped
+    httpx2 = lazy_import("httpx2")
+    openai = lazy_import("openai")
+
+PROVIDER = "openai"  # the registry name, the table, and Usage.provider
+ENV = {"OPENAI_API_KEY": "api_key", "OPENAI_BASE_URL": "base_url"}
+
+
+class OpenAISettings(ProviderSettings):
+    api_key: SecretStr = SecretStr("")  # env OPENAI_API_KEY
+    base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
+    timeout_s: float = 8.0
+    max_retries: int = 0  # a phone turn cannot wait for retries; fallbacks handle failure
+    llm_model: str = "gpt-4o-mini"
+    llm_temperature: float = 0.3
+    llm_max_tokens: int = 200
+    stt_model: str = "gpt-4o-mini-transcribe"
+    stt_base_url: str = ""  # e.g. a self-hosted faster-whisper server; empty = base_url
+    stt_language: str = ""  # ISO-639-1 hint; empty = let the model detect
+    tts_model: str = "gpt-4o-mini-tts"
+    tts_voice: str = "alloy"
+    tts_base_url: str = ""
+    tts_instructions: str = ""
+
+
+def api_key(settings: OpenAISettings) -> str:
+    """The key, or ProviderUnavailable when OPENAI_API_KEY is not set."""
+    return require_secret(settings.api_key, "OPENAI_API_KEY")
+
+
+def map_openai_error(exc: BaseException, provider: str = PROVIDER) -> ProviderError:
+    """An SDK exception as a ProviderError with its status and whether a retry may help."""
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        # 408/409/429 and 5xx are transient; other 4xx (bad key, bad request) are not.
+        retryable = status in (408, 409, 429) or status >= 500
+        message = _error_message(exc)
+        return ProviderError(provider, f"HTTP {status}: {message}", status=status,
+                             retryable=retryable)
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError(provider, "request timed out", retryable=True)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return ProviderError(provider, f"connection failed: {cause!r}", retryable=True)
+    if isinstance(exc, httpx2.TimeoutException):
+        return ProviderError(provider, "request timed out", retryable=True)
+    if isinstance(exc, httpx2.HTTPError):
+        return ProviderError(provider, f"connection failed: {exc!r}", retryable=True)
+    return ProviderError(provider, f"{type(exc).__name__}: {exc}", retryable=True)
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+    return str(exc.message)
