@@ -1,10 +1,14 @@
 """The engine process: wires config, the telephony edge, sessions and providers into an
 aiohttp application.
 
-Follow a frame: `telephony/media_stream.py` parses it and calls `CallSession.on_audio`,
-which hands it to the call's conversation (`session/conversation.py`: VAD, STT, agent,
-TTS); the reply goes back through `CallSession.speak` -> `telephony/outbound.py`, whose
-pacer sends it to Twilio in 20 ms frames.
+Follow a frame (six files): `telephony/media_stream.py` parses it and calls
+`CallSession.on_audio` (`session/call_session.py`), which hands it to turn-taking
+(`session/turn_taking.py`: endpointer, barge-in, transcript). A finished turn is answered
+by `session/replying.py`, whose sentences `session/speaking.py` synthesizes into the
+stream's outbound queue; `telephony/outbound.py` paces it to Twilio in 20 ms frames.
+
+The engine builds the telephony side of the session's ports: the Twilio REST call control
+(`CallControl`) here, and per stream an `OutboundPlayer` (`AudioOut`) from its pacer.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ class GreetingOnly:
         pass
 
     async def start(self) -> None:
-        await self.session.speak(self.session.config.engine.greeting)
+        await self.session.voice.speak(self.session.config.engine.greeting)
 
     def set_listening(self, active: bool) -> None:
         pass
@@ -75,9 +79,9 @@ class Engine:
         self.config = config
         self.started_at = time.time()
         if tts is None:
-            from engine.providers.builtin.tts_espeak import EspeakTTS
+            from engine.providers.builtin.tts_espeak import EspeakTTS, espeak_settings
 
-            esp = config.providers.espeak
+            esp = espeak_settings(config)
             tts = EspeakTTS(voice=esp.voice, rate_wpm=esp.rate_wpm)
         self.tts = tts
         self.conversation_factory = conversation_factory or GreetingOnly
@@ -167,9 +171,7 @@ class Engine:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        tw = self.config.twilio
-        self.control = TwilioCallControl(tw.account_sid, tw.auth_token.get_secret_value(),
-                                         tw.api_base_url, tw.rest_timeout_s)
+        self.control = TwilioCallControl.from_config(self.config)
         if not self.signatures.enabled:
             for _ in range(3):
                 log.warning("engine.SIGNATURE_CHECKS_DISABLED",

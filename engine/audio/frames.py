@@ -11,6 +11,7 @@ from __future__ import annotations
 from engine.audio.codec import SAMPLE_RATE, ULAW_SILENCE
 
 FRAME_MS = 20
+FRAME_S = FRAME_MS / 1000
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000  # 160
 FRAME_BYTES = FRAME_SAMPLES  # mu-law: one byte per sample
 

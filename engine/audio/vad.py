@@ -28,13 +28,12 @@ import numpy.typing as npt
 import webrtcvad
 
 from engine.audio.codec import DECODE_TABLE, SAMPLE_RATE
-from engine.audio.frames import FRAME_BYTES, FRAME_MS, FRAME_SAMPLES
+from engine.audio.frames import FRAME_BYTES, FRAME_MS, FRAME_S, FRAME_SAMPLES
 from engine.config import TurnConfig
 from engine.log import get_logger
 
 log = get_logger(__name__)
 
-_FRAME_S = FRAME_MS / 1000
 _PCM_FRAME_BYTES = FRAME_SAMPLES * 2
 _DEFAULT_START_WINDOW_MS = 400
 
@@ -195,7 +194,7 @@ class Endpointer:
 
     @property
     def stream_time_s(self) -> float:
-        return self._frames_fed * _FRAME_S
+        return self._frames_fed * FRAME_S
 
     @property
     def frames_fed(self) -> int:
@@ -273,17 +272,17 @@ class Endpointer:
         self._voiced_in_turn = self._window_voiced
         self._silence_run = 0
         self._utterance_end = len(utt)
-        return SpeechStarted(at_s=onset * _FRAME_S, detected_at_s=(idx + 1) * _FRAME_S)
+        return SpeechStarted(at_s=onset * FRAME_S, detected_at_s=(idx + 1) * FRAME_S)
 
     def _end(self, idx: int, reason: Literal["silence", "max_turn"]) -> SpeechEnded:
         keep = min(len(self._utterance), self._utterance_end + self._tail_bytes)
         del self._utterance[keep:]
         event = SpeechEnded(
-            at_s=(idx + 1) * _FRAME_S,
+            at_s=(idx + 1) * FRAME_S,
             utterance_pcm16=bytes(self._utterance),
             speech_ms=(self._last_voiced + 1 - self._onset) * FRAME_MS,
             trailing_silence_ms=self._silence_run * FRAME_MS,
-            started_at_s=self._onset * _FRAME_S,
+            started_at_s=self._onset * FRAME_S,
             reason=reason,
         )
         self._reset_turn_state()

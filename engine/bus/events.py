@@ -27,13 +27,25 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION = 1
 
-CallState = Literal["connected", "ai", "human_takeover", "transferring", "ended"]
+
+class CallState(StrEnum):
+    """The states of one call: the session's state machine (moves in
+    `engine/session/states.py`) and the values of the events' state fields."""
+
+    CONNECTED = "connected"  # webhook answered, media stream not started yet
+    AI = "ai"  # the agent listens and answers
+    HUMAN_TAKEOVER = "human_takeover"  # a supervisor speaks; the agent is silent
+    TRANSFERRING = "transferring"  # being handed to a human number
+    ENDED = "ended"
+
+
 Speaker = Literal["caller", "agent", "supervisor", "system"]
 UsageKind = Literal["stt", "llm", "tts", "telephony"]
 ProviderKindName = Literal["stt", "llm", "tts"]

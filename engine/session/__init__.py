@@ -1,1 +1,1 @@
-"""Call sessions: the state machine of one call, turn-taking, barge-in, caps, handoff."""
+"""The call: its session (state machine, ports to the edge) and its conversation."""

@@ -1,27 +1,34 @@
-"""One call: its state machine, its outbound voice, and Twilio control of it.
+"""One call: its state machine, its media stream, and what acts on it (supervisor, the
+duration cap, transfer, hang up).
 
-The session is the unit of failure containment: everything one call does runs in tasks
-it owns, and an exception there ends this call only. The telephony edge feeds it parsed
-messages; the conversation (turn-taking, agent) plugs in through `Conversation`.
+Where a frame goes: `telephony/media_stream.py` parses each Media Streams message and
+calls `CallSession.on_audio` (or `on_mark`, `on_dtmf`); the session counts the frame and
+hands it to the call's conversation, whose `on_audio` is `session/turn_taking.py`'s.
+Marks go to the session's `Voice` (`session/speaking.py`), which is also the way out:
+everything said to the caller is queued there.
+
+The session owns no wire. The edge attaches each media stream as an `AudioOut` port and
+an `EndStream`, and the session acts on the live call through the `CallControl` port
+(`session/ports.py`). It is the unit of failure containment: everything one call does
+runs in tasks it owns, and an exception there ends this call only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.config import Config
 from engine.log import get_logger
-from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech, Usage
-from engine.session.records import TurnRecord
+from engine.providers.base import ProviderError, TextToSpeech
+from engine.session.ports import AudioOut, CallControl, ControlResult, EndStream, SessionObserver
+from engine.session.speaking import Voice
 from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransition
-from engine.telephony import twiml
-from engine.telephony.outbound import OutboundPlayer
-from engine.telephony.rest import RestResult, TwilioCallControl
+
+__all__ = ["CallSession", "Conversation", "SessionObserver", "StreamStats"]
 
 log = get_logger(__name__)
 
@@ -46,29 +53,6 @@ class Conversation(Protocol):
     async def aclose(self) -> None: ...
 
 
-class SessionObserver(Protocol):
-    """Receives what a session does (events, usage, ledger); the engine implements it."""
-
-    def call_created(self, session: CallSession) -> None: ...
-
-    def stream_started(self, session: CallSession) -> None: ...
-
-    def state_changed(self, session: CallSession, old: CallState, new: CallState,
-                      reason: str) -> None: ...
-
-    def turn_completed(self, session: CallSession, record: TurnRecord) -> None: ...
-
-    def alert(self, session: CallSession, kind: str, severity: str, message: str,
-              data: dict[str, Any]) -> None: ...
-
-    def transcript(self, session: CallSession, speaker: str, text: str, final: bool,
-                   **extra: Any) -> None: ...
-
-    def usage(self, session: CallSession | None, usage: Usage) -> None: ...
-
-    def call_ended(self, session: CallSession, reason: str) -> None: ...
-
-
 @dataclass(slots=True)
 class StreamStats:
     frames_in: int = 0
@@ -78,23 +62,13 @@ class StreamStats:
     bad_messages: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class SpeechResult:
-    """What became of one spoken line."""
-
-    mark: str
-    heard: bool  # its mark came back before a clear: the caller heard all of it
-    audio_s: float
-    provider: str
-
-
 class CallSession:
     def __init__(self, call_sid: str, config: Config, tts: TextToSpeech,
-                 control: TwilioCallControl, observer: SessionObserver | None = None,
+                 control: CallControl, observer: SessionObserver | None = None,
                  from_number: str = "", to_number: str = "") -> None:
         self.call_sid = call_sid
         self.config = config
-        self.tts = tts
+        self.tts = tts  # the session's own voice (goodbye, supervisor lines)
         self.control = control
         self.observer = observer
         self.from_number = from_number
@@ -111,17 +85,12 @@ class CallSession:
         self.twilio_status = "in-progress"
         self.escalated = False  # handed to a human (transfer succeeded)
         self.stats = StreamStats()
-        self.player: OutboundPlayer | None = None
-        self.conversation: Conversation | None = None
         self.log = log.bind(call_sid=call_sid)
-        self._close_stream: Callable[[int, str], Coroutine[Any, Any, None]] | None = None
-        self._mark_ids = itertools.count(1)
-        self._mark_waiters: dict[str, asyncio.Future[bool]] = {}
-        self._cleared_marks: set[str] = set()
-        self._heard_marks: set[str] = set()
+        self.voice = Voice(self)
+        self.conversation: Conversation | None = None
+        self._end_stream: EndStream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cap_timer: asyncio.TimerHandle | None = None
-        self._speak_lock = asyncio.Lock()
         self._ended = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -146,14 +115,13 @@ class CallSession:
         if self.observer is not None:
             self.observer.state_changed(self, old, new, reason)
 
-    def attach_stream(self, stream_sid: str, player: OutboundPlayer,
-                      close_stream: Callable[[int, str], Coroutine[Any, Any, None]]) -> None:
+    def attach_stream(self, stream_sid: str, audio_out: AudioOut,
+                      end_stream: EndStream) -> None:
         """The media stream started: the call is live and the agent takes it."""
         self.stream_sid = stream_sid
-        self.player = player
-        self._close_stream = close_stream
+        self.voice.attach(audio_out)
+        self._end_stream = end_stream
         self.stream_started_at = time.time()
-        player.on_closed = None
         self.transition(CallState.AI, "stream started")
         if self.observer is not None:
             self.observer.stream_started(self)
@@ -163,23 +131,18 @@ class CallSession:
         if self.conversation is not None:
             self.spawn(self.conversation.start(), "conversation.start")
 
-    def reattach_stream(self, stream_sid: str, player: OutboundPlayer,
-                        close_stream: Callable[[int, str], Coroutine[Any, Any, None]]) -> None:
+    def reattach_stream(self, stream_sid: str, audio_out: AudioOut,
+                        end_stream: EndStream) -> None:
         """The new stream Twilio opened after a <Say>: the conversation carries on."""
         self.stream_sid = stream_sid
-        self.player = player
-        self._close_stream = close_stream
+        self.voice.attach(audio_out)
+        self._end_stream = end_stream
         self.awaiting_stream = False
-        self._cleared_marks.clear()
         self.log.info("call.stream_reattached", stream_sid=stream_sid)
 
     def stream_lost_while_awaiting(self) -> None:
         """Twilio ended the old stream to play our <Say>; give the new one a while."""
-        self.player = None
-        for fut in self._mark_waiters.values():
-            if not fut.done():
-                fut.set_result(False)
-        self._mark_waiters.clear()
+        self.voice.detach()
         loop = asyncio.get_running_loop()
         loop.call_later(60.0, self._reconnect_deadline)
 
@@ -187,25 +150,6 @@ class CallSession:
         if self.awaiting_stream and not self.ended:
             self.log.warning("call.no_new_stream", detail="Twilio did not reconnect after <Say>")
             self.spawn(self.end("media stream did not come back"), "end")
-
-    async def say_via_twilio(self, text: str) -> RestResult:
-        """Have Twilio speak `text` itself (<Say>) when no text-to-speech works, then
-        reconnect the media stream. The caller hears it; the call goes on."""
-        cfg = self.config
-        document = twiml.say_then_reconnect(
-            text, cfg.media_stream_url(), cfg.public_base_url() + "/twilio/stream-status",
-            {"from": self.from_number, "to": self.to_number, "callSid": self.call_sid})
-        self.awaiting_stream = True
-        result = await self.control.update_twiml(self.call_sid, document)
-        if not result.ok or result.already_ended:
-            self.awaiting_stream = False
-            self.log.warning("call.say_fallback_failed", error=result.error)
-        else:
-            self.log.warning("call.say_fallback", chars=len(text))
-            if self.observer is not None:
-                self.observer.transcript(self, "agent", text, True,
-                                         line_id=f"{self.call_sid}-say{time.monotonic_ns()}")
-        return result
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run work owned by this call; its failure is logged and contained here."""
@@ -237,12 +181,7 @@ class CallSession:
         self.transition(CallState.ENDED, reason)
         if self._cap_timer is not None:
             self._cap_timer.cancel()
-        for fut in self._mark_waiters.values():
-            if not fut.done():
-                fut.set_result(False)
-        self._mark_waiters.clear()
-        if self.player is not None:
-            self.player.close()
+        self.voice.close()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -253,9 +192,10 @@ class CallSession:
             except Exception:
                 self.log.exception("call.conversation_close_failed")
         self._ended.set()
+        player = self.voice.player
         self.log.info("call.ended", reason=reason, duration_s=round(self.duration_s(), 2),
                       frames_in=self.stats.frames_in,
-                      frames_out=self.player.frames_sent if self.player else 0,
+                      frames_out=player.frames_sent if player else 0,
                       bad_messages=self.stats.bad_messages or None)
         if self.observer is not None:
             self.observer.call_ended(self, reason)
@@ -263,8 +203,9 @@ class CallSession:
     # -- inbound (from the telephony edge) ---------------------------------------------
 
     def on_audio(self, ulaw: bytes) -> None:
-        self.stats.frames_in += 1
-        self.stats.bytes_in += len(ulaw)
+        stats = self.stats
+        stats.frames_in += 1
+        stats.bytes_in += len(ulaw)
         conversation = self.conversation
         if conversation is not None:
             conversation.on_audio(ulaw)
@@ -277,129 +218,41 @@ class CallSession:
 
     def on_mark(self, name: str) -> None:
         self.stats.marks_in += 1
-        # A mark echoed after we sent `clear` was flushed, not played.
-        heard = name not in self._cleared_marks
-        self._cleared_marks.discard(name)
-        if heard:
-            self._heard_marks.add(name)
-        fut = self._mark_waiters.pop(name, None)
-        if fut is not None and not fut.done():
-            fut.set_result(heard)
-
-    def mark_heard(self, name: str) -> bool:
-        """True once Twilio reported the audio up to mark `name` as played."""
-        return name in self._heard_marks
+        self.voice.on_mark(name)
 
     def count_bad_message(self, reason: str) -> int:
         bad = self.stats.bad_messages
         bad[reason] = bad.get(reason, 0) + 1
         return sum(bad.values())
 
-    # -- outbound voice -----------------------------------------------------------------
+    # -- control of the live call --------------------------------------------------------
 
-    def new_mark(self, prefix: str = "u") -> str:
-        name = f"{prefix}{next(self._mark_ids)}"
-        self._mark_waiters[name] = asyncio.get_running_loop().create_future()
-        return name
-
-    async def wait_mark(self, name: str, timeout: float | None = None) -> bool:
-        """True once the caller has heard everything up to mark `name`."""
-        fut = self._mark_waiters.get(name)
-        if fut is None:
-            return False
-        try:
-            async with asyncio.timeout(timeout):
-                return await asyncio.shield(fut)
-        except TimeoutError:
-            return False
-
-    def _live_player(self) -> OutboundPlayer:
-        player = self.player
-        if player is None or player.closed:
-            raise ConnectionError("no live media stream")
-        return player
-
-    def queue_audio(self, ulaw: bytes) -> None:
-        """Queue mu-law audio for the caller (sent paced, in whole frames)."""
-        self._live_player().enqueue_audio(ulaw)
-
-    def queue_mark(self, prefix: str = "u") -> str:
-        """Queue a mark after the audio queued so far; returns its name."""
-        player = self._live_player()
-        mark = self.new_mark(prefix)
-        player.enqueue_mark(mark)
-        return mark
-
-    def queue_progress_mark(self, prefix: str = "p") -> str:
-        """A mark inside a sentence (no padding, nobody waits on it): how far playback got
-        when the caller cut the agent off."""
-        name = f"{prefix}{next(self._mark_ids)}"
-        self._live_player().enqueue_mark(name, pad=False)
-        return name
-
-    async def play_ulaw(self, ulaw: bytes, prefix: str = "u") -> str:
-        """Queue audio followed by a mark; returns the mark name."""
-        self.queue_audio(ulaw)
-        return self.queue_mark(prefix)
-
-    async def speak(self, text: str, speaker: str = "agent",
-                    tts: TextToSpeech | None = None) -> SpeechResult:
-        """Synthesize `text`, stream it to the caller, wait until it was heard or cut."""
-        tts = tts or self.tts
-        mark, audio_bytes = await self._synthesize_into_queue(text, tts)
-        if self.observer is not None:
-            self.observer.transcript(self, speaker, text, True,
-                                     line_id=f"{self.call_sid}-{mark}")
-        heard = await self.wait_mark(mark, timeout=audio_bytes / 8000 + 10.0)
-        return SpeechResult(mark, heard, audio_bytes / 8000, tts.name)
-
-    async def _synthesize_into_queue(self, text: str, tts: TextToSpeech) -> tuple[str, int]:
-        self._live_player()
-        async with self._speak_lock:
-            audio_bytes = 0
-            try:
-                async for event in tts.synthesize(text):
-                    if isinstance(event, AudioChunk):
-                        audio_bytes += len(event.ulaw)
-                        self.queue_audio(event.ulaw)
-                    elif isinstance(event, SynthesisDone) and self.observer is not None:
-                        self.observer.usage(self, event.usage)
-            except ProviderError as exc:
-                self.log.warning("call.tts_failed", provider=tts.name, error=str(exc))
-                raise
-            return self.queue_mark(), audio_bytes
-
-    async def interrupt(self) -> None:
-        """Barge-in: cut playback now (drop queued audio, `clear` Twilio's buffer)."""
-        player = self.player
-        if player is None:
-            return
-        pending = [name for name, fut in self._mark_waiters.items() if not fut.done()]
-        dropped = set(await player.clear())
-        for name in pending:
-            if name in dropped:  # never sent: certainly not heard
-                fut = self._mark_waiters.pop(name)
-                fut.set_result(False)
-            else:  # sent: Twilio echoes it after the clear
-                self._cleared_marks.add(name)
-
-    def is_playing(self) -> bool:
-        player = self.player
-        return player is not None and player.is_playing(asyncio.get_running_loop().time())
-
-    # -- control (REST) -----------------------------------------------------------------
+    async def say_via_twilio(self, text: str) -> ControlResult:
+        """Have Twilio speak `text` itself (<Say>) when no text-to-speech works, then
+        reconnect the media stream. The caller hears it; the call goes on."""
+        self.awaiting_stream = True
+        result = await self.control.say_then_reconnect(self.call_sid, text, self.from_number,
+                                                       self.to_number)
+        if not result.ok or result.already_ended:
+            self.awaiting_stream = False
+            self.log.warning("call.say_fallback_failed", error=result.error)
+        else:
+            self.log.warning("call.say_fallback", chars=len(text))
+            if self.observer is not None:
+                self.observer.transcript(self, "agent", text, True,
+                                         line_id=f"{self.call_sid}-say{time.monotonic_ns()}")
+        return result
 
     async def transfer(self, number: str, reason: str, announcement: str | None = None
-                       ) -> RestResult:
-        """Hand the call to a human number: new TwiML <Say> + <Dial> on the live call."""
+                       ) -> ControlResult:
+        """Hand the call to a human number: an announcement, then a dial, on the live call."""
         previous = self.state
         self.transition(CallState.TRANSFERRING, reason)
         if self.conversation is not None:
             self.conversation.set_listening(False)
-        cfg = self.config.transfer
-        document = twiml.transfer(cfg.announcement if announcement is None else announcement,
-                                  number, cfg.caller_id)
-        result = await self.control.update_twiml(self.call_sid, document)
+        if announcement is None:
+            announcement = self.config.transfer.announcement
+        result = await self.control.transfer(self.call_sid, number, announcement)
         if result.already_ended:
             await self.end("caller hung up before transfer")
         elif not result.ok:
@@ -412,6 +265,25 @@ class CallSession:
             self.escalated = True
             self.log.info("call.transferred", number=number, reason=reason)
         return result
+
+    async def hang_up(self, reason: str) -> ControlResult:
+        """End the call at the provider, then close our side."""
+        # Twilio ends the stream as it completes the call: that end is ours, not the caller's.
+        self.hangup_reason = reason
+        result = await self.control.hang_up(self.call_sid)
+        if not result.ok:
+            # Closing the stream also ends the call: no TwiML follows </Connect>.
+            self.log.warning("call.hangup_rest_failed", error=result.error)
+        await self._close_stream("call ended by engine")
+        await self.end(reason)
+        return result
+
+    async def _close_stream(self, why: str) -> None:
+        if self._end_stream is not None:
+            try:
+                await self._end_stream(why)
+            except Exception:
+                self.log.exception("call.stream_close_failed")
 
     # -- supervisor ---------------------------------------------------------------------
 
@@ -429,33 +301,14 @@ class CallSession:
     async def say_now(self, text: str, speaker: str = "supervisor") -> None:
         """Synthesize and queue one line now (cutting the agent off if it speaks);
         returns once the audio is on its way, not when it has been heard."""
-        if self.is_playing():
+        voice = self.voice
+        if voice.is_playing():
             if self.conversation is not None:
                 self.conversation.interrupt("supervisor line")  # also stops its reply
-            await self.interrupt()  # cleared before the new line is queued
-        mark, _ = await self._synthesize_into_queue(text, self.tts)
-        if self.observer is not None:
-            self.observer.transcript(self, speaker, text, True,
-                                     line_id=f"{self.call_sid}-{mark}")
+            await voice.clear()  # cleared before the new line is queued
+        await voice.say(text, speaker)
 
-    async def hang_up(self, reason: str) -> RestResult:
-        """End the call at Twilio (status=completed), then close our side."""
-        # Twilio ends the stream as it completes the call: that end is ours, not the caller's.
-        self.hangup_reason = reason
-        result = await self.control.hang_up(self.call_sid)
-        if not result.ok:
-            # Closing the stream also ends the call: no TwiML follows </Connect>.
-            self.log.warning("call.hangup_rest_failed", error=result.error)
-        await self.close_stream(1000, "call ended by engine")
-        await self.end(reason)
-        return result
-
-    async def close_stream(self, code: int, message: str) -> None:
-        if self._close_stream is not None:
-            try:
-                await self._close_stream(code, message)
-            except Exception:
-                self.log.exception("call.stream_close_failed")
+    # -- the duration cap ---------------------------------------------------------------
 
     def _duration_cap_reached(self) -> None:
         if self.state in (CallState.AI, CallState.HUMAN_TAKEOVER):
@@ -465,9 +318,9 @@ class CallSession:
     async def _say_goodbye_and_hang_up(self) -> None:
         if self.conversation is not None:
             self.conversation.set_listening(False)
-        await self.interrupt()
+        await self.voice.clear()
         try:
-            await asyncio.wait_for(self.speak(self.config.engine.goodbye, speaker="system"),
+            await asyncio.wait_for(self.voice.speak(self.config.engine.goodbye, speaker="system"),
                                    timeout=20.0)
         except (ProviderError, ConnectionError, TimeoutError) as exc:
             self.log.warning("call.goodbye_failed", error=str(exc))

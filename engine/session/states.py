@@ -1,17 +1,14 @@
-"""The states of one call and the moves allowed between them."""
+"""The moves allowed between the states of one call.
+
+The states themselves are `CallState`, defined with the event schema
+(`engine/bus/events.py`) so that the session and the events share one type.
+"""
 
 from __future__ import annotations
 
-from enum import StrEnum
+from engine.bus.events import CallState
 
-
-class CallState(StrEnum):
-    CONNECTED = "connected"  # webhook answered, media stream not started yet
-    AI = "ai"  # the agent listens and answers
-    HUMAN_TAKEOVER = "human_takeover"  # a supervisor speaks; the agent is silent
-    TRANSFERRING = "transferring"  # being handed to a human number
-    ENDED = "ended"
-
+__all__ = ["ALLOWED_TRANSITIONS", "CallState", "InvalidTransition"]
 
 ALLOWED_TRANSITIONS: dict[CallState, frozenset[CallState]] = {
     CallState.CONNECTED: frozenset({CallState.AI, CallState.ENDED}),

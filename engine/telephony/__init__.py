@@ -1,1 +1,1 @@
-"""Telephony edge: Twilio webhooks, signatures, TwiML, Media Streams, REST control."""
+"""Telephony edge: Twilio webhooks, signatures, TwiML, Media Streams, the session's ports."""

@@ -1,7 +1,12 @@
 """GET /twilio/media: the bidirectional Media Streams WebSocket.
 
-The handshake signature is checked before the upgrade. Then every text frame is parsed
-into a typed message and handed to the call's session. Bad input is counted and logged
+Where a frame comes from and goes: Twilio sends each 20 ms of the caller's audio as a
+JSON text frame; `_StreamConnection.dispatch` parses it (`messages.py`) and hands the
+mu-law payload to `CallSession.on_audio` (`session/call_session.py`). Marks and DTMF go
+to the session the same way. The way back leaves through the stream's `OutboundPlayer`
+(`telephony/outbound.py`), attached to the session as its `AudioOut` port on `start`.
+
+The handshake signature is checked before the upgrade. Bad input is counted and logged
 with the call id and the call goes on; a flood, too many violations or an oversized
 frame close this one socket with a clear close code. Nothing here can touch another call.
 """
@@ -15,7 +20,7 @@ from collections.abc import Callable
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from engine.audio.frames import FrameAssembler
+from engine.audio.frames import FRAME_BYTES, FrameAssembler
 from engine.config import Config
 from engine.log import get_logger
 from engine.session.call_session import CallSession
@@ -31,7 +36,7 @@ from engine.telephony.messages import (
     Stop,
     parse_inbound,
 )
-from engine.telephony.outbound import FRAME_BYTES, OutboundPlayer, Pacer
+from engine.telephony.outbound import OutboundPlayer, Pacer
 from engine.telephony.signature import SignatureChecker
 
 log = get_logger(__name__)
@@ -227,9 +232,9 @@ class _StreamConnection:
         self.log.info("media.start", tracks=start.tracks,
                       parameters=start.custom_parameters or None)
         if session.awaiting_stream and session.state is not CallState.CONNECTED:
-            session.reattach_stream(start.stream_sid, player, self.close)
+            session.reattach_stream(start.stream_sid, player, self.close_normally)
         else:
-            session.attach_stream(start.stream_sid, player, self.close)
+            session.attach_stream(start.stream_sid, player, self.close_normally)
 
     def bad(self, reason: str, detail: str) -> None:
         self.bad_total += 1
@@ -242,6 +247,10 @@ class _StreamConnection:
             self.log.warning("media.bad_message", reason=reason, detail=detail, count=n)
         else:
             self.log.debug("media.bad_message", reason=reason, detail=detail, count=n)
+
+    async def close_normally(self, reason: str) -> None:
+        """The session's `EndStream`: the engine ends the stream (it hung up)."""
+        await self.close(WSCloseCode.OK, reason)
 
     async def close(self, code: int, message: str) -> None:
         self.close_reason = message
@@ -259,7 +268,7 @@ class _StreamConnection:
             return
         if self.player is not None:
             self.player.close()
-        if session.player is not self.player:
+        if session.voice.player is not self.player:
             return  # a newer stream of this call has taken over
         if session.awaiting_stream and not session.ended:
             self.log.info("media.stream_replaced", detail="Twilio plays our <Say>, then "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import json
 from base64 import b64decode, b64encode
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -113,7 +114,7 @@ def parse_inbound(raw: str | bytes, max_payload_bytes: int) -> InboundMessage:
     if not isinstance(msg, dict):
         raise ProtocolViolation("bad_json", "message is not a JSON object")
     event = msg.get("event")
-    if event == "media":
+    if event == "media":  # 50 a second per call: inline, before any other kind
         media = _obj(msg, "media")
         b64 = media.get("payload")
         if not isinstance(b64, str):
@@ -134,46 +135,65 @@ def parse_inbound(raw: str | bytes, max_payload_bytes: int) -> InboundMessage:
             timestamp_ms=_int(media.get("timestamp", 0), "timestamp"),
             payload=payload,
         )
-    if event == "mark":
-        mark = _obj(msg, "mark")
-        return Mark(_int(msg.get("sequenceNumber", 0), "sequenceNumber"), _str(mark, "name"))
-    if event == "start":
-        start = _obj(msg, "start")
-        fmt = start.get("mediaFormat") or {}
-        if not isinstance(fmt, dict):
-            raise ProtocolViolation("bad_field", "mediaFormat is not an object")
-        params = start.get("customParameters") or {}
-        if not isinstance(params, dict):
-            raise ProtocolViolation("bad_field", "customParameters is not an object")
-        tracks = start.get("tracks") or ["inbound"]
-        return Start(
-            sequence_number=_int(msg.get("sequenceNumber", 0), "sequenceNumber"),
-            stream_sid=_str(start, "streamSid") if "streamSid" in start else _str(msg, "streamSid"),
-            call_sid=_str(start, "callSid"),
-            account_sid=str(start.get("accountSid", "")),
-            tracks=[str(t) for t in tracks] if isinstance(tracks, list) else ["inbound"],
-            media_format=MediaFormat(
-                encoding=str(fmt.get("encoding", "audio/x-mulaw")),
-                sample_rate=_int(fmt.get("sampleRate", 8000), "sampleRate"),
-                channels=_int(fmt.get("channels", 1), "channels"),
-            ),
-            custom_parameters={str(k): str(v) for k, v in params.items()},
-        )
-    if event == "dtmf":
-        dtmf = _obj(msg, "dtmf")
-        digit = _str(dtmf, "digit")
-        if len(digit) != 1 or digit not in _DTMF_DIGITS:
-            raise ProtocolViolation("bad_field", f"invalid DTMF digit {digit!r}")
-        return Dtmf(_int(msg.get("sequenceNumber", 0), "sequenceNumber"),
-                    str(dtmf.get("track", "inbound_track")), digit)
-    if event == "stop":
-        stop = msg.get("stop") if isinstance(msg.get("stop"), dict) else {}
-        assert isinstance(stop, dict)
-        return Stop(_int(msg.get("sequenceNumber", 0), "sequenceNumber"),
-                    str(stop.get("accountSid", "")), str(stop.get("callSid", "")))
-    if event == "connected":
-        return Connected(str(msg.get("protocol", "")), str(msg.get("version", "")))
-    raise ProtocolViolation("unknown_event", f"unknown event {str(event)[:40]!r}")
+    parse = _PARSERS.get(event) if isinstance(event, str) else None
+    if parse is None:
+        raise ProtocolViolation("unknown_event", f"unknown event {str(event)[:40]!r}")
+    return parse(msg)
+
+
+def _mark(msg: dict) -> Mark:
+    mark = _obj(msg, "mark")
+    return Mark(_int(msg.get("sequenceNumber", 0), "sequenceNumber"), _str(mark, "name"))
+
+
+def _start(msg: dict) -> Start:
+    start = _obj(msg, "start")
+    fmt = start.get("mediaFormat") or {}
+    if not isinstance(fmt, dict):
+        raise ProtocolViolation("bad_field", "mediaFormat is not an object")
+    params = start.get("customParameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolViolation("bad_field", "customParameters is not an object")
+    tracks = start.get("tracks") or ["inbound"]
+    return Start(
+        sequence_number=_int(msg.get("sequenceNumber", 0), "sequenceNumber"),
+        stream_sid=_str(start, "streamSid") if "streamSid" in start else _str(msg, "streamSid"),
+        call_sid=_str(start, "callSid"),
+        account_sid=str(start.get("accountSid", "")),
+        tracks=[str(t) for t in tracks] if isinstance(tracks, list) else ["inbound"],
+        media_format=MediaFormat(
+            encoding=str(fmt.get("encoding", "audio/x-mulaw")),
+            sample_rate=_int(fmt.get("sampleRate", 8000), "sampleRate"),
+            channels=_int(fmt.get("channels", 1), "channels"),
+        ),
+        custom_parameters={str(k): str(v) for k, v in params.items()},
+    )
+
+
+def _dtmf(msg: dict) -> Dtmf:
+    dtmf = _obj(msg, "dtmf")
+    digit = _str(dtmf, "digit")
+    if len(digit) != 1 or digit not in _DTMF_DIGITS:
+        raise ProtocolViolation("bad_field", f"invalid DTMF digit {digit!r}")
+    return Dtmf(_int(msg.get("sequenceNumber", 0), "sequenceNumber"),
+                str(dtmf.get("track", "inbound_track")), digit)
+
+
+def _stop(msg: dict) -> Stop:
+    stop = msg.get("stop") if isinstance(msg.get("stop"), dict) else {}
+    assert isinstance(stop, dict)
+    return Stop(_int(msg.get("sequenceNumber", 0), "sequenceNumber"),
+                str(stop.get("accountSid", "")), str(stop.get("callSid", "")))
+
+
+def _connected(msg: dict) -> Connected:
+    return Connected(str(msg.get("protocol", "")), str(msg.get("version", "")))
+
+
+# Every kind but media, by its `event`.
+_PARSERS: dict[str, Callable[[dict], InboundMessage]] = {
+    "mark": _mark, "start": _start, "dtmf": _dtmf, "stop": _stop, "connected": _connected,
+}
 
 
 # --- outbound ---------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """Outbound audio to Twilio: whole 20 ms mu-law frames, paced to real time with a lead.
 
+The last stop of the agent's voice: `session/speaking.py` queues synthesized audio and
+marks into an `OutboundPlayer` (the session's `AudioOut` port), and the `Pacer` sends
+them over the Media Streams WebSocket. Twilio echoes the marks back, which arrive through
+`telephony/media_stream.py` at `CallSession.on_mark`.
+
 One `Pacer` task per process ticks every 20 ms and tops up every playing stream so that
 Twilio holds `lead` seconds of audio ahead of playback: one timer wake-up serves hundreds
 of calls, instead of a sleeping task per call. A stream whose socket cannot keep up
@@ -25,14 +30,13 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from engine.audio.codec import ULAW_SILENCE
+from engine.audio.frames import FRAME_BYTES, FRAME_S
 from engine.log import get_logger
 from engine.telephony.messages import OutboundEncoder
 
 log = get_logger(__name__)
 
-FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law
-FRAME_S = 0.020
-ULAW_SILENCE = 0xFF
 # Skip a stream for a tick while this much is waiting in its socket buffer.
 MAX_WRITE_BUFFER = 64 * 1024
 _COMPACT_AT = 32 * 1024
@@ -44,7 +48,7 @@ class OutboundPlayer:
     __slots__ = (
         "_audio", "_closed", "_enqueued", "_marks", "_pacer", "_pos", "_send",
         "_transport", "backpressure_skips", "call_sid", "encoder", "frames_sent",
-        "marks_sent", "on_closed", "play_until",
+        "marks_sent", "play_until",
     )
 
     def __init__(self, call_sid: str, stream_sid: str,
@@ -65,7 +69,6 @@ class OutboundPlayer:
         self.frames_sent = 0
         self.marks_sent = 0
         self.backpressure_skips = 0
-        self.on_closed: Callable[[], None] | None = None
 
     # -- producer side (the call session) --------------------------------------------
 
@@ -136,8 +139,6 @@ class OutboundPlayer:
         if not self._closed:
             self._closed = True
             self.drop_queued()
-            if self.on_closed is not None:
-                self.on_closed()
 
     # -- consumer side (the pacer) ------------------------------------------------------
 

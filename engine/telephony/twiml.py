@@ -9,20 +9,38 @@ TWIML_CONTENT_TYPE = "text/xml"
 
 def connect_stream(stream_url: str, status_callback: str,
                    parameters: dict[str, str]) -> str:
-    """<Connect><Stream> for a bidirectional Media Stream.
-
-    The stream URL takes no query string; data travels as <Parameter>s and arrives in
-    `start.customParameters`.
-    """
+    """<Connect><Stream> for a bidirectional Media Stream."""
     response = VoiceResponse()
+    response.append(_stream(stream_url, status_callback, parameters))
+    return str(response)
+
+
+def say_then_reconnect(text: str, stream_url: str, status_callback: str,
+                       parameters: dict[str, str]) -> str:
+    """Last resort when no speech provider works: Twilio speaks the text with its own
+    voice, then opens a new media stream for the same call, so the conversation goes on."""
+    response = VoiceResponse()
+    response.say(text)
+    response.append(_stream(stream_url, status_callback, parameters))
+    return str(response)
+
+
+def stream_parameters(call_sid: str, from_number: str, to_number: str) -> dict[str, str]:
+    """The <Parameter>s of every media stream we open; the stream's `start` message
+    carries them back (the media stream reads the caller's numbers from it)."""
+    return {"from": from_number, "to": to_number, "callSid": call_sid}
+
+
+def _stream(stream_url: str, status_callback: str, parameters: dict[str, str]) -> Connect:
+    """The <Connect><Stream> element. The stream URL takes no query string; data travels
+    as <Parameter>s and arrives in `start.customParameters`."""
     connect = Connect()
     stream = connect.stream(url=stream_url, status_callback=status_callback,
                             status_callback_method="POST")
     for name, value in parameters.items():
         if value:
             stream.parameter(name=name, value=value[:450])
-    response.append(connect)
-    return str(response)
+    return connect
 
 
 def transfer(announcement: str, number: str, caller_id: str = "",
@@ -34,22 +52,6 @@ def transfer(announcement: str, number: str, caller_id: str = "",
     dial = Dial(caller_id=caller_id or None, timeout=timeout_s)
     dial.number(number)
     response.append(dial)
-    return str(response)
-
-
-def say_then_reconnect(text: str, stream_url: str, status_callback: str,
-                       parameters: dict[str, str]) -> str:
-    """Last resort when no speech provider works: Twilio speaks the text with its own
-    voice, then opens a new media stream for the same call, so the conversation goes on."""
-    response = VoiceResponse()
-    response.say(text)
-    connect = Connect()
-    stream = connect.stream(url=stream_url, status_callback=status_callback,
-                            status_callback_method="POST")
-    for name, value in parameters.items():
-        if value:
-            stream.parameter(name=name, value=value[:450])
-    response.append(connect)
     return str(response)
 
 

@@ -68,8 +68,7 @@ class TwilioWebhooks:
         base = self.config.public_base_url()
         document = twiml.connect_stream(
             self.config.media_stream_url(), base + "/twilio/stream-status",
-            {"from": from_number, "to": to_number, "callSid": call_sid},
-        )
+            twiml.stream_parameters(call_sid, from_number, to_number))
         clog.info("webhook.voice", from_number=from_number, to_number=to_number,
                   status=form.get("CallStatus"), direction=form.get("Direction"))
         return web.Response(text=document, content_type=twiml.TWIML_CONTENT_TYPE)

@@ -1,0 +1,197 @@
+"""Replying: the agent's answer to one caller turn, spoken while it is being written.
+
+Where the frame goes: `session/turn_taking.py` hands a caller turn to `Replying.reply`.
+The answer comes from the answer cache when the question is a known one, else from the
+agent, streamed; the text is cut into sentences (`sentences.py`) and each whole sentence
+goes at once to `session/speaking.py`, so the first audio leaves before the agent has
+finished. Afterwards the turn's record (said, heard, stage timings) goes to the observer,
+the context keeps only what the caller heard, a complete answer is cached, and the
+policies act on the agent's verdict (handoff, goodbye, could not answer).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from engine.log import get_logger
+from engine.providers.base import AgentDone, AgentEvent, ProviderError, TextDelta
+from engine.session.context import ConversationContext
+from engine.session.records import TurnRecord
+from engine.session.sentences import SentenceAggregator
+from engine.session.speaking import Speaking, Spoken
+
+if TYPE_CHECKING:
+    from engine.session.call_session import CallSession
+    from engine.session.conversation import PipelineDeps
+    from engine.session.policies import Policies
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """One answer in progress."""
+
+    record: TurnRecord
+    line_id: str
+    spoken: list[Spoken] = field(default_factory=list)
+    first_audio: list[float] = field(default_factory=list)  # (when, TTS seconds to it)
+    text_parts: list[str] = field(default_factory=list)
+    unsaid: list[str] = field(default_factory=list)  # for Twilio's <Say>: no voice works
+    done: AgentDone | None = None
+    first_text_at: float = 0.0
+    # First text -> first whole sentence: time the LLM was still writing it.
+    sentence_wait: float | None = None
+    completed: bool = False
+
+
+class Replying:
+    def __init__(self, session: CallSession, deps: PipelineDeps, context: ConversationContext,
+                 speaking: Speaking, policies: Policies) -> None:
+        self.session = session
+        self.deps = deps
+        self.context = context
+        self.speaking = speaking
+        self.policies = policies
+        self.log = log.bind(call_sid=session.call_sid)
+
+    async def reply(self, record: TurnRecord, speech_end: float) -> None:
+        """Answer the caller's turn; `speech_end` is when the caller stopped speaking."""
+        answer = _Answer(record, f"{self.session.call_sid}-a{record.idx}")
+        stream = self._agent_stream(record)
+        try:
+            await self._speak_as_written(answer, stream)
+            await self._finish_speaking(answer, speech_end)
+            answer.completed = True
+        except ProviderError as exc:
+            self.log.warning("turn.reply_failed", error=str(exc))
+            obs = self.session.observer
+            if obs is not None:
+                obs.alert(self.session, "provider_down", "critical", f"no reply: {exc}", {})
+        finally:
+            await stream.aclose()
+            text = self._close_turn(answer)
+        if answer.completed and answer.done is not None:
+            await self._after_reply(record, answer.done, text)
+
+    async def _agent_stream(self, record: TurnRecord) -> AsyncGenerator[AgentEvent, None]:
+        """The reply: from the answer cache when the question is a known one."""
+        deps = self.deps
+        key = None
+        if deps.matcher is not None and deps.agent.name != "faq":
+            match = deps.matcher.match(record.caller_text)
+            if match is not None and match.entry.action == "answer":
+                key = f"faq:{match.entry.id}"
+                cached = await deps.cache.get_answer(key)
+                if cached:
+                    record.cached = True
+                    yield TextDelta(cached)
+                    return
+        started = time.monotonic()
+        async for event in deps.agent.respond(self.context.messages(record.caller_text)):
+            if isinstance(event, TextDelta) and record.timings.llm_first_token is None:
+                record.timings.llm_first_token = time.monotonic() - started
+            if isinstance(event, AgentDone) and key and event.cache_key is None:
+                event.cache_key = key
+            yield event
+
+    async def _speak_as_written(self, answer: _Answer,
+                                stream: AsyncGenerator[AgentEvent, None]) -> None:
+        """Each sentence goes to speech as soon as the agent has written it."""
+        session = self.session
+        obs = session.observer
+        aggregator = SentenceAggregator()
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                if not answer.text_parts:
+                    answer.first_text_at = time.monotonic()
+                answer.text_parts.append(event.text)
+                for sentence in aggregator.push(event.text):
+                    if answer.sentence_wait is None:
+                        answer.sentence_wait = time.monotonic() - answer.first_text_at
+                    await self.speaking.say_sentence(sentence, answer.spoken,
+                                                     answer.first_audio, answer.unsaid)
+                    if obs is not None:
+                        obs.transcript(session, "agent",
+                                       " ".join(s.text for s in answer.spoken), False,
+                                       line_id=answer.line_id)
+            elif isinstance(event, AgentDone):
+                answer.done = event
+                if answer.first_audio:
+                    answer.record.timings.audio_lead_over_llm = \
+                        time.monotonic() - answer.first_audio[0]
+                if obs is not None:
+                    obs.usage(session, event.usage)
+        rest = aggregator.flush()
+        if rest:
+            if answer.sentence_wait is None:
+                answer.sentence_wait = time.monotonic() - answer.first_text_at
+            await self.speaking.say_sentence(rest, answer.spoken, answer.first_audio,
+                                             answer.unsaid)
+
+    async def _finish_speaking(self, answer: _Answer, speech_end: float) -> None:
+        """The <Say> fallback if needed, the latency record, then wait until heard."""
+        record, spoken, done = answer.record, answer.spoken, answer.done
+        if answer.unsaid:
+            await self.speaking.say_via_twilio(answer.unsaid)
+        if answer.first_audio:
+            _record_latency(record, speech_end, answer.first_audio, answer.sentence_wait or 0.0)
+        # Answered from the cache: no paid agent call and no synthesis at all.
+        free_answer = record.cached or (done is not None and done.usage.provider == "faq")
+        record.cached = bool(spoken) and free_answer and all(s.from_cache for s in spoken)
+        if spoken:
+            await self.speaking.voice.wait_mark(spoken[-1].mark, timeout=60.0)
+
+    def _close_turn(self, answer: _Answer) -> str:
+        """Fill in and report the turn's record; returns the agent's whole answer."""
+        session = self.session
+        record, spoken = answer.record, answer.spoken
+        text = "".join(answer.text_parts).strip()
+        heard = self.speaking.heard(spoken)
+        record.agent_text = text
+        record.heard_text = heard
+        record.interrupted = bool(spoken) and heard != " ".join(s.text for s in spoken)
+        voice = self.speaking.voice
+        record.agent_audio_s = sum(s.audio_bytes for s in spoken
+                                   if voice.mark_heard(s.mark)) / 8000
+        # Only what the caller heard stays in the context; a question whose answer was
+        # cut before any of it was heard stays as an unanswered user turn.
+        self.context.add_turn(record.caller_text, heard)
+        obs = session.observer
+        if obs is not None:
+            if spoken or text:
+                obs.transcript(session, "agent", text if answer.completed else heard or "…",
+                               True, line_id=answer.line_id, interrupted=record.interrupted,
+                               heard_text=heard)
+            obs.turn_completed(session, record)
+        return text
+
+    async def _after_reply(self, record: TurnRecord, done: AgentDone, text: str) -> None:
+        deps = self.deps
+        if done.cache_key and not record.cached and done.action == "answer" and text \
+                and not done.truncated:
+            await deps.cache.put_answer(done.cache_key, text)
+        if not await self.policies.after_answer(done.action):
+            return
+        if self.context.needs_summary():
+            usage = await self.context.summarize(deps.agent)
+            if usage is not None and self.session.observer is not None:
+                self.session.observer.usage(self.session, usage)
+
+
+def _record_latency(record: TurnRecord, speech_end: float, first_audio: list[float],
+                    sentence_wait: float) -> None:
+    t = record.timings
+    t.tts_first_audio = first_audio[1]
+    t.voice_to_voice = first_audio[0] - speech_end
+    providers = (t.endpointing or 0) + (t.stt or 0) + (t.llm_first_token or 0) \
+        + t.tts_first_audio
+    if t.llm_first_token is not None:
+        # Speech starts at the first whole sentence, and the tokens up to it are the
+        # LLM's time, not the engine's.
+        t.llm_first_sentence = sentence_wait
+        providers += sentence_wait
+    t.engine_overhead = max(0.0, t.voice_to_voice - providers)
