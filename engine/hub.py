@@ -1,19 +1,17 @@
 """The operations hub: what sessions report becomes events, money, metrics and history.
 
 Sessions call the hub synchronously (it implements `SessionObserver`); anything that
-waits (bus publish, SQLite) runs in background tasks so a call never stalls on it. It
-also serves the supervisor API (`SupervisorBackend`): snapshots of live calls and the
-commands supervisors send, each audited in the log, on the bus and in the history.
+waits (bus publish, SQLite) runs in background tasks so a call never stalls on it. The
+hub is also what the supervisor API talks to (`SupervisorBackend`): it keeps the call
+views the snapshots are built from (supervision/views.py) and hands commands to the
+supervisor commands (supervision/commands.py), which audit them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from engine.bus import events as ev
@@ -25,16 +23,9 @@ from engine.providers.base import Usage
 from engine.record.history import CallHistory
 from engine.record.metrics import EngineMetrics
 from engine.session.records import TurnRecord
-from engine.session.states import CallState
-from engine.supervision.api_schema import (
-    CallSnapshot,
-    Command,
-    Hello,
-    Reply,
-    Snapshot,
-    SpendTotals,
-    TranscriptEntry,
-)
+from engine.supervision.api_schema import Command, Hello, Reply, Snapshot, TranscriptEntry
+from engine.supervision.commands import SupervisorCommands
+from engine.supervision.views import CallViews
 
 if TYPE_CHECKING:
     from engine.session.call_session import CallSession
@@ -42,30 +33,13 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-_NUMBER = re.compile(r"^\+?[0-9]{3,15}$")
 _BUDGET_ALERT_KIND: dict[str, ev.AlertKind] = {
     "call_cap": "call_cost_cap", "daily_budget": "daily_budget", "monthly_budget": "daily_budget"}
 
 
-@dataclass
-class CallView:
-    """What the supervisor API shows of one call (kept small and bounded)."""
-
-    call_sid: str
-    from_number: str
-    to_number: str
-    started_at: float
-    state: str = "connected"
-    ended_at: float | None = None
-    end_reason: str | None = None
-    cost_usd: float = 0.0
-    turns: int = 0
-    v2v: deque[float] = field(default_factory=lambda: deque(maxlen=30))
-    transcript: dict[str, TranscriptEntry] = field(default_factory=dict)
-    alerts: list[str] = field(default_factory=list)
-
-
 class OpsHub:
+    """Fans out what sessions report: events, the ledger, metrics, history, call views."""
+
     def __init__(self, config: Config, bus: EventBus, ledger: SpendLedger,
                  metrics: EngineMetrics, history: CallHistory | None,
                  engine_id: str) -> None:
@@ -76,9 +50,8 @@ class OpsHub:
         self.history = history
         self.engine_id = engine_id
         self.stamper = ev.EventStamper(engine_id)
-        self.registry: CallRegistry | None = None
-        self.views: dict[str, CallView] = {}
-        self._ended_views: deque[str] = deque()
+        self.views = CallViews(config, ledger, metrics, engine_id)
+        self.commands = SupervisorCommands(config, metrics, history, self.publish, self._bg)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_failures = 0
         self.escalations = 0
@@ -89,6 +62,16 @@ class OpsHub:
         return cls(config, make_event_bus(config), SpendLedger(config.prices, config.budget),
                    EngineMetrics(config.metrics, config.metrics.alert_min_turns), history,
                    ev.new_engine_id())
+
+    @property
+    def registry(self) -> CallRegistry | None:
+        """The engine's calls (set by the app): commands find their call in it, and an
+        ended call is retired from it."""
+        return self.commands.registry
+
+    @registry.setter
+    def registry(self, registry: CallRegistry | None) -> None:
+        self.commands.registry = registry
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -110,12 +93,6 @@ class OpsHub:
                 log.warning("ops.publish_failed", error=str(exc), failures=self._publish_failures,
                             call_sid=event.call_sid or None)
 
-    def _history(self, coro: Coroutine[Any, Any, Any]) -> None:
-        if self.history is not None:
-            self._bg(coro)
-        else:
-            coro.close()
-
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait for background publishes and history writes (shutdown, tests)."""
         if self._tasks:
@@ -125,16 +102,15 @@ class OpsHub:
 
     def call_created(self, session: CallSession) -> None:
         sid = session.call_sid
-        self.views[sid] = CallView(sid, session.from_number, session.to_number,
-                                   session.created_at)
+        self.views.open(sid, session.from_number, session.to_number, session.created_at)
         self.ledger.open_call(sid, self.config.policy.call_cost_cap_usd)
         self.metrics.call_started()
         self.publish(ev.CallStarted(call_sid=sid, from_number=session.from_number,
                                     to_number=session.to_number,
                                     cost_cap_usd=self.config.policy.call_cost_cap_usd))
         if self.history is not None:
-            self._history(self.history.call_started(sid, session.from_number,
-                                                    session.to_number, session.created_at))
+            self._bg(self.history.call_started(sid, session.from_number, session.to_number,
+                                               session.created_at))
 
     def stream_started(self, session: CallSession) -> None:
         self.publish(ev.CallUpdated(call_sid=session.call_sid,
@@ -149,36 +125,29 @@ class OpsHub:
             if update.entry.cost_usd:
                 self._priced(session, update, None, call_seconds=elapsed)
                 if self.history is not None:
-                    self._history(self.history.phone_recorded(session.call_sid, elapsed,
-                                                              update.entry.cost_usd))
+                    self._bg(self.history.phone_recorded(session.call_sid, elapsed,
+                                                         update.entry.cost_usd))
             await asyncio.sleep(60.0 - elapsed % 60.0 + 0.01)
 
-    def state_changed(self, session: CallSession, old: CallState, new: CallState,
+    def state_changed(self, session: CallSession, old: ev.CallState, new: ev.CallState,
                       reason: str) -> None:
         view = self.views.get(session.call_sid)
         if view is not None:
-            view.state = new.value
-        self.publish(ev.StateChanged(call_sid=session.call_sid, old=old.value, new=new.value,
-                                     reason=reason))
+            view.state = new
+        self.publish(ev.StateChanged(call_sid=session.call_sid, old=old, new=new, reason=reason))
         if self.history is not None:
-            self._history(self.history.call_state(session.call_sid, new.value))
+            self._bg(self.history.call_state(session.call_sid, new.value))
 
     def transcript(self, session: CallSession, speaker: str, text: str, final: bool,
                    **extra: Any) -> None:
         line_id = str(extra.get("line_id") or f"{session.call_sid}-{speaker}-{time.time_ns()}")
-        if extra.get("discarded"):
-            view = self.views.get(session.call_sid)
-            if view is not None:
-                view.transcript.pop(line_id, None)
         interrupted = bool(extra.get("interrupted", False))
-        entry = TranscriptEntry(line_id=line_id, speaker=speaker, text=text,  # type: ignore[arg-type]
-                                final=final, interrupted=interrupted, ts=time.time())
-        view = self.views.get(session.call_sid)
-        if view is not None and not extra.get("discarded"):
-            view.transcript[line_id] = entry
-            limit = self.config.console_api.snapshot_transcript_lines
-            while len(view.transcript) > limit:
-                view.transcript.pop(next(iter(view.transcript)))
+        if extra.get("discarded"):
+            self.views.drop_line(session.call_sid, line_id)
+        else:
+            self.views.put_line(session.call_sid, TranscriptEntry(
+                line_id=line_id, speaker=speaker, text=text,  # type: ignore[arg-type]
+                final=final, interrupted=interrupted, ts=time.time()))
         session.log.info("call.transcript", speaker=speaker, text=text, final=final,
                          interrupted=interrupted or None)
         self.publish(ev.TranscriptLine(
@@ -214,7 +183,7 @@ class OpsHub:
             day_cost_usd=self.ledger.today_usd,
             month_projection_usd=self.ledger.monthly_projection_usd))
         if usage is not None and self.history is not None:
-            self._history(self.history.usage_recorded(sid or None, usage, entry.cost_usd))
+            self._bg(self.history.usage_recorded(sid or None, usage, entry.cost_usd))
         for alert in update.alerts:
             self._budget_alert(session, alert)
 
@@ -252,7 +221,7 @@ class OpsHub:
                            f"voice-to-voice p95 {alert.p95_s:.2f} s over "
                            f"{alert.threshold_s:.2f} s", {"p95_s": alert.p95_s})
         if self.history is not None:
-            self._history(self.history.turn_completed(sid, record))
+            self._bg(self.history.turn_completed(sid, record))
 
     def alert(self, session: CallSession | None, kind: str, severity: str, message: str,
               data: dict[str, Any]) -> None:
@@ -288,20 +257,13 @@ class OpsHub:
         ledger, update = self.ledger.end_call(sid, duration)
         self._priced(session, update, None, call_seconds=duration)
         self.metrics.call_ended(sid)
-        view = self.views.get(sid)
-        if view is not None:
-            view.ended_at = session.ended_at
-            view.end_reason = reason
-            view.state = "ended"
-            self._ended_views.append(sid)
-            while len(self._ended_views) > 50:
-                self.views.pop(self._ended_views.popleft(), None)
+        self.views.close(sid, session.ended_at, reason)
         escalated = session.escalated
         self.publish(ev.CallEnded(call_sid=sid, reason=reason, duration_s=duration,
                                   cost_usd=ledger.total_usd))
         if self.history is not None:
-            self._history(self._record_end(sid, duration, update.entry.cost_usd, reason,
-                                           ledger.total_usd, escalated, session.ended_at))
+            self._bg(self._record_end(sid, duration, update.entry.cost_usd, reason,
+                                      ledger.total_usd, escalated, session.ended_at))
 
     async def _record_end(self, sid: str, duration: float, phone_cost: float, reason: str,
                           total: float, escalated: bool, ended_at: float | None) -> None:
@@ -315,108 +277,13 @@ class OpsHub:
         call = self.ledger.call(call_sid)
         return call.total_usd if call is not None else 0.0
 
-    # -- SupervisorBackend -----------------------------------------------------------------
+    # -- SupervisorBackend ---------------------------------------------------------------
 
     def hello(self) -> Hello:
-        cfg = self.config.transfer
-        return Hello(engine_id=self.engine_id,
-                     transfer_destinations=[(d.name, d.number) for d in cfg.destinations],
-                     default_transfer_number=cfg.number)
+        return self.views.hello()
 
     def snapshot(self) -> Snapshot:
-        now = time.time()
-        calls = []
-        for view in self.views.values():
-            calls.append(CallSnapshot(
-                call_sid=view.call_sid, from_number=view.from_number, to_number=view.to_number,
-                state=view.state,  # type: ignore[arg-type]
-                started_at=view.started_at, ended_at=view.ended_at,
-                end_reason=view.end_reason, cost_usd=view.cost_usd,
-                cost_cap_usd=self.config.policy.call_cost_cap_usd, turns=view.turns,
-                voice_to_voice_s=list(view.v2v), transcript=list(view.transcript.values()),
-                alerts=list(view.alerts)))
-        budget = self.config.budget
-        totals = SpendTotals(
-            today_usd=self.ledger.today_usd, daily_budget_usd=budget.daily_usd,
-            month_to_date_usd=self.ledger.month_to_date_usd,
-            monthly_projection_usd=self.ledger.monthly_projection_usd,
-            monthly_budget_usd=budget.monthly_usd,
-            p95_voice_to_voice_s=self.metrics.overall_p95("voice_to_voice"))
-        return Snapshot(server_time=now, calls=calls, totals=totals)
+        return self.views.snapshot()
 
     async def execute(self, command: Command, actor: str) -> Reply:
-        error = await self._execute(command)
-        ok = error is None
-        args: dict[str, ev.JsonScalar] = {}
-        if command.text is not None:
-            args["text"] = command.text[:200]
-        if command.number is not None:
-            args["number"] = command.number
-        log.info("ops.command", actor=actor, command=command.command,
-                 call_sid=command.call_sid, ok=ok, error=error, **args)
-        self.publish(ev.CommandAudit(call_sid=command.call_sid, actor=actor,
-                                     command=command.command, args=args, ok=ok, error=error or ""))
-        if self.history is not None:
-            self._history(self.history.action_recorded(
-                command.call_sid, actor, command.command, dict(args), ok, error,
-                escalation=ok and command.command in ("transfer", "escalate")))
-        return Reply(id=command.id, ok=ok, error=error)
-
-    async def _execute(self, command: Command) -> str | None:
-        """Perform a command; the error that says why it was refused, or None."""
-        assert self.registry is not None
-        session = self.registry.get(command.call_sid)
-        if session is None:
-            if self.registry.get_any(command.call_sid) is not None:
-                return "call already ended"
-            return "unknown call"
-        state = session.state
-        name = command.command
-        if name == "take_over":
-            if state is not CallState.AI:
-                return f"not allowed in state {state.value}"
-            session.take_over()
-            return None
-        if name == "hand_back":
-            if state is not CallState.HUMAN_TAKEOVER:
-                return f"not allowed in state {state.value}"
-            session.hand_back()
-            return None
-        if name == "say":
-            text = (command.text or "").strip()
-            if not text:
-                return "say needs text"
-            if state not in (CallState.AI, CallState.HUMAN_TAKEOVER):
-                return f"not allowed in state {state.value}"
-            try:
-                await session.say_now(text, speaker="supervisor")
-            except Exception as exc:  # the caller must not lose the call over a TTS error
-                return f"could not speak the line: {exc}"
-            return None
-        if name in ("transfer", "escalate"):
-            if state not in (CallState.AI, CallState.HUMAN_TAKEOVER):
-                return f"not allowed in state {state.value}"
-            number = self._destination(command.number if name == "transfer" else None)
-            if number is None:
-                return "no transfer destination: give a number or set transfer.number"
-            if not _NUMBER.match(number):
-                return f"invalid transfer number {number!r}"
-            result = await session.transfer(number, f"supervisor {name}")
-            if not result.ok and not result.already_ended:
-                return f"transfer failed: {result.error}"
-            self.metrics.escalation()
-            return None
-        if name == "hang_up":
-            await session.hang_up("supervisor hung up")
-            return None
-        return f"unknown command {name!r}"
-
-    def _destination(self, given: str | None) -> str | None:
-        cfg = self.config.transfer
-        if given:
-            for dest in cfg.destinations:
-                if dest.name.lower() == given.lower():
-                    return dest.number
-            return given.replace(" ", "")
-        return cfg.number or None
-
+        return await self.commands.execute(command, actor)

@@ -16,12 +16,8 @@ from pathlib import Path
 import pytest
 
 from engine.providers.base import Usage
-from engine.record.history import (
-    END_REASON_UNEXPECTED,
-    SCHEMA_VERSION,
-    CallHistory,
-    HistoryError,
-)
+from engine.record.database import END_REASON_UNEXPECTED, SCHEMA_VERSION, HistoryError
+from engine.record.history import CallHistory
 from engine.record.report import build_report
 from engine.session.records import TurnRecord, TurnTimings
 

@@ -13,7 +13,8 @@ import pytest
 
 from engine.config import PricesConfig
 from engine.providers.base import Usage
-from engine.record.history import CallHistory, HistoryError
+from engine.record.database import HistoryError
+from engine.record.history import CallHistory
 from engine.record.report import DAYS_PER_MONTH, build_report, parse_since, render_report
 from engine.session.records import TurnRecord, TurnTimings
 

@@ -43,7 +43,8 @@ from engine.supervision.api_schema import (
     Snapshot,
     TranscriptEntry,
 )
-from engine.supervision.server import CLOSE_TOO_SLOW, READONLY_REFUSAL, SupervisorApi
+from engine.supervision.connection import CLOSE_TOO_SLOW, READONLY_REFUSAL
+from engine.supervision.server import SupervisorApi
 from engine.supervision.tokens import ConsoleTokens, TokenError, load_or_create_tokens
 from tests.conftest import BusFactory
 

@@ -3,11 +3,11 @@
 Ids are "<epoch>:<n>" for n = 1, 2, 3, ... (FROM_OLDEST = "0"); the epoch is random per
 bus, so a cursor kept across an engine restart is recognized as another stream's (a
 "stream_reset" gap) instead of silently skipping the new stream's first events. Event n
-lives in slot
-n % maxlen until event n + maxlen overwrites it. Publishing writes one slot and sets an
-asyncio.Event: O(1), never awaits, never waits for subscribers. A subscriber that falls
-more than maxlen events behind gets a BusGap (reason "overrun", exact count) and goes on
-from the oldest event still retained. Use it from the event loop's thread only.
+lives in slot n % maxlen until event n + maxlen overwrites it. Publishing writes one slot
+and sets an asyncio.Event: O(1), never awaits, never waits for subscribers. A subscriber
+that falls more than maxlen events behind gets a BusGap (reason "overrun", exact count)
+and goes on from the oldest event still retained. Use it from the event loop's thread
+only.
 """
 
 from __future__ import annotations

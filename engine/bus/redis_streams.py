@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncGenerator, Awaitable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -35,47 +35,34 @@ from redis.exceptions import RedisError, ResponseError
 
 from engine.bus.event_bus import FROM_OLDEST, BusClosedError, BusError, BusPublishError
 from engine.bus.events import BusGap, Event, EventDecodeError, decode_event, encode_event
+from engine.bus.redis_replies import (
+    ZERO_ID,
+    StreamId,
+    StreamInfo,
+    format_id,
+    id_before,
+    is_no_such_key,
+    parse_info,
+    parse_stream_id,
+    stream_entries,
+    text,
+)
 from engine.log import get_logger
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
-StreamId = tuple[int, int]
-_ZERO: StreamId = (0, 0)
-_MAX_SEQ = 2**64 - 1
-
-
-def parse_stream_id(value: str) -> StreamId:
-    """'1700000000000-3' -> (1700000000000, 3); '0' -> (0, 0). ValueError otherwise."""
-    ms, sep, seq = value.partition("-")
-    try:
-        parsed = (int(ms), int(seq) if sep else 0)
-    except ValueError:
-        raise ValueError(f"invalid Redis stream id {value!r}") from None
-    if parsed[0] < 0 or parsed[1] < 0:
-        raise ValueError(f"invalid Redis stream id {value!r}")
-    return parsed
-
-
-def _format_id(stream_id: StreamId) -> str:
-    return f"{stream_id[0]}-{stream_id[1]}"
-
-
-def _id_before(stream_id: StreamId) -> StreamId:
-    ms, seq = stream_id
-    if seq > 0:
-        return ms, seq - 1
-    return (ms - 1, _MAX_SEQ) if ms > 0 else _ZERO
-
-
-def _text(value: Any) -> str:
-    return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(slots=True)
-class _StreamInfo:
-    last_generated: StreamId
-    first_entry: StreamId | None  # None: the stream is empty
+class _ReadPosition:
+    """Where one subscription is: its cursor (None until pinned to the stream's newest
+    id), whether the next read must check for trimming, and what it saw so far."""
+
+    cursor: StreamId | None
+    check: bool
+    failures: int = 0
+    last_seq: dict[str, int] = field(default_factory=dict)  # engine_id -> last seq seen
 
 
 class _Closed(Exception):
@@ -164,7 +151,7 @@ class RedisEventBus:
                 self._publish_failures = 0
             for (_, future), entry_id in zip(batch, ids, strict=True):
                 if not future.done():
-                    future.set_result(_text(entry_id))
+                    future.set_result(text(entry_id))
 
     def _publish_failed(self, exc: BaseException,
                         failed: list[tuple[bytes, asyncio.Future[str]]]) -> None:
@@ -192,7 +179,7 @@ class RedisEventBus:
             info = await self._stream_info(self._client)
         except (RedisError, OSError) as exc:
             raise BusError(f"redis unreachable: {exc!r}") from exc
-        return _format_id(info.last_generated) if info else FROM_OLDEST
+        return format_id(info.last_generated) if info else FROM_OLDEST
 
     # --- subscribing --------------------------------------------------------------
 
@@ -209,68 +196,78 @@ class RedisEventBus:
             retry=Retry(NoBackoff(), 0))  # this loop reconnects, from its own cursor
         self._readers.add(reader)
         closed_waiter = asyncio.ensure_future(self._closed_event.wait())
-        cursor = start  # None: resolved to the stream's newest id on the first read
         # A given cursor may have been trimmed away meanwhile: verify on the first read.
-        check = start is not None and start != _ZERO
-        last_seq: dict[str, int] = {}  # engine_id -> last seq seen, to spot lost events
-        failures = 0
+        pos = _ReadPosition(cursor=start, check=start is not None and start != ZERO_ID)
         try:
             while not self._closed:
-                gap: tuple[str, BusGap] | None = None
                 try:
-                    if cursor is None:
-                        info = await self._until_closed(closed_waiter,
-                                                        self._stream_info(reader))
-                        cursor = info.last_generated if info else _ZERO
-                        continue
-                    if check:
-                        info, entries = await self._until_closed(
-                            closed_waiter, self._checked_read(reader, cursor))
-                        gap, cursor, entries = self._find_gap(info, cursor, entries)
-                        check = False
-                    else:
-                        entries = await self._until_closed(
-                            closed_waiter, self._read(reader, cursor, self._block_ms))
+                    batch = await self._until_closed(closed_waiter,
+                                                     self._next_batch(reader, pos))
                 except _Closed:
                     return
                 except (RedisError, OSError) as exc:
-                    failures += 1
-                    delay = self._backoff(failures)
-                    log.warning("bus.reader_error", error=repr(exc), cursor=_format_id(cursor)
-                                if cursor else None, failures=failures,
-                                retry_in_s=round(delay, 2))
+                    pos.failures += 1
+                    delay = self._backoff(pos.failures)
+                    log.warning("bus.reader_error", error=repr(exc),
+                                cursor=format_id(pos.cursor) if pos.cursor else None,
+                                failures=pos.failures, retry_in_s=round(delay, 2))
                     await asyncio.wait({closed_waiter}, timeout=delay)
-                    check = True
+                    pos.check = True
                     continue
-                if failures:
-                    log.info("bus.reader_recovered", after_failures=failures)
-                    failures = 0
+                if batch is None:  # the cursor was just pinned to the stream's newest id
+                    continue
+                if pos.failures:
+                    log.info("bus.reader_recovered", after_failures=pos.failures)
+                    pos.failures = 0
+                gap, entries = batch
                 if gap is not None:
-                    last_seq.clear()  # the gap already reports this loss
+                    pos.last_seq.clear()  # the gap already reports this loss
                     yield gap
-                for raw_id, fields in entries:
-                    entry_id = _text(raw_id)
-                    previous = cursor
-                    cursor = parse_stream_id(entry_id)
-                    event = self._decode_entry(entry_id, fields)
-                    if event is None:
-                        continue
-                    if event.seq > 0:
-                        seen = last_seq.get(event.engine_id)
-                        if seen is not None and event.seq > seen + 1:
-                            yield _format_id(previous), BusGap(
-                                engine_id=event.engine_id, missed_after=_format_id(previous),
-                                missed_until=entry_id, count=event.seq - seen - 1,
-                                reason="seq_jump")
-                        last_seq[event.engine_id] = event.seq
-                    yield entry_id, event
+                for item in self._events(entries, pos):
+                    yield item
                 # A full batch means this reader is behind: check for trimming next time.
-                check = len(entries) >= self._read_count
+                pos.check = len(entries) >= self._read_count
         finally:
             closed_waiter.cancel()
             self._readers.discard(reader)
             with contextlib.suppress(RedisError, OSError):
                 await reader.aclose()
+
+    async def _next_batch(self, reader: aioredis.Redis, pos: _ReadPosition,
+                          ) -> tuple[tuple[str, BusGap] | None, list[Any]] | None:
+        """The entries after the cursor, and a gap to report before them; None when
+        there was no cursor yet and it was just pinned to the stream's newest id."""
+        if pos.cursor is None:
+            info = await self._stream_info(reader)
+            pos.cursor = info.last_generated if info else ZERO_ID
+            return None
+        if pos.check:
+            info, entries = await self._checked_read(reader, pos.cursor)
+            gap, pos.cursor, entries = self._find_gap(info, pos.cursor, entries)
+            pos.check = False
+            return gap, entries
+        return None, await self._read(reader, pos.cursor, self._block_ms)
+
+    def _events(self, entries: list[Any], pos: _ReadPosition,
+                ) -> Iterator[tuple[str, Event]]:
+        """Decoded events, moving the cursor; a BusGap first when an engine's seq jumped."""
+        cursor = pos.cursor
+        assert cursor is not None  # entries are read after a cursor
+        for raw_id, fields in entries:
+            entry_id = text(raw_id)
+            previous, cursor = cursor, parse_stream_id(entry_id)
+            pos.cursor = cursor
+            event = self._decode_entry(entry_id, fields)
+            if event is None:
+                continue
+            if event.seq > 0:
+                seen = pos.last_seq.get(event.engine_id)
+                if seen is not None and event.seq > seen + 1:
+                    yield format_id(previous), BusGap(
+                        engine_id=event.engine_id, missed_after=format_id(previous),
+                        missed_until=entry_id, count=event.seq - seen - 1, reason="seq_jump")
+                pos.last_seq[event.engine_id] = event.seq
+            yield entry_id, event
 
     def _decode_entry(self, entry_id: str, fields: Any) -> Event | None:
         data = fields.get(b"data") if isinstance(fields, dict) else None
@@ -283,26 +280,26 @@ class RedisEventBus:
             log.warning("bus.undecodable_entry", entry_id=entry_id, error=str(exc))
             return None
 
-    def _find_gap(self, info: _StreamInfo | None, cursor: StreamId, entries: list[Any],
+    def _find_gap(self, info: StreamInfo | None, cursor: StreamId, entries: list[Any],
                   ) -> tuple[tuple[str, BusGap] | None, StreamId, list[Any]]:
         """After a (re)connect or while behind: does the stream still hold our cursor?"""
-        if cursor == _ZERO:
+        if cursor == ZERO_ID:
             return None, cursor, entries
-        after = _format_id(cursor)
+        after = format_id(cursor)
         if info is None or info.last_generated < cursor:
             # The stream is gone or was recreated (Redis restarted without persistence,
             # flushed, or failed over): whatever it held after our cursor is lost, and
             # its new ids may sort below our cursor, so start over from its beginning.
             log.warning("bus.stream_reset", cursor=after)
             gap = BusGap(missed_after=after, reason="stream_reset")
-            return (FROM_OLDEST, gap), _ZERO, []
-        if info.first_entry is not None and _id_before(info.first_entry) > cursor:
+            return (FROM_OLDEST, gap), ZERO_ID, []
+        if info.first_entry is not None and id_before(info.first_entry) > cursor:
             # Ids lie between our cursor and the first retained entry: entries there may
             # have been trimmed (MAXLEN) before we read them.
-            first = _format_id(info.first_entry)
+            first = format_id(info.first_entry)
             log.warning("bus.reader_trimmed", cursor=after, first_retained=first)
             gap = BusGap(missed_after=after, missed_until=first, reason="trimmed")
-            return (_format_id(_id_before(info.first_entry)), gap), cursor, entries
+            return (format_id(id_before(info.first_entry)), gap), cursor, entries
         return None, cursor, entries
 
     async def _until_closed(self, closed_waiter: asyncio.Future[Any],
@@ -321,54 +318,31 @@ class RedisEventBus:
 
     async def _read(self, reader: aioredis.Redis, cursor: StreamId,
                     block_ms: int | None) -> list[Any]:
-        response = await reader.xread({self.stream_key: _format_id(cursor)},
+        response = await reader.xread({self.stream_key: format_id(cursor)},
                                       count=self._read_count, block=block_ms)
-        return self._entries(response)
+        return stream_entries(response, self.stream_key)
 
     async def _checked_read(self, reader: aioredis.Redis, cursor: StreamId,
-                            ) -> tuple[_StreamInfo | None, list[Any]]:
+                            ) -> tuple[StreamInfo | None, list[Any]]:
         # MULTI: the stream's bounds and the entries after our cursor, atomically, so
         # nothing can be trimmed between the check and the read.
         pipe = reader.pipeline(transaction=True)
         pipe.xinfo_stream(self.stream_key)
-        pipe.xread({self.stream_key: _format_id(cursor)}, count=self._read_count)
+        pipe.xread({self.stream_key: format_id(cursor)}, count=self._read_count)
         info_reply, read_reply = await pipe.execute(raise_on_error=False)
-        info = self._parse_info(info_reply)
+        info = parse_info(info_reply)
         if isinstance(read_reply, Exception):
             raise read_reply
-        return info, self._entries(read_reply)
+        return info, stream_entries(read_reply, self.stream_key)
 
-    async def _stream_info(self, client: aioredis.Redis) -> _StreamInfo | None:
+    async def _stream_info(self, client: aioredis.Redis) -> StreamInfo | None:
         try:
             reply = await client.xinfo_stream(self.stream_key)
         except ResponseError as exc:
-            if "no such key" in str(exc).lower():
+            if is_no_such_key(exc):
                 return None
             raise
-        return self._parse_info(reply)
-
-    def _parse_info(self, reply: Any) -> _StreamInfo | None:
-        if isinstance(reply, ResponseError) and "no such key" in str(reply).lower():
-            return None
-        if isinstance(reply, Exception):
-            raise reply
-        first = reply.get("first-entry")
-        return _StreamInfo(
-            last_generated=parse_stream_id(_text(reply["last-generated-id"])),
-            first_entry=parse_stream_id(_text(first[0])) if first else None)
-
-    def _entries(self, response: Any) -> list[Any]:
-        if not response:
-            return []
-        if isinstance(response, dict):  # RESP3
-            for key, value in response.items():
-                if _text(key) == self.stream_key:
-                    return list(value[0] if value and isinstance(value[0], list) else value)
-            return []
-        for key, entries in response:  # RESP2: [[key, [(id, fields), ...]]]
-            if _text(key) == self.stream_key:
-                return list(entries)
-        return []
+        return parse_info(reply)
 
     # --- lifecycle ----------------------------------------------------------------
 

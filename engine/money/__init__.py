@@ -1,1 +1,1 @@
-"""Money: the price table, per-call ledgers, daily and monthly budgets."""
+"""Money: the price table, per-call ledgers, budgets, the Realtime API comparison."""

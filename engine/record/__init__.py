@@ -1,1 +1,1 @@
-"""The record: call history (SQLite), latency metrics, the business report."""
+"""The record: call history (SQLite schema, writer, facade), latency metrics, the report."""

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from engine.config import PricesConfig
 from engine.log import get_logger
 from engine.money.realtime import realtime_conversation_cost
-from engine.record.history import END_REASON_UNEXPECTED, HistoryError, connect
+from engine.record.database import END_REASON_UNEXPECTED, HistoryError, connect
 from engine.record.metrics import percentile
 
 log = get_logger(__name__)

@@ -1,1 +1,1 @@
-"""Supervision: the supervisor API (snapshot, live events, commands) and its tokens."""
+"""Supervision: the supervisor API and its tokens, the call views it shows, the commands it runs."""

@@ -45,7 +45,7 @@ class CallSnapshot(_Frame):
     call_sid: str
     from_number: str = ""
     to_number: str = ""
-    state: CallState = "connected"
+    state: CallState = CallState.CONNECTED
     started_at: float = 0.0  # unix seconds
     ended_at: float | None = None
     end_reason: str | None = None
