@@ -90,12 +90,10 @@ def summarize(name: str, ns: npt.NDArray[np.int64],
     return row
 
 
-def run(n_frames: int) -> list[Row]:
-    ulaw_frames = split_frames(caller_stream(n_frames * 0.02))[:n_frames]
-    pcm_frames = [codec.ulaw_to_pcm16(f) for f in ulaw_frames]
-    int16_frames = [np.frombuffer(p, dtype="<i2").astype(np.int16) for p in pcm_frames]
+def codec_rows(ulaw_frames: list[bytes], pcm_frames: list[bytes],
+               int16_frames: list[npt.NDArray[np.int16]]) -> list[Row]:
+    """mu-law decoding and encoding, the VAD, and the endpointer that combines them."""
     rows: list[Row] = []
-
     ref = time_calls(lambda f: audioop.ulaw2lin(f, 2), ulaw_frames) if audioop else None
     rows.append(summarize("decode mu-law -> PCM16 bytes", time_calls(codec.ulaw_to_pcm16,
                                                                        ulaw_frames), ref))
@@ -113,7 +111,13 @@ def run(n_frames: int) -> list[Row]:
     endpointer = Endpointer()
     rows.append(summarize("Endpointer.feed (decode+VAD+turns)",
                           time_calls(endpointer.feed, ulaw_frames)))
+    return rows
 
+
+def resample_rows(pcm_frames: list[bytes],
+                  int16_frames: list[npt.NDArray[np.int16]]) -> list[Row]:
+    """Up to the STT rate, and down from the TTS rates."""
+    rows: list[Row] = []
     up = StreamResampler(8000, 16000)
     ref = None
     if audioop:
@@ -132,8 +136,12 @@ def run(n_frames: int) -> list[Row]:
         method = "FIR decimation" if rate % 8000 == 0 else "FIR + soxr QQ"
         rows.append(summarize(f"stream resample {rate / 1000:g}k -> 8k ({method})",
                               time_calls(down.process, src)))
+    return rows
 
-    # Outbound framing: TTS chunks of uneven size (here 50-900 bytes) into 160-byte frames.
+
+def framing_rows(ulaw_frames: list[bytes], n_frames: int) -> list[Row]:
+    """Outbound framing: TTS chunks of uneven size (here 50-900 bytes) into 160-byte
+    frames, and the whole-frame fast path of inbound audio."""
     rng = np.random.default_rng(1)
     stream = b"".join(ulaw_frames)
     sizes = rng.integers(50, 900, n_frames)
@@ -144,13 +152,22 @@ def run(n_frames: int) -> list[Row]:
         chunks.append(stream[pos:pos + int(size)])
         pos += int(size)
     assembler = FrameAssembler()
-    rows.append(summarize("FrameAssembler.push (uneven chunks)",
-                          time_calls(assembler.push, chunks)))
+    rows = [summarize("FrameAssembler.push (uneven chunks)",
+                      time_calls(assembler.push, chunks))]
     whole = [bytes(f) for f in ulaw_frames]
     rows.append(summarize("FrameAssembler.push (whole frames)",
                           time_calls(FrameAssembler().push, whole)))
     assert all(len(f) == FRAME_BYTES for f in whole)
     return rows
+
+
+def run(n_frames: int) -> list[Row]:
+    ulaw_frames = split_frames(caller_stream(n_frames * 0.02))[:n_frames]
+    pcm_frames = [codec.ulaw_to_pcm16(f) for f in ulaw_frames]
+    int16_frames = [np.frombuffer(p, dtype="<i2").astype(np.int16) for p in pcm_frames]
+    return (codec_rows(ulaw_frames, pcm_frames, int16_frames)
+            + resample_rows(pcm_frames, int16_frames)
+            + framing_rows(ulaw_frames, n_frames))
 
 
 def print_table(rows: list[Row], n_frames: int) -> None:

@@ -20,8 +20,8 @@ import time
 from collections.abc import AsyncIterator
 
 from console.app import SupervisorConsole
+from console.calls_table import CallsTable
 from console.client import ConnectionChanged, SourceItem
-from console.widgets import CallsTable
 from engine.bus.events import (
     CallEnded,
     CallStarted,
@@ -86,6 +86,41 @@ class ScriptSource:
         return None
 
 
+Timeline = list[tuple[float, EventBase]]
+
+
+def call_turns(rng: random.Random, sid: str, start: float, end: float,
+               cost: dict[str, float], timeline: Timeline) -> None:
+    """One call's turns from `start` to `end`: partial and final caller lines, the agent's
+    answer, its latency, usage and now and then a call update."""
+    t = start + rng.uniform(0, TURN_S)
+    turn = 0
+    words = ["I", "would", "like", "to", "check", "my", "order", "status"]
+    while t < end:
+        turn += 1
+        for k in (2, 4, 6):
+            timeline.append((t + k * 0.3, TranscriptLine(
+                call_sid=sid, speaker="caller", text=" ".join(words[:k]),
+                line_id=f"{sid}-c{turn}", final=False)))
+        timeline.append((t + 2.2, TranscriptLine(call_sid=sid, speaker="caller",
+                                                 text=" ".join(words),
+                                                 line_id=f"{sid}-c{turn}")))
+        timeline.append((t + 3.0, TranscriptLine(
+            call_sid=sid, speaker="agent", line_id=f"{sid}-a{turn}",
+            text="Your order shipped yesterday and arrives on Friday.")))
+        timeline.append((t + 3.0, TurnLatency(call_sid=sid, turn=turn,
+                                              voice_to_voice_s=rng.uniform(0.6, 1.8))))
+        for kind in KINDS:
+            cost[sid] = cost.get(sid, 0.0) + 0.001
+            timeline.append((t + 3.1, UsageCost(
+                call_sid=sid, provider="p", kind=kind, cost_usd=0.001,
+                call_cost_usd=cost[sid], day_cost_usd=5.0 + t / 1000,
+                month_projection_usd=150.0)))
+        if turn % 3 == 0:
+            timeline.append((t + 3.2, CallUpdated(call_sid=sid, turns=turn)))
+        t += TURN_S
+
+
 def build_script(calls: int, seconds: float, seed: int = 7
                  ) -> tuple[str, list[tuple[float, str]]]:
     rng = random.Random(seed)
@@ -95,41 +130,12 @@ def build_script(calls: int, seconds: float, seed: int = 7
                      started_at=now - rng.uniform(0, CALL_S), cost_cap_usd=0.5)
         for i in range(calls)], totals=SpendTotals(daily_budget_usd=20,
                                                    monthly_budget_usd=500))
-    timeline: list[tuple[float, EventBase]] = []
+    timeline: Timeline = []
     live = [c.call_sid for c in snapshot.calls]
     next_sid = calls
     cost: dict[str, float] = dict.fromkeys(live, 0.0)
-
-    def turns_for(sid: str, start: float, end: float) -> None:
-        t = start + rng.uniform(0, TURN_S)
-        turn = 0
-        while t < end:
-            turn += 1
-            words = ["I", "would", "like", "to", "check", "my", "order", "status"]
-            for k in (2, 4, 6):
-                timeline.append((t + k * 0.3, TranscriptLine(
-                    call_sid=sid, speaker="caller", text=" ".join(words[:k]),
-                    line_id=f"{sid}-c{turn}", final=False)))
-            timeline.append((t + 2.2, TranscriptLine(call_sid=sid, speaker="caller",
-                                                     text=" ".join(words),
-                                                     line_id=f"{sid}-c{turn}")))
-            timeline.append((t + 3.0, TranscriptLine(
-                call_sid=sid, speaker="agent", line_id=f"{sid}-a{turn}",
-                text="Your order shipped yesterday and arrives on Friday.")))
-            timeline.append((t + 3.0, TurnLatency(call_sid=sid, turn=turn,
-                                                  voice_to_voice_s=rng.uniform(0.6, 1.8))))
-            for kind in KINDS:
-                cost[sid] = cost.get(sid, 0.0) + 0.001
-                timeline.append((t + 3.1, UsageCost(
-                    call_sid=sid, provider="p", kind=kind, cost_usd=0.001,
-                    call_cost_usd=cost[sid], day_cost_usd=5.0 + t / 1000,
-                    month_projection_usd=150.0)))
-            if turn % 3 == 0:
-                timeline.append((t + 3.2, CallUpdated(call_sid=sid, turns=turn)))
-            t += TURN_S
-
     for sid in live:
-        turns_for(sid, 0.0, seconds)
+        call_turns(rng, sid, 0.0, seconds, cost, timeline)
     # Churn: calls end at a steady rate and new ones replace them.
     t = 0.0
     while t < seconds:
@@ -141,9 +147,9 @@ def build_script(calls: int, seconds: float, seed: int = 7
         live.append(sid)
         timeline.append((t, CallStarted(call_sid=sid, from_number=f"+1666{next_sid:07d}")))
         timeline.append((t + 0.1, StateChanged(call_sid=sid, old="connected", new="ai")))
-        turns_for(sid, t + 0.5, seconds)
-    timeline = [(due, ev) for due, ev in timeline if due < seconds]
-    timeline.sort(key=lambda item: item[0])
+        call_turns(rng, sid, t + 0.5, seconds, cost, timeline)
+    timeline = sorted(((due, ev) for due, ev in timeline if due < seconds),
+                      key=lambda item: item[0])
     script = []
     for seq, (due, event) in enumerate(timeline, 1):
         stamped = event.model_copy(update={"engine_id": "bench", "seq": seq,

@@ -28,22 +28,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import aiohttp
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_calls import LoopLag, cpu_seconds, free_port, loadavg, rss_mb  # noqa: E402
+# bench/ helpers, beside this script
+from load_run import (  # noqa: E402
+    check_ready,
+    free_port,
+    place_calls,
+    report,
+    run_if_worker,
+    worker_command,
+    worker_output,
+)
+from probes import LoopLag, cpu_seconds, loadavg, rss_mb  # noqa: E402
+from turn_figures import first_sentence_tokens, lag_summary, summarize_level  # noqa: E402
+
+if TYPE_CHECKING:
+    from engine.sim.standins.server import StandinServer
 
 AUTH_TOKEN = "bench-auth-token-8d41c07e2b9a4f53"
 ACCOUNT_SID = "AC" + "d5" * 16
@@ -53,9 +65,6 @@ QUESTION = "What time do you open on Saturday?"
 # Three sentences: speech can start after the first while the LLM still streams.
 REPLY = ("We open at nine in the morning on Saturday. We close at four that afternoon. "
          "Is there anything else I can help with?")
-_TOKEN_RE = re.compile(r"\s*\S+")  # how the OpenAI stand-in cuts a reply into tokens
-STAGES = ("endpointing_s", "stt_s", "llm_first_token_s", "tts_first_audio_s",
-          "engine_overhead_s", "voice_to_voice_s")
 
 
 # -- the caller side (one worker process) --------------------------------------------------
@@ -64,7 +73,7 @@ STAGES = ("endpointing_s", "stt_s", "llm_first_token_s", "tts_first_audio_s",
 async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     from engine.log import configure_logging
     from engine.providers.builtin.espeak_engine import get_espeak
-    from engine.sim.caller import CallResult, SimulatedCaller
+    from engine.sim.caller import SimulatedCaller
     from engine.sim.scenario import Scenario, Step
 
     configure_logging("error", "json")
@@ -77,68 +86,22 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
         steps += [Step(say=spec["question"]), Step(pause=spec["pause_s"])]
     scenario = Scenario(name="bench-turns", wait_for_greeting=True, hangup_at_end=True,
                         steps=steps[:-1])
-    lag = LoopLag()
-    lag_task = asyncio.create_task(lag.run())
-    runs: list[asyncio.Task[CallResult]] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        loop = asyncio.get_running_loop()
-        mono_to_loop = loop.time() - time.monotonic()
-        for start_at in spec["start_times"]:
-            delay = start_at + mono_to_loop - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            caller = SimulatedCaller(spec["url"], AUTH_TOKEN, ACCOUNT_SID, voice=voice,
+    results, lag_ms = await place_calls(
+        spec["start_times"],
+        lambda http: SimulatedCaller(spec["url"], AUTH_TOKEN, ACCOUNT_SID, voice=voice,
                                      rate_wpm=rate, post_status=False, session=http,
-                                     speech_cache=speech_cache)
-            runs.append(asyncio.create_task(caller.run(scenario)))
-        results = await asyncio.gather(*runs)
-    lag_task.cancel()
+                                     speech_cache=speech_cache),
+        scenario)
     return {
         "calls": [{"call_sid": r.call_sid, "ended_by": r.ended_by, "error": r.error,
                    "lines": [{"ended_at": ln.ended_at, "reply_latency_s": ln.reply_latency_s}
                              for ln in r.lines]} for r in results],
         "speech_s": len(next(iter(speech_cache.values()))) / 8000,
-        "loop_lag_ms": lag.samples_ms,
+        "loop_lag_ms": lag_ms,
     }
 
 
-def run_worker(spec_path: str, out_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    result = asyncio.run(worker_main(spec))
-    Path(out_path).write_text(json.dumps(result))
-    return 0
-
-
-# -- figures -------------------------------------------------------------------------------
-
-
-def pcts_ms(values: list[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"p50": None, "p95": None, "p99": None, "n": 0}
-    arr = np.asarray(values) * 1000
-    return {"p50": round(float(np.percentile(arr, 50)), 1),
-            "p95": round(float(np.percentile(arr, 95)), 1),
-            "p99": round(float(np.percentile(arr, 99)), 1), "n": len(arr)}
-
-
-def lag_summary(samples_ms: list[float]) -> dict[str, float]:
-    if not samples_ms:
-        return {}
-    arr = np.asarray(samples_ms)
-    return {"p50": round(float(np.percentile(arr, 50)), 2),
-            "p99": round(float(np.percentile(arr, 99)), 2), "max": round(float(arr.max()), 2)}
-
-
-def first_sentence_tokens(reply: str) -> int:
-    """Streamed tokens (as the LLM stand-in cuts them) before the engine has a sentence."""
-    from engine.session.sentences import SentenceAggregator
-
-    aggregator = SentenceAggregator()
-    tokens = _TOKEN_RE.findall(reply)
-    for i, token in enumerate(tokens, 1):
-        if aggregator.push(token):
-            return i
-    return len(tokens)
+# -- one level -----------------------------------------------------------------------------
 
 
 def nominal_provider_s(args: argparse.Namespace) -> float:
@@ -148,69 +111,12 @@ def nominal_provider_s(args: argparse.Namespace) -> float:
     return (args.stt_ms + args.llm_ms + (tokens - 1) * args.token_ms + args.tts_ms) / 1000
 
 
-def summarize_level(calls: int, turns: list[dict[str, Any]], outs: list[dict[str, Any]],
-                    cpu_s: float, wall_s: float, nominal_s: float,
-                    extra: dict[str, Any]) -> dict[str, Any]:
-    stages = {name.removesuffix("_s"): pcts_ms([t[name] for t in turns
-                                                if t.get(name) is not None])
-              for name in STAGES}
-    # LLM time from the first token to the first whole sentence: what the engine
-    # subtracted beyond the reported stages.
-    stages["llm_to_first_sentence"] = pcts_ms([
-        t["voice_to_voice_s"] - sum(t[n] or 0.0 for n in STAGES[:5]) for t in turns
-        if t.get("engine_overhead_s") is not None and t.get("llm_first_token_s") is not None])
-    # Everything but endpointing and the stand-ins' configured latency: the engine's work
-    # plus its event-loop delays inside the stages (which the stage timers count).
-    stages["beyond_nominal"] = pcts_ms([t["voice_to_voice_s"] - (t["endpointing_s"] or 0.0)
-                                        - nominal_s for t in turns])
-    leads = [t["audio_lead_over_llm_s"] for t in turns
-             if t.get("audio_lead_over_llm_s") is not None]
-    results = [c for o in outs for c in o["calls"]]
-    reply = [ln["reply_latency_s"] for c in results for ln in c["lines"]
-             if ln["reply_latency_s"] is not None]
-    unanswered = sum(1 for c in results for ln in c["lines"] if ln["reply_latency_s"] is None)
-    failed = [c for c in results if c["error"] or c["ended_by"] != "caller"]
-    lag = [x for o in outs for x in o["loop_lag_ms"]]
-    n_turns = len(turns)
-    return {
-        "calls": calls, "turns": n_turns, "lines_said": sum(len(c["lines"]) for c in results),
-        "lines_unanswered": unanswered, "calls_failed": len(failed),
-        "failures": sorted({f"{c['ended_by']}: {c['error']}" for c in failed})[:5],
-        "stages_ms": stages,
-        "audio_before_llm_end": {
-            "share": round(sum(1 for x in leads if x > 0) / len(leads), 4) if leads else None,
-            "lead_ms": pcts_ms(leads)},
-        "caller_reply_latency_ms": pcts_ms(reply),
-        "caller_speech_s": outs[0]["speech_s"] if outs else None,
-        "engine_cpu_pct_of_core": round(cpu_s / wall_s * 100, 1) if wall_s else None,
-        "engine_cpu_ms_per_turn": round(cpu_s * 1000 / n_turns, 2) if n_turns else None,
-        "engine_cpu_ms_per_call_s": round(cpu_s * 1000 / (calls * wall_s), 3)
-        if wall_s else None,
-        "wall_s": round(wall_s, 1),
-        "caller_loop_lag_ms": lag_summary(lag),
-        **extra,
-    }
-
-
-# -- one level -----------------------------------------------------------------------------
-
-
-async def read_ready(proc: asyncio.subprocess.Process, log_path: Path) -> None:
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 60)
-    if b'"ready"' not in line:
-        raise RuntimeError(f"engine did not start: {line!r}; see {log_path}")
-
-
 def open_log(path: Path) -> IO[str]:
     return path.open("w")  # a few lines at start-up: no need to leave the loop
 
 
-async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
-                    tmp: Path) -> dict[str, Any]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp / f"engine-{calls}.log"
+def engine_command(args: argparse.Namespace, port: int, calls: int, urls: dict[str, str],
+                   tmp: Path) -> list[str]:
     cmd = [sys.executable, str(ROOT / "bench" / "bench_turns_engine.py"), "--port", str(port),
            "--console-port", str(free_port()), "--auth-token", AUTH_TOKEN,
            "--stt-url", urls["stt"], "--llm-url", urls["llm"], "--tts-url", urls["tts"],
@@ -220,32 +126,50 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
         cmd += ["--cprofile", f"{args.cprofile}.{calls}"]
     if args.watch_stalls:
         cmd += ["--watch-stalls"]
+    return cmd
+
+
+async def call_level(args: argparse.Namespace, calls: int, url: str, tmp: Path,
+                     engine_pid: int, workers: list[asyncio.subprocess.Process]
+                     ) -> dict[str, Any]:
+    """Start the caller processes, wait until every call has hung up; the engine's CPU,
+    memory and the load over that time."""
+    turns_per_call = args.turns_at_1 if calls == 1 else args.turns
+    procs = max(1, min(args.processes, calls))
+    t0 = time.monotonic() + 2.0  # the workers import and synthesize the question first
+    starts = [t0 + args.ramp * i / calls for i in range(calls)] if calls > 1 else [t0]
+    for k in range(procs):
+        spec = {"url": url, "start_times": starts[k::procs], "turns": turns_per_call,
+                "pause_s": args.pause, "question": QUESTION, "voice": args.voice,
+                "rate_wpm": args.rate_wpm}
+        workers.append(await asyncio.create_subprocess_exec(
+            *worker_command(__file__, tmp, f"w{calls}-{k}", spec)))
+    await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+    cpu0, wall0, load0 = cpu_seconds(engine_pid), time.monotonic(), loadavg()
+    timeout = args.ramp + turns_per_call * 25 + 60
+    codes = await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout)
+    cpu1, wall1, load1 = cpu_seconds(engine_pid), time.monotonic(), loadavg()
+    rss = rss_mb(engine_pid)
+    if any(codes):
+        raise RuntimeError(f"caller process exited with {codes}")
+    return {"turns_per_call": turns_per_call, "cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0,
+            "rss_mb": rss, "loadavg": (load0, load1)}
+
+
+async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
+                    tmp: Path) -> dict[str, Any]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp / f"engine-{calls}.log"
     with open_log(log_path) as engine_log:
-        engine = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE,
-                                                      stderr=engine_log)
+        engine = await asyncio.create_subprocess_exec(
+            *engine_command(args, port, calls, urls, tmp), stdout=subprocess.PIPE,
+            stderr=engine_log)
     workers: list[asyncio.subprocess.Process] = []
     try:
-        await read_ready(engine, log_path)
-        turns_per_call = args.turns_at_1 if calls == 1 else args.turns
-        procs = max(1, min(args.processes, calls))
-        t0 = time.monotonic() + 2.0  # the workers import and synthesize the question first
-        starts = [t0 + args.ramp * i / calls for i in range(calls)] if calls > 1 else [t0]
-        for k in range(procs):
-            spec = {"url": url, "start_times": starts[k::procs], "turns": turns_per_call,
-                    "pause_s": args.pause, "question": QUESTION, "voice": args.voice,
-                    "rate_wpm": args.rate_wpm}
-            spec_path, out_path = tmp / f"w{calls}-{k}.spec.json", tmp / f"w{calls}-{k}.json"
-            spec_path.write_text(json.dumps(spec))
-            workers.append(await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--worker", str(spec_path), str(out_path)))
-        await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-        cpu0, wall0, load0 = cpu_seconds(engine.pid), time.monotonic(), loadavg()
-        timeout = args.ramp + turns_per_call * 25 + 60
-        codes = await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout)
-        cpu1, wall1, load1 = cpu_seconds(engine.pid), time.monotonic(), loadavg()
-        rss = rss_mb(engine.pid)
-        if any(codes):
-            raise RuntimeError(f"caller process exited with {codes}")
+        assert engine.stdout is not None
+        check_ready(await asyncio.wait_for(engine.stdout.readline(), 60), log_path)
+        level = await call_level(args, calls, url, tmp, engine.pid, workers)
         await asyncio.sleep(0.5)  # the last turns' events
         async with aiohttp.ClientSession() as http, http.get(url + "/bench/turns") as resp:
             body = await resp.json()
@@ -260,24 +184,24 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
             except TimeoutError:
                 engine.kill()
     (tmp / f"engine-turns-{calls}.json").write_text(json.dumps(body))  # kept with --keep
-    outs = [json.loads((tmp / f"w{calls}-{k}.json").read_text()) for k in range(len(workers))]
-    extra = {"turns_per_call": turns_per_call, "ramp_s": args.ramp if calls > 1 else 0.0,
+    outs = [worker_output(tmp, f"w{calls}-{k}") for k in range(len(workers))]
+    extra = {"turns_per_call": level["turns_per_call"],
+             "ramp_s": args.ramp if calls > 1 else 0.0,
              "engine_loop_lag_ms": body["loop_lag"], "engine_gc": body["gc"],
-             "engine_rss_mb": round(rss, 1),
-             "loadavg_start": load0, "loadavg_end": load1}
-    return summarize_level(calls, body["turns"], outs, cpu1 - cpu0, wall1 - wall0,
+             "engine_rss_mb": round(level["rss_mb"], 1),
+             "loadavg_start": level["loadavg"][0], "loadavg_end": level["loadavg"][1]}
+    return summarize_level(calls, body["turns"], outs, level["cpu_s"], level["wall_s"],
                            nominal_provider_s(args), extra)
 
 
 # -- the coordinator -----------------------------------------------------------------------
 
 
-async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.log import configure_logging
+async def start_standins(args: argparse.Namespace) -> tuple[StandinServer, ...]:
+    """STT, LLM and TTS stand-ins with the latencies the options give, started."""
     from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
     from engine.sim.standins.openai_api import OpenAIStandin
 
-    configure_logging("error", "json")
     # Two OpenAI stand-ins: transcription and chat each get their own fixed latency.
     stt = OpenAIStandin(api_key=OPENAI_KEY)
     stt.latency_s = args.stt_ms / 1000
@@ -291,10 +215,20 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     tts.latency_s = args.tts_ms / 1000
     tts.token_interval_s = args.tts_chunk_ms / 1000
     tts.seconds_per_char = args.tts_seconds_per_char
-    urls = {"stt": await stt.start(), "llm": await llm.start(), "tts": await tts.start()}
+    for server in (stt, llm, tts):
+        await server.start()
+    return stt, llm, tts
+
+
+async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from engine.log import configure_logging
+
+    configure_logging("error", "json")
+    stt, llm, tts = await start_standins(args)
+    urls = {"stt": stt.base_url, "llm": llm.base_url, "tts": tts.base_url}
     # A late stand-in shows up as provider time; this says when that happened.
     standin_lag = LoopLag()
-    lag_task = asyncio.create_task(standin_lag.run())
+    lag_task = standin_lag.start()
     tmp = Path(tempfile.mkdtemp(prefix="bench-turns-"))
     levels: list[dict[str, Any]] = []
     try:
@@ -385,8 +319,8 @@ def parse_levels(text: str) -> list[int]:
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        return run_worker(sys.argv[2], sys.argv[3])
+    if run_if_worker(worker_main):
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", type=parse_levels, default=[1, 100],
                         help="concurrent calls per run, comma separated")
@@ -417,11 +351,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.turns < 1 or args.turns_at_1 < 1:
         parser.error("--turns and --turns-at-1 must be at least 1")
-    result = asyncio.run(run_bench(args))
-    if not args.json_only:
-        print_table(result)
-    print(json.dumps(result))
-    return 0
+    return report(asyncio.run(run_bench(args)), args.json_only, print_table)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from console.app import run_console
+from console.cli import run_console
 
 if __name__ == "__main__":
     sys.exit(run_console())

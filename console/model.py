@@ -1,5 +1,5 @@
 """The console's data model: a projection of a Snapshot plus live events into per-call view
-state. Pure Python (no Textual), so it is fast and testable on its own.
+state (`console/view_state.py`). Pure Python (no Textual), so it is fast and testable on its own.
 
 The stream worker calls `apply_snapshot` / `apply_event`; the UI's periodic flush calls
 `tick(now)` and `take_changes()` and redraws only what changed. All durations come from an
@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 
+from console.view_state import AlertNotice, CallView, Changes, LineView, Totals
 from engine.bus.events import (
     Alert,
     BusGap,
@@ -24,7 +24,6 @@ from engine.bus.events import (
     Event,
     EventBase,
     ProviderHealthChanged,
-    Speaker,
     StateChanged,
     TranscriptLine,
     TurnLatency,
@@ -33,106 +32,6 @@ from engine.bus.events import (
 from engine.supervision.api_schema import CallSnapshot, Snapshot, SpendTotals
 
 Clock = Callable[[], float]
-
-# Alert kinds that stay on a call as a marker until it ends.
-ALERT_MARKERS: dict[str, str] = {
-    "handoff_requested": "!H",
-    "call_cost_cap": "!$",
-    "latency_p95": "!L",
-    "low_confidence": "!C",
-    "provider_failover": "!P",
-    "provider_down": "!P",
-    "daily_budget": "!B",
-}
-
-
-@dataclass(slots=True)
-class LineView:
-    line_id: str
-    speaker: Speaker
-    text: str
-    final: bool = True
-    interrupted: bool = False
-    heard_text: str = ""
-    low_confidence: bool = False
-    ts: float = 0.0
-
-
-@dataclass(slots=True)
-class CallView:
-    call_sid: str
-    arrival: int  # tie-breaker that keeps the sort stable
-    from_number: str = ""
-    to_number: str = ""
-    state: CallState = "connected"
-    started_at: float = 0.0  # engine clock, unix seconds
-    ended_at: float | None = None
-    end_reason: str | None = None
-    cost_usd: float = 0.0
-    cost_cap_usd: float = 0.0
-    turns: int = 0
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=60))
-    transcript: list[LineView] = field(default_factory=list)
-    line_index: dict[str, int] = field(default_factory=dict)
-    alerts: list[str] = field(default_factory=list)  # kinds, in the order raised
-    providers: dict[str, str] = field(default_factory=dict)  # stt/agent/tts -> name
-
-    @property
-    def ended(self) -> bool:
-        return self.ended_at is not None or self.state == "ended"
-
-    @property
-    def last_latency_s(self) -> float | None:
-        return self.latencies[-1] if self.latencies else None
-
-    @property
-    def is_human(self) -> bool:
-        return self.state in ("human_takeover", "transferring")
-
-    def matches(self, needle: str) -> bool:
-        """Case-insensitive substring filter over what the table shows."""
-        if not needle:
-            return True
-        hay = " ".join((self.call_sid, self.from_number, self.to_number, self.state,
-                        " ".join(self.alerts))).lower()
-        return needle.lower() in hay
-
-
-@dataclass(slots=True)
-class Totals:
-    today_usd: float = 0.0
-    daily_budget_usd: float = 0.0
-    month_to_date_usd: float = 0.0
-    monthly_projection_usd: float = 0.0
-    monthly_budget_usd: float = 0.0
-    p95_voice_to_voice_s: float | None = None
-
-
-@dataclass(slots=True, frozen=True)
-class AlertNotice:
-    """An alert (or other notable event) for the UI to show as a toast."""
-
-    call_sid: str
-    kind: str
-    severity: str
-    message: str
-
-
-@dataclass(slots=True)
-class Changes:
-    """What changed since the last `take_changes()`."""
-
-    rows: set[str] = field(default_factory=set)  # calls whose row content changed
-    order: bool = False  # calls appeared/disappeared/re-sorted: rebuild the row order
-    transcripts: dict[str, int] = field(default_factory=dict)  # sid -> new lines appended
-    transcript_touched: set[str] = field(default_factory=set)  # any transcript change
-    latencies: set[str] = field(default_factory=set)
-    totals: bool = False
-    notices: list[AlertNotice] = field(default_factory=list)
-
-    def any(self) -> bool:
-        return bool(self.rows or self.order or self.transcript_touched or self.latencies
-                    or self.totals or self.notices)
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -213,7 +112,7 @@ class ConsoleModel:
                         end_reason=snap.end_reason, cost_usd=snap.cost_usd,
                         cost_cap_usd=snap.cost_cap_usd, turns=snap.turns,
                         alerts=list(dict.fromkeys(snap.alerts)))
-        if snap.state == "ended" and call.ended_at is None:
+        if snap.state == CallState.ENDED and call.ended_at is None:
             call.ended_at = snap.started_at
         if snap.cost_cap_usd > 0:
             self.default_cost_cap_usd = snap.cost_cap_usd
@@ -296,7 +195,7 @@ class ConsoleModel:
         call = self._call(event)
         if call is None:
             return
-        call.state = "ended"
+        call.state = CallState.ENDED
         call.end_reason = event.reason
         call.ended_at = event.ts or self.engine_now()
         if event.duration_s and call.started_at == 0.0:
@@ -309,7 +208,7 @@ class ConsoleModel:
         if call is None:
             return
         call.state = event.new
-        if event.new == "ended" and call.ended_at is None:
+        if event.new == CallState.ENDED and call.ended_at is None:
             call.ended_at = event.ts or self.engine_now()
 
     def _on_transcript(self, event: TranscriptLine) -> None:

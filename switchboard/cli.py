@@ -51,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _call(args: argparse.Namespace, config: Config) -> int:
+    from engine.providers.builtin.tts_espeak import espeak_settings
     from engine.sim.caller import SimulatedCaller
     from engine.sim.scenario import Scenario
 
@@ -72,7 +73,7 @@ async def _call(args: argparse.Namespace, config: Config) -> int:
               "same TWILIO_AUTH_TOKEN)", file=sys.stderr)
     caller = SimulatedCaller(engine_url, token, config.twilio.account_sid,
                              public_url=args.public_url or config.engine.public_url or None,
-                             voice=config.providers.espeak.caller_voice)
+                             voice=espeak_settings(config).caller_voice)
     print(f"calling {engine_url} as {scenario.from_number} ({scenario.name}) …")
     result = await caller.run(scenario)
     for line in result.lines:
@@ -136,7 +137,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
-    from console.app import run_console
+    from console.cli import run_console
 
     return run_console(args.console_args)
 

@@ -22,6 +22,7 @@ from typing import TextIO
 
 from aiohttp import web
 
+from engine.app import Engine
 from engine.bus.events import (
     Alert,
     CallEnded,
@@ -34,6 +35,7 @@ from engine.bus.events import (
 )
 from engine.config import Config
 from engine.log import configure_logging, get_logger
+from engine.providers.builtin.tts_espeak import espeak_settings
 from engine.sim.caller import CallResult, SimulatedCaller
 from engine.sim.scenario import Scenario, bundled_scenarios_dir
 from engine.sim.standins.twilio_api import TwilioApiStandIn
@@ -192,7 +194,7 @@ async def _callers(engine_url: str, config: Config, rest: TwilioApiStandIn,
             watcher.scenario_of[scenario.from_number] = scenario.name
             caller = SimulatedCaller(engine_url, config.twilio.auth_token.get_secret_value(),
                                      config.twilio.account_sid, rest=rest,
-                                     voice=config.providers.espeak.caller_voice,
+                                     voice=espeak_settings(config).caller_voice,
                                      speech_cache=speech)
             result = await caller.run(scenario)
             results.append(result)
@@ -203,24 +205,52 @@ async def _callers(engine_url: str, config: Config, rest: TwilioApiStandIn,
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
 
 
+def _configure_logs(cfg: Config, headless: bool) -> TextIO | None:
+    """Headless: warnings to the terminal. With the console, which owns the terminal,
+    engine logs go to a file instead (returned, to be closed at the end)."""
+    if headless:
+        configure_logging("warning", cfg.logging.format)
+        return None
+    log_path = cfg.data_path() / "demo-engine.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # Opened once before anything runs; the caller closes it at the end.
+    log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115
+    configure_logging(cfg.logging.level, "json", stream=log_file)
+    return log_file
+
+
+async def _headless(callers: asyncio.Task[None], stop: asyncio.Event, engine: Engine,
+                    watcher: DemoWatcher, results: list[CallResult], duration_s: float | None,
+                    out: TextIO) -> int:
+    """Let the callers run (one round, or `duration_s`), then print the summary."""
+    if duration_s is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(callers), duration_s)
+        stop.set()  # no new calls; the ones in progress get a little longer
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(callers), 10.0)
+        callers.cancel()  # callers still talking hang up now
+    await asyncio.gather(callers, return_exceptions=True)
+    await engine.hub.drain()
+    await asyncio.sleep(0.3)
+    print(watcher.summary(), file=out, flush=True)
+    return 1 if any(r.error for r in results) else 0
+
+
+async def _with_console(cfg: Config, engine: Engine) -> int:
+    from console.cli import run_console_on
+
+    api = engine.supervisor_api
+    return await run_console_on(f"ws://{cfg.console_api.host}:{api.port}", api.tokens.full)
+
+
 async def run_demo(config: Config, headless: bool = False, calls: int = 3,
                    duration_s: float | None = None, out: TextIO | None = None,
                    configure_logs: bool = True) -> int:
     from engine.wiring import build_engine
 
     cfg = demo_config(config)
-    log_file = None
-    if not configure_logs:
-        pass
-    elif not headless:
-        # The console owns the terminal: engine logs go to a file, not over the screen.
-        log_path = cfg.data_path() / "demo-engine.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        # Opened once before anything runs; closed in `finally` below.
-        log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115, ASYNC230
-        configure_logging(cfg.logging.level, "json", stream=log_file)
-    else:
-        configure_logging("warning", cfg.logging.format)
+    log_file = _configure_logs(cfg, headless) if configure_logs else None
     out = out or sys.stdout
     rest = TwilioApiStandIn(cfg.twilio.account_sid, cfg.twilio.auth_token.get_secret_value())
     cfg.twilio.api_base_url = await rest.start()
@@ -245,28 +275,10 @@ async def run_demo(config: Config, headless: bool = False, calls: int = 3,
     results: list[CallResult] = []
     callers = asyncio.create_task(_callers(engine_url, cfg, rest, watcher, calls, rounds,
                                            stop, results))
-    code = 0
     try:
         if headless:
-            if duration_s is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(callers), duration_s)
-                stop.set()  # no new calls; the ones in progress get a little longer
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(callers), 10.0)
-                callers.cancel()  # callers still talking hang up now
-            await asyncio.gather(callers, return_exceptions=True)
-            await engine.hub.drain()
-            await asyncio.sleep(0.3)
-            print(watcher.summary(), file=out, flush=True)
-            code = 1 if any(r.error for r in results) else 0
-        else:
-            from console.app import run_console_on
-
-            api = engine.supervisor_api
-            code = await run_console_on(f"ws://{cfg.console_api.host}:{api.port}",
-                                        api.tokens.full)
-            stop.set()
+            return await _headless(callers, stop, engine, watcher, results, duration_s, out)
+        return await _with_console(cfg, engine)
     finally:
         stop.set()
         callers.cancel()
@@ -276,4 +288,3 @@ async def run_demo(config: Config, headless: bool = False, calls: int = 3,
         await rest.stop()
         if log_file is not None:
             log_file.close()
-    return code

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from engine.sim.standins import speech_like_pcm
+from engine.sim.standins.server import speech_like_pcm
 
 T = TypeVar("T")
 

@@ -18,11 +18,14 @@ from aiohttp import WSMsgType, web
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
-from console.app import SupervisorConsole, resolve_token, run_console
+from console.app import SupervisorConsole
+from console.bars import TakeoverBar
+from console.calls_table import CallsTable
+from console.cli import resolve_token, run_console
 from console.client import ConnectionChanged, SourceItem, SupervisorClient, console_ws_url
 from console.redis_source import RedisEventSource
 from console.screens import ConfirmScreen, HelpScreen, TransferScreen
-from console.widgets import CallsTable, TakeoverBar, TranscriptPanel
+from console.transcript import TranscriptPanel
 from engine.bus.events import (
     Alert,
     BusGap,

@@ -24,9 +24,10 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Static
 
 from console.app import SupervisorConsole
+from console.bars import TakeoverBar
+from console.calls_table import CallsTable
 from console.client import SupervisorClient
 from console.screens import ConfirmScreen, HelpScreen, TransferScreen
-from console.widgets import CallsTable, TakeoverBar
 from engine.app import Engine
 from engine.config import Config
 from engine.sim.caller import CallResult, SimulatedCaller
@@ -391,8 +392,8 @@ async def test_console_in_tmux_shows_a_live_call_and_quits(tmp_path: Path) -> No
     async with running_engine(tmp_path, supervised_engine, None, **sections()) as run:
         # `switchboard console …`, as an operator types it (through `python -m switchboard`).
         command = " ".join(shlex.quote(part) for part in [
-            sys.executable, "-m", "switchboard", "console", "--engine", api_url(run), "--token", TOKEN,
-            "--log-file", str(tmp_path / "console.log")]) + f"; echo $? > {rc_file}"
+            sys.executable, "-m", "switchboard", "console", "--engine", api_url(run), "--token",
+            TOKEN, "--log-file", str(tmp_path / "console.log")]) + f"; echo $? > {rc_file}"
         env = dict(os.environ, TERM="xterm-256color")
         env.pop("TMUX", None)
         started = await asyncio.to_thread(

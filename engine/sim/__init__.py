@@ -1,1 +1,1 @@
-"""Simulated caller that speaks Twilio's protocol with real audio, and a Twilio REST stand-in."""
+"""The simulator: a caller speaking Twilio's protocol with real audio, scenarios, API stand-ins."""

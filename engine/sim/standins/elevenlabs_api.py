@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.audio.codec import int16_to_ulaw
-from engine.sim.standins import TIMEOUT_SLEEP_S, StandinServer, speech_like_pcm
+from engine.sim.standins.server import TIMEOUT_SLEEP_S, StandinServer, speech_like_pcm
 
 _PCM_FORMAT = re.compile(r"pcm_(\d+)$")
 
@@ -64,12 +64,7 @@ class ElevenLabsStandin(StandinServer):
         return None
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        record = await self.record(request, json_body=body)
-        self.requests.append(record)
+        body, record = await self.json_request(request)
         if self.mode == "401" or not self.key_ok(request.headers.get("xi-api-key")):
             return error_response(401)
         if self.mode in ("422", "429", "500"):

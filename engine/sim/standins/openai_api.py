@@ -20,7 +20,12 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.sim.standins import TIMEOUT_SLEEP_S, RecordedRequest, StandinServer, speech_like_pcm
+from engine.sim.standins.server import (
+    TIMEOUT_SLEEP_S,
+    RecordedRequest,
+    StandinServer,
+    speech_like_pcm,
+)
 
 TTS_SAMPLE_RATE = 24000  # OpenAI's `pcm` response format: 24 kHz, 16-bit, mono
 _TOKEN_RE = re.compile(r"\s*\S+")
@@ -61,6 +66,26 @@ class SegmentSpec:
     avg_logprob: float = -0.2
     no_speech_prob: float = 0.01
     compression_ratio: float = 1.3
+
+
+@dataclass(slots=True, frozen=True)
+class _Completion:
+    """What every chunk of one streamed chat completion repeats."""
+
+    id: str
+    created: int
+    model: str
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, *,
+              with_usage: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+            "model": self.model, "system_fingerprint": "fp_standin",
+            "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                         "finish_reason": finish}]}
+        if with_usage:
+            out["usage"] = None
+        return out
 
 
 class OpenAIStandin(StandinServer):
@@ -112,15 +137,6 @@ class OpenAIStandin(StandinServer):
             return error_response(int(self.mode))
         return None
 
-    async def _json_body(self, request: web.Request) -> tuple[Any, RecordedRequest]:
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        record = await self.record(request, json_body=body)
-        self.requests.append(record)
-        return body, record
-
     # --- chat -----------------------------------------------------------------------
 
     def _reply_for(self, messages: list[dict[str, Any]]) -> str:
@@ -142,8 +158,21 @@ class OpenAIStandin(StandinServer):
         cached = (estimate_tokens(serialized[:common]) // 128) * 128
         return prompt_tokens, (min(cached, prompt_tokens) if cached >= 1024 else 0)
 
+    def _chat_usage(self, messages: list[dict[str, Any]], completion_tokens: int
+                    ) -> dict[str, Any]:
+        prompt_tokens, cached = self._prompt_usage(messages)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens,
+                 "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                               "accepted_prediction_tokens": 0,
+                                               "rejected_prediction_tokens": 0}}
+        self.last_usage = usage
+        self.usage_log.append(("chat", usage))
+        return usage
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        body, record = await self._json_body(request)
+        body, record = await self.json_request(request)
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
@@ -153,46 +182,36 @@ class OpenAIStandin(StandinServer):
             await self.sleep(TIMEOUT_SLEEP_S)
             return error_response(500)
         messages: list[dict[str, Any]] = body["messages"]
-        model = str(body.get("model", ""))
         reply = self._reply_for(messages)
         tokens = _TOKEN_RE.findall(reply)
-        prompt_tokens, cached = self._prompt_usage(messages)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
-                 "total_tokens": prompt_tokens + len(tokens),
-                 "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                               "accepted_prediction_tokens": 0,
-                                               "rejected_prediction_tokens": 0}}
-        self.last_usage = usage
-        self.usage_log.append(("chat", usage))
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
+        usage = self._chat_usage(messages, len(tokens))
+        completion = _Completion(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
+                                 str(body.get("model", "")))
         await self.sleep(self.latency_s)
         if not body.get("stream"):
             return web.json_response({
-                "id": completion_id, "object": "chat.completion", "created": created,
-                "model": model, "system_fingerprint": "fp_standin",
+                "id": completion.id, "object": "chat.completion", "created": completion.created,
+                "model": completion.model, "system_fingerprint": "fp_standin",
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                              "message": {"role": "assistant", "content": reply,
                                          "refusal": None}}],
                 "usage": usage})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        return await self._stream_chat(request, record, completion, tokens,
+                                       usage if include_usage else None)
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            out: dict[str, Any] = {
-                "id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "system_fingerprint": "fp_standin",
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish}]}
-            if include_usage:
-                out["usage"] = None
-            return out
-
+    async def _stream_chat(self, request: web.Request, record: RecordedRequest,
+                           completion: _Completion, tokens: list[str],
+                           usage: dict[str, Any] | None) -> web.StreamResponse:
+        """SSE chunks: the role, one token each `token_interval_s`, the stop, then (when
+        asked for) the usage chunk. Mode "cut" drops the connection halfway."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
+        with_usage = usage is not None
         try:
             await response.prepare(request)
-            await _sse(response, chunk({"role": "assistant", "content": "", "refusal": None}))
+            await _sse(response, completion.chunk(
+                {"role": "assistant", "content": "", "refusal": None}, with_usage=with_usage))
             cut_at = len(tokens) // 2 if self.mode == "cut" else None
             for i, token in enumerate(tokens):
                 if cut_at is not None and i == max(cut_at, 1):
@@ -200,11 +219,11 @@ class OpenAIStandin(StandinServer):
                     return response
                 if i:
                     await self.sleep(self.token_interval_s)
-                await _sse(response, chunk({"content": token}))
-            await _sse(response, chunk({}, "stop"))
-            if include_usage:
-                await _sse(response, {"id": completion_id, "object": "chat.completion.chunk",
-                                      "created": created, "model": model,
+                await _sse(response, completion.chunk({"content": token}, with_usage=with_usage))
+            await _sse(response, completion.chunk({}, "stop", with_usage=with_usage))
+            if usage is not None:
+                await _sse(response, {"id": completion.id, "object": "chat.completion.chunk",
+                                      "created": completion.created, "model": completion.model,
                                       "system_fingerprint": "fp_standin", "choices": [],
                                       "usage": usage})
             await response.write(b"data: [DONE]\n\n")
@@ -216,7 +235,9 @@ class OpenAIStandin(StandinServer):
 
     # --- transcriptions -------------------------------------------------------------
 
-    async def _transcriptions(self, request: web.Request) -> web.Response:
+    async def _read_upload(self, request: web.Request) -> tuple[dict[str, Any], bytes]:
+        """The multipart form (a file field becomes its name, type and size) and the
+        uploaded file's bytes, recorded in `requests`."""
         post = await request.post()
         form: dict[str, Any] = {}
         wav_bytes = b""
@@ -228,8 +249,11 @@ class OpenAIStandin(StandinServer):
             else:
                 form.setdefault(key, []).append(str(value))
         form = {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in form.items()}
-        record = await self.record(request, form=form)
-        self.requests.append(record)
+        self.requests.append(await self.record(request, form=form))
+        return form, wav_bytes
+
+    async def _transcriptions(self, request: web.Request) -> web.Response:
+        form, wav_bytes = await self._read_upload(request)
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
@@ -238,27 +262,17 @@ class OpenAIStandin(StandinServer):
             return error_response(400, "you must provide a model parameter", param="model")
         if "file" not in form:
             return error_response(400, "Missing file", param="file")
-        try:
-            with wave.open(io.BytesIO(wav_bytes), "rb") as wav:
-                seconds = wav.getnframes() / wav.getframerate()
-                form["file"].update(sample_rate=wav.getframerate(), channels=wav.getnchannels(),
-                                    sample_width=wav.getsampwidth())
-        except (wave.Error, EOFError):
+        seconds = _wav_seconds(form["file"], wav_bytes)
+        if seconds is None:
             return error_response(400, "Invalid file format. Supported formats: ['flac', 'm4a', "
                                   "'mp3', 'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']",
                                   param="file", code="invalid_value")
         response_format = str(form.get("response_format", "json"))
         include = form.get("include[]", form.get("include", []))
         include = [include] if isinstance(include, str) else list(include)
-        if model.startswith(_JSON_ONLY_MODELS) and response_format not in ("json", "text"):
-            return error_response(400, f"response_format '{response_format}' is not compatible "
-                                  f"with model '{model}'. Use 'json' or 'text' instead.",
-                                  param="response_format", code="unsupported_value")
-        if "logprobs" in include and (not model.startswith(_LOGPROB_MODELS)
-                                      or response_format != "json"):
-            return error_response(400, f"logprobs are not supported with model '{model}' "
-                                  f"and response_format '{response_format}'.",
-                                  param="include", code="unsupported_value")
+        unsupported = _unsupported_options(model, response_format, include)
+        if unsupported is not None:
+            return unsupported
         if self.mode == "timeout":
             await self.sleep(TIMEOUT_SLEEP_S)
             return error_response(500)
@@ -266,18 +280,7 @@ class OpenAIStandin(StandinServer):
         text = self.transcript if isinstance(self.transcript, str) else self.transcript(seconds)
         if response_format == "text":
             return web.Response(text=text + "\n", content_type="text/plain")
-        if model.startswith("whisper"):
-            usage: dict[str, Any] = {"type": "duration", "seconds": math.ceil(seconds)}
-        elif model.startswith(_LOGPROB_MODELS):
-            audio_tokens = math.ceil(seconds * self.audio_tokens_per_second)
-            out_tokens = estimate_tokens(text)
-            usage = {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": out_tokens,
-                     "total_tokens": audio_tokens + out_tokens,
-                     "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens}}
-        else:  # gpt-transcribe is billed per minute of audio
-            usage = {"type": "duration", "seconds": math.ceil(seconds)}
-        self.last_usage = usage
-        self.usage_log.append(("transcription", usage))
+        usage = self._transcription_usage(model, seconds, text)
         if response_format == "verbose_json":
             return web.json_response({"task": "transcribe", "language": "english",
                                       "duration": seconds, "text": text,
@@ -289,6 +292,21 @@ class OpenAIStandin(StandinServer):
                                    "bytes": list(tok.encode())}
                                   for tok in _TOKEN_RE.findall(text)]
         return web.json_response(result)
+
+    def _transcription_usage(self, model: str, seconds: float, text: str) -> dict[str, Any]:
+        """Per second of audio (whisper, gpt-transcribe) or per token (the gpt-4o models)."""
+        if model.startswith(_LOGPROB_MODELS):
+            audio_tokens = math.ceil(seconds * self.audio_tokens_per_second)
+            out_tokens = estimate_tokens(text)
+            usage: dict[str, Any] = {
+                "type": "tokens", "input_tokens": audio_tokens, "output_tokens": out_tokens,
+                "total_tokens": audio_tokens + out_tokens,
+                "input_token_details": {"text_tokens": 0, "audio_tokens": audio_tokens}}
+        else:
+            usage = {"type": "duration", "seconds": math.ceil(seconds)}
+        self.last_usage = usage
+        self.usage_log.append(("transcription", usage))
+        return usage
 
     def _segments(self, text: str, seconds: float) -> list[dict[str, Any]]:
         specs = self.segments
@@ -313,7 +331,7 @@ class OpenAIStandin(StandinServer):
     # --- speech ---------------------------------------------------------------------
 
     async def _speech(self, request: web.Request) -> web.StreamResponse:
-        body, record = await self._json_body(request)
+        body, record = await self.json_request(request)
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
@@ -346,3 +364,29 @@ def _common_prefix(a: str, b: str) -> str:
             break
         n += 1
     return a[:n]
+
+
+def _wav_seconds(file_info: dict[str, Any], wav_bytes: bytes) -> float | None:
+    """The upload's length in seconds (its format noted in `file_info`), None if not WAV."""
+    try:
+        with wave.open(io.BytesIO(wav_bytes), "rb") as wav:
+            file_info.update(sample_rate=wav.getframerate(), channels=wav.getnchannels(),
+                             sample_width=wav.getsampwidth())
+            return wav.getnframes() / wav.getframerate()
+    except (wave.Error, EOFError):
+        return None
+
+
+def _unsupported_options(model: str, response_format: str,
+                         include: list[str]) -> web.Response | None:
+    """What OpenAI refuses: verbose formats on the gpt-4o models, logprobs elsewhere."""
+    if model.startswith(_JSON_ONLY_MODELS) and response_format not in ("json", "text"):
+        return error_response(400, f"response_format '{response_format}' is not compatible "
+                              f"with model '{model}'. Use 'json' or 'text' instead.",
+                              param="response_format", code="unsupported_value")
+    if "logprobs" in include and (not model.startswith(_LOGPROB_MODELS)
+                                  or response_format != "json"):
+        return error_response(400, f"logprobs are not supported with model '{model}' "
+                              f"and response_format '{response_format}'.",
+                              param="include", code="unsupported_value")
+    return None

@@ -1,8 +1,7 @@
-"""Local stand-in servers that speak the cloud providers' real wire formats.
+"""What every stand-in server shares: the behaviour knobs, the request log, the lifecycle.
 
-Tests and benchmarks point the official SDKs at these (via `base_url`) to exercise the
-real client code with a fixed, configurable latency and failure behaviour. This module
-holds what every stand-in shares: the behaviour knobs, the request log, the lifecycle.
+Tests and benchmarks point the official SDKs at the stand-ins (via `base_url`) to
+exercise the real client code with a fixed, configurable latency and failure behaviour.
 """
 
 from __future__ import annotations
@@ -129,6 +128,15 @@ class StandinServer:
                                query=dict(request.query), headers=dict(request.headers),
                                json=json_body, form=form or {})
 
+    async def json_request(self, request: web.Request) -> tuple[Any, RecordedRequest]:
+        """The request's JSON body (None when it is not JSON), recorded in `requests`."""
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        record = await self.record(request, json_body=body)
+        self.requests.append(record)
+        return body, record
 
     async def stream_audio(self, request: web.Request, record: RecordedRequest,
                            data: bytes, headers: dict[str, str]) -> web.StreamResponse:

@@ -1,0 +1,100 @@
+"""What the console shows, as plain data: one CallView per call (its lines, latencies,
+alerts), the spend totals, and the Changes a flush redraws. No Textual, no event logic:
+`console/model.py` fills these from the snapshot and the events.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.bus.events import CallState, Speaker
+
+
+@dataclass(slots=True)
+class LineView:
+    line_id: str
+    speaker: Speaker
+    text: str
+    final: bool = True
+    interrupted: bool = False
+    heard_text: str = ""
+    low_confidence: bool = False
+    ts: float = 0.0
+
+
+@dataclass(slots=True)
+class CallView:
+    call_sid: str
+    arrival: int  # tie-breaker that keeps the sort stable
+    from_number: str = ""
+    to_number: str = ""
+    state: CallState = CallState.CONNECTED
+    started_at: float = 0.0  # engine clock, unix seconds
+    ended_at: float | None = None
+    end_reason: str | None = None
+    cost_usd: float = 0.0
+    cost_cap_usd: float = 0.0
+    turns: int = 0
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=60))
+    transcript: list[LineView] = field(default_factory=list)
+    line_index: dict[str, int] = field(default_factory=dict)
+    alerts: list[str] = field(default_factory=list)  # kinds, in the order raised
+    providers: dict[str, str] = field(default_factory=dict)  # stt/agent/tts -> name
+
+    @property
+    def ended(self) -> bool:
+        return self.ended_at is not None or self.state == CallState.ENDED
+
+    @property
+    def last_latency_s(self) -> float | None:
+        return self.latencies[-1] if self.latencies else None
+
+    @property
+    def is_human(self) -> bool:
+        return self.state in (CallState.HUMAN_TAKEOVER, CallState.TRANSFERRING)
+
+    def matches(self, needle: str) -> bool:
+        """Case-insensitive substring filter over what the table shows."""
+        if not needle:
+            return True
+        hay = " ".join((self.call_sid, self.from_number, self.to_number, self.state,
+                        " ".join(self.alerts))).lower()
+        return needle.lower() in hay
+
+
+@dataclass(slots=True)
+class Totals:
+    today_usd: float = 0.0
+    daily_budget_usd: float = 0.0
+    month_to_date_usd: float = 0.0
+    monthly_projection_usd: float = 0.0
+    monthly_budget_usd: float = 0.0
+    p95_voice_to_voice_s: float | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class AlertNotice:
+    """An alert (or other notable event) for the UI to show as a toast."""
+
+    call_sid: str
+    kind: str
+    severity: str
+    message: str
+
+
+@dataclass(slots=True)
+class Changes:
+    """What changed since the last `take_changes()`."""
+
+    rows: set[str] = field(default_factory=set)  # calls whose row content changed
+    order: bool = False  # calls appeared/disappeared/re-sorted: rebuild the row order
+    transcripts: dict[str, int] = field(default_factory=dict)  # sid -> new lines appended
+    transcript_touched: set[str] = field(default_factory=set)  # any transcript change
+    latencies: set[str] = field(default_factory=set)
+    totals: bool = False
+    notices: list[AlertNotice] = field(default_factory=list)
+
+    def any(self) -> bool:
+        return bool(self.rows or self.order or self.transcript_touched or self.latencies
+                    or self.totals or self.notices)
