@@ -16,8 +16,9 @@ from aiohttp import web
 from engine.app import Engine
 from engine.audio.codec import ulaw_to_int16
 from engine.bus.events import Event, TranscriptLine
-from engine.config import Config, load_config
+from engine.config import Config, ProvidersConfig, load_config
 from engine.providers.builtin.stt_local_whisper import LocalWhisperSTT
+from engine.providers.builtin.tts_espeak import espeak_settings
 from engine.sim.caller import SimulatedCaller
 from engine.sim.standins.twilio_api import TwilioApiStandIn
 from engine.wiring import Providers, build_engine, build_providers
@@ -58,7 +59,7 @@ class RunningEngine:
     rest: TwilioApiStandIn
 
     def caller(self, **kwargs: Any) -> SimulatedCaller:
-        kwargs.setdefault("voice", self.config.providers.espeak.caller_voice)
+        kwargs.setdefault("voice", espeak_settings(self.config).caller_voice)
         return SimulatedCaller(self.url, AUTH_TOKEN, ACCOUNT_SID,
                                public_url=self.config.engine.public_url, rest=self.rest,
                                **kwargs)
@@ -100,9 +101,11 @@ def base_sections() -> dict[str, dict[str, Any]]:
 
 
 def local_providers(config: Config) -> Providers:
-    # Models load once per test session; each engine gets its own chains around them.
+    """The offline providers (Whisper, the FAQ agent, espeak), whatever chains `config`
+    names: models load once per test session; each engine gets its own chains around them."""
     if "local" not in _PROVIDERS:
-        _PROVIDERS["local"] = build_providers(config)
+        offline = config.model_copy(update={"providers": ProvidersConfig()})
+        _PROVIDERS["local"] = build_providers(offline)
     return _PROVIDERS["local"]
 
 
