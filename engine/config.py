@@ -29,6 +29,9 @@ class EngineConfig(_Section):
     public_url: str = ""
     # Only for local development: accept unsigned webhooks and WebSockets.
     allow_unsigned_requests: bool = False
+    # A configured model without a price stops the engine at start; this lets it start
+    # (loudly), with every cost it touches marked unpriced.
+    allow_unpriced_models: bool = False
     data_dir: str = "~/.local/share/switchboard"
     greeting: str = "Hello, thank you for calling. How can I help you today?"
     goodbye: str = "We have reached the time limit for this call. Goodbye."
@@ -254,6 +257,8 @@ class PricesConfig(_Section):
                                  "gpt-4o-mini-tts": 0.015, "espeak": 0.0}
     )
     twilio_per_minute: float = 0.0085
+    # Twilio Media Streams, on top of the voice minute, per started minute of the stream.
+    twilio_media_streams_per_minute: float = 0.004
     # OpenAI Realtime API, for the "what we saved" comparison (per 1M tokens).
     realtime_audio_in: float = 10.0
     realtime_audio_cached_in: float = 0.30
