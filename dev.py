@@ -36,8 +36,8 @@ def setup() -> None:
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     if STAMP.exists() and STAMP.read_text().strip() == wanted:
         return
-    print("installing Switchboard and its dependencies (first run takes a few minutes) …",
-          flush=True)
+    print("installing Switchboard and its dependencies, with the offline speech models "
+          "(about 340 MB to download, 960 MB installed) …", flush=True)
     pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "--quiet", "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "install", "--quiet", "-e", f"{ROOT}[local,dev]"], check=True)

@@ -13,9 +13,10 @@ Three kinds of process, so that the engine's CPU time is its own:
   formats with a FIXED latency: STT answers after `--stt-ms`, the LLM streams its first
   token after `--llm-ms` and the next ones every `--token-ms`, TTS streams its first
   audio after `--tts-ms`;
-- caller processes: SimulatedCallers that say a real espeak-synthesized question
-  (synthesized once per process, shared through `speech_cache`) `--turns` times per call,
-  each time after the agent has finished its answer.
+- caller processes: SimulatedCallers that say a real question in the neural caller voice
+  (espeak where it is not installed; synthesized once per process, shared through
+  `speech_cache`) `--turns` times per call, each time after the agent has finished its
+  answer.
 
 Per level it prints p50/p95/p99 of every stage the engine measured (endpointing, STT,
 LLM first token, TTS first audio, engine overhead, voice-to-voice), the share of turns
@@ -72,15 +73,14 @@ REPLY = ("We open at nine in the morning on Saturday. We close at four that afte
 
 async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     from engine.log import configure_logging
-    from engine.providers.builtin.espeak_engine import get_espeak
     from engine.sim.caller import SimulatedCaller
+    from engine.sim.caller_voice import caller_voice, speak, voice_key
     from engine.sim.scenario import Scenario, Step
 
     configure_logging("error", "json")
-    voice, rate = spec["voice"], spec["rate_wpm"]
+    voice = caller_voice(espeak_voice=spec["voice"], rate_wpm=spec["rate_wpm"])
     # Synthesized once, before the first call: every caller says the same recording.
-    speech_cache = {(voice, spec["question"]): await get_espeak().synthesize_ulaw8k(
-        spec["question"], voice, rate)}
+    speech_cache = {(voice_key(voice), spec["question"]): await speak(voice, spec["question"])}
     steps: list[Step] = []
     for _ in range(spec["turns"]):
         steps += [Step(say=spec["question"]), Step(pause=spec["pause_s"])]
@@ -88,8 +88,8 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
                         steps=steps[:-1])
     results, lag_ms = await place_calls(
         spec["start_times"],
-        lambda http: SimulatedCaller(spec["url"], AUTH_TOKEN, ACCOUNT_SID, voice=voice,
-                                     rate_wpm=rate, post_status=False, session=http,
+        lambda http: SimulatedCaller(spec["url"], AUTH_TOKEN, ACCOUNT_SID, speech=voice,
+                                     post_status=False, session=http,
                                      speech_cache=speech_cache),
         scenario)
     return {
@@ -340,8 +340,10 @@ def main() -> int:
                         help="TTS interval between 100 ms audio chunks (5x real time)")
     parser.add_argument("--tts-seconds-per-char", type=float, default=0.04,
                         help="length of the synthesized answer (shorter: more turns per run)")
-    parser.add_argument("--voice", default="en-us+m3", help="caller's espeak voice")
-    parser.add_argument("--rate-wpm", type=int, default=165)
+    parser.add_argument("--voice", default="en-us+m3",
+                        help="caller's espeak voice, where the neural voice is not installed")
+    parser.add_argument("--rate-wpm", type=int, default=165,
+                        help="that espeak voice's speaking rate")
     parser.add_argument("--cprofile", default=None,
                         help="profile the engine into PATH.<calls> per level")
     parser.add_argument("--watch-stalls", action="store_true",

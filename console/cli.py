@@ -6,6 +6,7 @@ token comes from, which source it reads, where it logs, and how it runs — from
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -45,11 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read events from this Redis instead (read-only)")
     parser.add_argument("--redis-prefix", default="switchboard",
                         help="Redis key prefix (default switchboard)")
-    parser.add_argument("--token", help=f"API token (default ${TOKEN_ENV} or {TOKEN_FILE})")
+    parser.add_argument("--token", help=f"API token (default ${TOKEN_ENV}, else the token "
+                                        "file)")
+    parser.add_argument("--token-file", default=str(TOKEN_FILE),
+                        help=f"file holding the token the engine wrote (default {TOKEN_FILE})")
     parser.add_argument("--readonly", action="store_true",
                         help="watch only: acting keys are hidden and refused")
     parser.add_argument("--log-file", default="~/.local/share/switchboard/console.log",
                         help="where the console logs (the terminal belongs to the UI)")
+    parser.add_argument("--log-level", default="info", type=str.lower,
+                        choices=["debug", "info", "warning", "error"],
+                        help="the least important log lines written (default info)")
     return parser
 
 
@@ -58,10 +65,14 @@ def make_source(args: argparse.Namespace) -> FrameSource:
         from console.redis_source import RedisEventSource
 
         return RedisEventSource(args.redis, args.redis_prefix)
-    return SupervisorClient(args.engine, resolve_token(args.token), readonly=args.readonly)
+    return SupervisorClient(args.engine, _token(args), readonly=args.readonly)
 
 
-def log_to_file(path: str) -> None:
+def _token(args: argparse.Namespace) -> str:
+    return resolve_token(args.token, token_file=Path(args.token_file))
+
+
+def log_to_file(path: str, level: str = "info") -> None:
     """Send structlog output to a file: while the UI runs, the terminal is its own."""
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,23 +81,25 @@ def log_to_file(path: str) -> None:
         processors=[structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(file=stream))
 
 
 def run_console(argv: Sequence[str] | None = None) -> int:
     """`switchboard console [--engine ws://HOST:PORT] [--redis URL] [--token …]
-    [--readonly]`. Returns the process exit code."""
+    [--readonly] …`. Returns the process exit code."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     try:
         source = make_source(args)
     except ValueError as exc:
         print(f"switchboard console: {exc}", file=sys.stderr)
         return 2
-    if isinstance(source, SupervisorClient) and not resolve_token(args.token):
-        print(f"switchboard console: no token (use --token, ${TOKEN_ENV} or {TOKEN_FILE})",
-              file=sys.stderr)
+    if isinstance(source, SupervisorClient) and not _token(args):
+        print(f"switchboard console: no token (use --token, ${TOKEN_ENV} or "
+              f"{args.token_file})", file=sys.stderr)
         return 2
-    log_to_file(args.log_file)
+    log_to_file(args.log_file, args.log_level)
     result = SupervisorConsole(source, readonly=args.readonly).run()
     return int(result or 0)
 

@@ -1,9 +1,14 @@
-"""`switchboard` command line: serve, call, demo, console, report."""
+"""`switchboard` command line: serve, call, demo, console, report.
+
+The global options (`--config`, `--log-level`) are accepted before or after the
+subcommand, as the README writes them both ways.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import os
 import sys
 from pathlib import Path
@@ -14,6 +19,8 @@ from engine.log import configure_logging, get_logger
 log = get_logger(__name__)
 
 DEFAULT_CONFIG = "config.toml"
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+GLOBAL_OPTIONS = ("--config", "--log-level")
 
 
 def _config_path(arg: str | None) -> Path | None:
@@ -28,7 +35,9 @@ def _config_path(arg: str | None) -> Path | None:
 
 def _load(args: argparse.Namespace) -> Config:
     config = load_config(_config_path(args.config))
-    configure_logging(args.log_level or config.logging.level, config.logging.format)
+    if args.log_level:
+        config.logging.level = args.log_level
+    configure_logging(config.logging.level, config.logging.format)
     return config
 
 
@@ -39,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.host:
         config.engine.host = args.host
-    if args.port:
+    if args.port is not None:
         config.engine.port = args.port
     from engine.serve import serve
 
@@ -53,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 async def _call(args: argparse.Namespace, config: Config) -> int:
     from engine.providers.builtin.tts_espeak import espeak_settings
     from engine.sim.caller import SimulatedCaller
-    from engine.sim.scenario import Scenario
+    from engine.sim.caller_voice import caller_voice
+    from engine.sim.scenario import Scenario, Step
 
     if args.scenario:
         scenario = Scenario.from_file(args.scenario)
@@ -62,8 +72,6 @@ async def _call(args: argparse.Namespace, config: Config) -> int:
     else:
         scenario = Scenario(name="listen", steps=[])
     if args.dtmf:
-        from engine.sim.scenario import Step
-
         scenario.steps.append(Step(dtmf=args.dtmf))
     engine_url = args.engine or f"http://{config.engine.host}:{config.engine.port}"
     token = config.twilio.auth_token.get_secret_value()
@@ -71,10 +79,12 @@ async def _call(args: argparse.Namespace, config: Config) -> int:
         print("warning: TWILIO_AUTH_TOKEN is not set, so requests cannot be signed; set it "
               "to the engine's token (any value for a local engine you started with the "
               "same TWILIO_AUTH_TOKEN)", file=sys.stderr)
+    voice = caller_voice(config, espeak_voice=espeak_settings(config).caller_voice)
     caller = SimulatedCaller(engine_url, token, config.twilio.account_sid,
                              public_url=args.public_url or config.engine.public_url or None,
-                             voice=espeak_settings(config).caller_voice)
-    print(f"calling {engine_url} as {scenario.from_number} ({scenario.name}) …")
+                             speech=voice)
+    print(f"calling {engine_url} as {scenario.from_number} ({scenario.name}, voice "
+          f"{voice.name} {voice.voice}) …")
     result = await caller.run(scenario)
     for line in result.lines:
         latency = line.reply_latency_s
@@ -137,65 +147,133 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_console(args: argparse.Namespace) -> int:
+    """The console parses its own options; a config given to the launcher supplies the
+    defaults it cannot know: where that engine's supervisor API is, and its token file."""
     from console.cli import run_console
 
-    return run_console(args.console_args)
+    console_args = list(args.console_args)
+    if args.log_level:
+        console_args += ["--log-level", args.log_level]
+    if args.config or os.environ.get("SWITCHBOARD_CONFIG"):
+        from engine.supervision.tokens import token_file_path
+
+        config = load_config(_config_path(args.config))
+        if not _has_option(console_args, "--engine", "--redis"):
+            api = config.console_api
+            console_args += ["--engine", f"ws://{api.host}:{api.port}"]
+        if not _has_option(console_args, "--token-file"):
+            console_args += ["--token-file", str(token_file_path(config))]
+    return run_console(console_args)
+
+
+def _has_option(argv: list[str], *names: str) -> bool:
+    return any(arg == name or arg.startswith(name + "=") for arg in argv for name in names)
 
 
 # -- main ----------------------------------------------------------------------------------
 
 
+def _add_global_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """--config and --log-level, on the main parser (default None) and on each subcommand
+    (SUPPRESS: absent after the subcommand keeps what was given before it)."""
+    parser.add_argument("--config", metavar="PATH", default=default,
+                        help="config file (default: ./config.toml, or $SWITCHBOARD_CONFIG)")
+    parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=default,
+                        help="the least important log lines written (default: "
+                             "logging.level in the config)")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("switchboard")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard",
                                      description="Phone voice-agent engine and console")
-    parser.add_argument("--config", help="config file (default: ./config.toml or "
-                                         "$SWITCHBOARD_CONFIG)")
-    parser.add_argument("--log-level", help="debug | info | warning | error")
-    sub = parser.add_subparsers(dest="command", required=True)
+    _add_global_options(parser, None)
+    parser.add_argument("--version", action="version", version=f"switchboard {_version()}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; `switchboard COMMAND --help` for its options")
 
-    serve = sub.add_parser("serve", help="run the engine")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    def command(name: str, help_text: str, add_help: bool = True) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text, add_help=add_help)
+        _add_global_options(cmd, argparse.SUPPRESS)
+        return cmd
+
+    serve = command("serve", "run the engine")
+    serve.add_argument("--host", help="address to listen on (default: engine.host)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: engine.port)")
     serve.set_defaults(func=cmd_serve)
 
-    call = sub.add_parser("call", help="place a simulated call (speaks Twilio's protocol)")
-    call.add_argument("--engine", help="engine base URL (default from config)")
-    call.add_argument("--public-url", help="URL to sign for, when the engine is behind a proxy")
+    call = command("call", "place a simulated call (speaks Twilio's protocol)")
+    call.add_argument("--engine", metavar="URL",
+                      help="engine base URL (default: engine.host and engine.port)")
+    call.add_argument("--public-url", metavar="URL",
+                      help="URL to sign for, when the engine is behind a proxy")
     group = call.add_mutually_exclusive_group()
-    group.add_argument("--scenario", help="scenario TOML file")
+    group.add_argument("--scenario", metavar="FILE", help="scenario TOML file")
     group.add_argument("--say", nargs="+", metavar="TEXT", help="lines to say, in order")
-    call.add_argument("--dtmf", help="digits to press after the lines")
-    call.add_argument("--wav", help="write what the caller heard to this WAV file")
+    call.add_argument("--dtmf", metavar="DIGITS", help="digits to press after the lines")
+    call.add_argument("--wav", metavar="OUT", help="write what the caller heard to this WAV")
     call.set_defaults(func=cmd_call)
 
-    demo = sub.add_parser("demo", help="engine + simulated callers (+ console)")
-    demo.add_argument("--headless", action="store_true", help="no console; print a summary")
-    demo.add_argument("--calls", type=int, default=3, help="callers calling at once")
-    demo.add_argument("--duration", type=float, default=None,
+    demo = command("demo", "engine + simulated callers (+ console)")
+    demo.add_argument("--headless", action="store_true",
+                      help="no console: print the conversations and a summary")
+    demo.add_argument("--calls", type=int, default=3, metavar="N",
+                      help="callers calling at once (default 3)")
+    demo.add_argument("--duration", type=float, default=None, metavar="S",
                       help="stop after this many seconds (default: one round of scenarios "
                            "when headless, until quit otherwise)")
     demo.set_defaults(func=cmd_demo)
 
-    report = sub.add_parser("report", help="calls, costs and response times from history")
-    report.add_argument("--since", default="30d", help="window: 30d, 12h, 90m, 2w")
-    report.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    report = command("report", "calls, costs and response times from history")
+    report.add_argument("--since", default="30d",
+                        help="window: 30d, 12h, 90m, 2w (default 30d)")
+    report.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                        help="output format (default table)")
     report.set_defaults(func=cmd_report)
 
-    console = sub.add_parser("console", help="the supervisor console (Textual)",
-                             add_help=False)
-    console.add_argument("console_args", nargs=argparse.REMAINDER)
+    console = command("console", "the supervisor console (Textual); its options: "
+                                 "switchboard console --help", add_help=False)
+    console.add_argument("console_args", nargs=argparse.REMAINDER,
+                         help="the console's own options")
     console.set_defaults(func=cmd_console)
     return parser
+
+
+def _split_console(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(launcher part, console part) when the subcommand is `console`: the console parses
+    its own options, except the global ones, which stay the launcher's."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):  # options before the subcommand
+        i += 2 if argv[i] in GLOBAL_OPTIONS else 1
+    if i >= len(argv) or argv[i] != "console":
+        return None
+    taken: list[str] = []
+    rest: list[str] = []
+    after = argv[i + 1:]
+    j = 0
+    while j < len(after):
+        name = after[j].split("=", 1)[0]
+        width = 2 if after[j] in GLOBAL_OPTIONS else 1
+        (taken if name in GLOBAL_OPTIONS else rest).extend(after[j:j + width])
+        j += width
+    return [*argv[:i], *taken, "console"], rest
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "console" in argv:
-        # The console parses its own options (--engine, --token, …): hand them over whole.
-        i = argv.index("console")
-        args = parser.parse_args(argv[:i + 1])
-        args.console_args = argv[i + 1:]
+    split = _split_console(argv)
+    if split is not None:
+        launcher, console_args = split
+        args = parser.parse_args(launcher)
+        args.console_args = console_args
     else:
         args = parser.parse_args(argv)
     try:

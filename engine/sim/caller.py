@@ -1,10 +1,11 @@
 """A simulated caller that does what a person on a phone does, with real audio.
 
-It follows a scenario: waits for the greeting, says scripted lines spoken by espeak-ng
-(another voice than the agent's) — politely after the agent has finished, or over it for
-a barge-in —, presses DTMF digits, pauses, hangs up. Twilio's side of the call (webhook,
-signed Media Streams socket, real-time playout with marks and `clear`, REST redirects) is
-`engine/sim/twilio_side.py`.
+It follows a scenario: waits for the greeting, says scripted lines — politely after the
+agent has finished, or over it for a barge-in —, presses DTMF digits, pauses, hangs up.
+Its lines are spoken by the neural voice at another rate and pitch than the agent's, or
+by espeak-ng where that voice is not installed (`engine/sim/caller_voice.py`). Twilio's
+side of the call (webhook, signed Media Streams socket, real-time playout with marks and
+`clear`, REST redirects) is `engine/sim/twilio_side.py`.
 
 It records what it heard (a timeline with silence, writable as WAV) and timings: the
 delay from the end of each line to the first audio of the answer, and the arrival time
@@ -20,7 +21,9 @@ import aiohttp
 
 from engine.audio.frames import FRAME_S
 from engine.log import get_logger
+from engine.providers.base import TextToSpeech
 from engine.sim.call_result import CallResult, SaidLine
+from engine.sim.caller_voice import caller_voice, espeak_caller_voice, speak, voice_key
 from engine.sim.scenario import Scenario, Step
 from engine.sim.standins.twilio_api import TwilioApiStandIn
 from engine.sim.twilio_side import TwilioSide, new_sid
@@ -29,10 +32,16 @@ log = get_logger(__name__)
 
 
 class SimulatedCaller:
-    """One simulated phone call against an engine."""
+    """One simulated phone call against an engine.
+
+    It speaks with `speech` (default: the neural caller voice, or espeak's `voice` at
+    `rate_wpm` where that is not installed); a scenario naming a voice speaks with that
+    espeak voice. `speech_cache` (text per voice) may be shared by many callers.
+    """
 
     def __init__(self, engine_url: str, auth_token: str, account_sid: str = "",
                  *, public_url: str | None = None, voice: str = "en-gb", rate_wpm: int = 165,
+                 speech: TextToSpeech | None = None,
                  rest: TwilioApiStandIn | None = None, post_status: bool = True,
                  session: aiohttp.ClientSession | None = None,
                  speech_cache: dict[tuple[str, str], bytes] | None = None) -> None:
@@ -42,6 +51,7 @@ class SimulatedCaller:
         self.account_sid = account_sid or new_sid("AC")
         self.voice = voice
         self.rate_wpm = rate_wpm
+        self.speech = speech
         self.rest = rest
         self.post_status = post_status
         self._http = session
@@ -61,7 +71,7 @@ class SimulatedCaller:
         res = self.result
         res.started_at = time.monotonic()
         if scenario.voice:
-            self.voice = scenario.voice
+            self.speech = espeak_caller_voice(scenario.voice, self.rate_wpm)
         try:
             await self.twilio.dial(http, scenario)
             try:
@@ -181,11 +191,11 @@ class SimulatedCaller:
             await asyncio.sleep(0.02)
 
     async def _speech_audio(self, text: str) -> bytes:
-        key = (self.voice, text)
+        if self.speech is None:  # chosen on the first line: a silent caller loads nothing
+            self.speech = caller_voice(espeak_voice=self.voice, rate_wpm=self.rate_wpm)
+        key = (voice_key(self.speech), text)
         audio = self._speech_cache.get(key)
         if audio is None:
-            from engine.providers.builtin.espeak_engine import get_espeak
-
-            audio = await get_espeak().synthesize_ulaw8k(text, self.voice, self.rate_wpm)
+            audio = await speak(self.speech, text)
             self._speech_cache[key] = audio
         return audio

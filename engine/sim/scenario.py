@@ -5,10 +5,15 @@ name = "opening-hours"
 from = "+15550100001"
 [[steps]]
 say = "What are your opening hours?"      # waits for the agent to finish first
+expect = "hours"                          # the FAQ entry that answers it (scored)
 [[steps]]
 say = "And where are you?"
 barge_in = true                           # speak over the agent after `after_s`
 after_s = 0.8
+expect = "location"
+[[steps]]
+say = "Do you sell gift cards?"
+expect = "none"                           # out of scope: no FAQ entry may answer it
 [[steps]]
 dtmf = "0"
 [[steps]]
@@ -25,6 +30,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# `expect` of a line no FAQ entry should answer.
+OUT_OF_SCOPE = "none"
+
 
 class Step(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -38,6 +46,8 @@ class Step(BaseModel):
     after_s: float = 0.5
     # How long to wait for the agent to finish before this step (seconds).
     wait_timeout_s: float = 30.0
+    # The FAQ entry id that should answer this line, or OUT_OF_SCOPE; the demo scores it.
+    expect: str | None = None
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
@@ -47,6 +57,8 @@ class Step(BaseModel):
             raise ValueError("each step needs exactly one of: say, dtmf, pause, hangup")
         if self.dtmf is not None and any(c not in "0123456789*#" for c in self.dtmf):
             raise ValueError(f"invalid DTMF digits {self.dtmf!r}")
+        if self.expect is not None and self.say is None:
+            raise ValueError("only a `say` step can expect an answer")
         return self
 
 
@@ -56,7 +68,8 @@ class Scenario(BaseModel):
     name: str = "call"
     from_number: str = Field(default="+15550100001", alias="from")
     to_number: str = Field(default="+15550100000", alias="to")
-    voice: str | None = None  # espeak voice of the caller
+    # An espeak voice: this caller speaks with it instead of the neural caller voice.
+    voice: str | None = None
     # Hang up when the script ends (after the agent's last answer).
     hangup_at_end: bool = True
     # Wait for the greeting to finish before the first step.
@@ -76,6 +89,11 @@ class Scenario(BaseModel):
     @classmethod
     def from_lines(cls, lines: list[str], name: str = "say") -> Scenario:
         return cls(name=name, steps=[Step(say=line) for line in lines])
+
+    def expected(self) -> dict[str, str]:
+        """Scripted line -> the FAQ entry id (or OUT_OF_SCOPE) expected to answer it."""
+        return {step.say: step.expect for step in self.steps
+                if step.say is not None and step.expect is not None}
 
 
 def bundled_scenarios_dir() -> Path:

@@ -3,6 +3,10 @@
 POST /v1/text-to-speech/{voice_id}/stream?output_format=ulaw_8000&… with header
 `xi-api-key`, answered with raw audio bytes streamed in chunks, so the official
 `elevenlabs` SDK runs unchanged against it via `base_url=server.base_url`.
+
+`usage_log` is the bill: the characters of every request it accepted (the moment it
+starts answering), heard or abandoned; a request refused with an error is not billed.
+`bill()` gives the same as the engine's `Usage`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.audio.codec import int16_to_ulaw
+from engine.providers.base import Usage
 from engine.sim.standins.server import TIMEOUT_SLEEP_S, StandinServer, speech_like_pcm
 
 _PCM_FORMAT = re.compile(r"pcm_(\d+)$")
@@ -47,11 +52,18 @@ class ElevenLabsStandin(StandinServer):
         super().__init__(api_key=api_key)
         self.seconds_per_char = 0.06
         self.audio_chunk_bytes = 800  # 100 ms of mu-law 8 kHz
+        # One entry per accepted request: {"model_id": ..., "characters": ...}.
+        self.usage_log: list[dict[str, Any]] = []
 
     def build_app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/text-to-speech/{voice_id}/stream", self._stream)
         return app
+
+    def bill(self) -> list[Usage]:
+        """Everything billed so far, as the engine's `Usage`."""
+        return [Usage("elevenlabs", "tts", entry["model_id"], characters=entry["characters"])
+                for entry in self.usage_log]
 
     def _audio(self, text: str, output_format: str) -> tuple[bytes, str] | None:
         seconds = len(text) * self.seconds_per_char
@@ -81,8 +93,11 @@ class ElevenLabsStandin(StandinServer):
             return error_response(500)
         data, content_type = audio
         await self.sleep(self.latency_s)
+        characters = len(body["text"])
+        self.usage_log.append({"model_id": str(body.get("model_id", "")),
+                               "characters": characters})
         return await self.stream_audio(request, record, data, {
             "Content-Type": content_type,
-            "x-character-count": str(len(body["text"])),
+            "x-character-count": str(characters),
             "request-id": uuid.uuid4().hex,
         })

@@ -2,6 +2,13 @@
 
 Speaks the real wire format (SSE chunks, usage chunk, multipart uploads, error bodies) so
 the official `openai` SDK runs unchanged against it via `base_url=server.base_url`.
+
+`usage_log` is the bill: what the vendor would charge per request (`BilledRequest`), and
+`bill()` the same as the engine's `Usage`. A chat request is billed once accepted (its
+prompt by the stand-in's own count) for the completion tokens it sent, all of them or
+those sent before the client went away (or the stream was cut); a transcription for what
+its usage reports; speech for its characters. A request refused with an error status is
+not billed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.providers.base import Usage
 from engine.sim.standins.server import (
     TIMEOUT_SLEEP_S,
     RecordedRequest,
@@ -69,6 +77,55 @@ class SegmentSpec:
 
 
 @dataclass(slots=True, frozen=True)
+class BilledRequest:
+    """One request as the vendor bills it: the endpoint ("chat", "transcription",
+    "speech"), the model, and the usage (the API's own usage object; speech:
+    {"characters": n})."""
+
+    endpoint: str
+    model: str
+    usage: dict[str, Any]
+
+    def as_usage(self) -> Usage:
+        """The same, as the engine's `Usage` (what a price table prices)."""
+        u = self.usage
+        if self.endpoint == "chat":
+            return Usage("openai", "llm", self.model, input_tokens=u["prompt_tokens"],
+                         cached_input_tokens=u["prompt_tokens_details"]["cached_tokens"],
+                         output_tokens=u["completion_tokens"])
+        if self.endpoint == "speech":
+            return Usage("openai", "tts", self.model, characters=u["characters"])
+        if u["type"] == "tokens":
+            return Usage("openai", "stt", self.model, input_tokens=u["input_tokens"],
+                         output_tokens=u["output_tokens"])
+        return Usage("openai", "stt", self.model, audio_seconds=float(u["seconds"]))
+
+
+@dataclass(slots=True)
+class _ChatBill:
+    """What one accepted chat request costs: its prompt, and the completion tokens sent."""
+
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int = 0
+    billed: bool = True  # False once it ends with an error response
+    logged: bool = False
+
+    def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
+        """The usage object (the one the API sends), for `completion_tokens` (the tokens
+        sent so far when None)."""
+        completion = self.completion_tokens if completion_tokens is None else completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens,
+                                          "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                              "accepted_prediction_tokens": 0,
+                                              "rejected_prediction_tokens": 0}}
+
+
+@dataclass(slots=True, frozen=True)
 class _Completion:
     """What every chunk of one streamed chat completion repeats."""
 
@@ -111,12 +168,15 @@ class OpenAIStandin(StandinServer):
         self.speech_seconds_per_char = 0.06
         self.audio_chunk_bytes = 4800  # 100 ms of 24 kHz PCM16
         self.last_usage: dict[str, Any] | None = None
-        # Every usage object sent, as (endpoint, usage): what a bill would be built from.
-        self.usage_log: list[tuple[str, dict[str, Any]]] = []
+        self.usage_log: list[BilledRequest] = []  # what the vendor bills, per request
         self._seen_prompts: list[str] = []
 
     def url_for(self, host: str, port: int) -> str:
         return f"http://{host}:{port}/v1"
+
+    def bill(self) -> list[Usage]:
+        """Everything billed so far, as the engine's `Usage`."""
+        return [billed.as_usage() for billed in self.usage_log]
 
     def build_app(self) -> web.Application:
         app = web.Application()
@@ -158,19 +218,6 @@ class OpenAIStandin(StandinServer):
         cached = (estimate_tokens(serialized[:common]) // 128) * 128
         return prompt_tokens, (min(cached, prompt_tokens) if cached >= 1024 else 0)
 
-    def _chat_usage(self, messages: list[dict[str, Any]], completion_tokens: int
-                    ) -> dict[str, Any]:
-        prompt_tokens, cached = self._prompt_usage(messages)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens,
-                 "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
-                 "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                               "accepted_prediction_tokens": 0,
-                                               "rejected_prediction_tokens": 0}}
-        self.last_usage = usage
-        self.usage_log.append(("chat", usage))
-        return usage
-
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body, record = await self.json_request(request)
         refusal = self._refusal(request)
@@ -178,33 +225,50 @@ class OpenAIStandin(StandinServer):
             return refusal
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return error_response(400, "'messages' is a required property", param="messages")
+        messages: list[dict[str, Any]] = body["messages"]
+        tokens = _TOKEN_RE.findall(self._reply_for(messages))
+        # Accepted: billed from here on, whatever becomes of the answer.
+        bill = _ChatBill(str(body.get("model", "")), *self._prompt_usage(messages))
+        try:
+            return await self._answer_chat(request, record, body, tokens, bill)
+        finally:
+            self._log_chat(bill)
+
+    def _log_chat(self, bill: _ChatBill) -> None:
+        if bill.billed and not bill.logged:
+            bill.logged = True
+            self.usage_log.append(BilledRequest("chat", bill.model, bill.usage()))
+
+    async def _answer_chat(self, request: web.Request, record: RecordedRequest,
+                           body: dict[str, Any], tokens: list[str],
+                           bill: _ChatBill) -> web.StreamResponse:
         if self.mode == "timeout":
             await self.sleep(TIMEOUT_SLEEP_S)
+            bill.billed = False  # answered with an error after all
             return error_response(500)
-        messages: list[dict[str, Any]] = body["messages"]
-        reply = self._reply_for(messages)
-        tokens = _TOKEN_RE.findall(reply)
-        usage = self._chat_usage(messages, len(tokens))
         completion = _Completion(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
                                  str(body.get("model", "")))
         await self.sleep(self.latency_s)
+        usage = self.last_usage = bill.usage(len(tokens))
         if not body.get("stream"):
+            bill.completion_tokens = len(tokens)
             return web.json_response({
                 "id": completion.id, "object": "chat.completion", "created": completion.created,
                 "model": completion.model, "system_fingerprint": "fp_standin",
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": reply,
+                             "message": {"role": "assistant", "content": "".join(tokens),
                                          "refusal": None}}],
                 "usage": usage})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._stream_chat(request, record, completion, tokens,
+        return await self._stream_chat(request, record, completion, tokens, bill,
                                        usage if include_usage else None)
 
     async def _stream_chat(self, request: web.Request, record: RecordedRequest,
-                           completion: _Completion, tokens: list[str],
+                           completion: _Completion, tokens: list[str], bill: _ChatBill,
                            usage: dict[str, Any] | None) -> web.StreamResponse:
         """SSE chunks: the role, one token each `token_interval_s`, the stop, then (when
-        asked for) the usage chunk. Mode "cut" drops the connection halfway."""
+        asked for) the usage chunk. Mode "cut" drops the connection halfway. `bill`
+        counts the tokens sent."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         with_usage = usage is not None
@@ -220,6 +284,8 @@ class OpenAIStandin(StandinServer):
                 if i:
                     await self.sleep(self.token_interval_s)
                 await _sse(response, completion.chunk({"content": token}, with_usage=with_usage))
+                bill.completion_tokens += 1
+            self._log_chat(bill)  # all generated: billed even if the client leaves now
             await _sse(response, completion.chunk({}, "stop", with_usage=with_usage))
             if usage is not None:
                 await _sse(response, {"id": completion.id, "object": "chat.completion.chunk",
@@ -278,9 +344,9 @@ class OpenAIStandin(StandinServer):
             return error_response(500)
         await self.sleep(self.latency_s)
         text = self.transcript if isinstance(self.transcript, str) else self.transcript(seconds)
+        usage = self._transcription_usage(model, seconds, text)  # billed in every format
         if response_format == "text":
             return web.Response(text=text + "\n", content_type="text/plain")
-        usage = self._transcription_usage(model, seconds, text)
         if response_format == "verbose_json":
             return web.json_response({"task": "transcribe", "language": "english",
                                       "duration": seconds, "text": text,
@@ -305,7 +371,7 @@ class OpenAIStandin(StandinServer):
         else:
             usage = {"type": "duration", "seconds": math.ceil(seconds)}
         self.last_usage = usage
-        self.usage_log.append(("transcription", usage))
+        self.usage_log.append(BilledRequest("transcription", model, usage))
         return usage
 
     def _segments(self, text: str, seconds: float) -> list[dict[str, Any]]:
@@ -347,9 +413,13 @@ class OpenAIStandin(StandinServer):
         if self.mode == "timeout":
             await self.sleep(TIMEOUT_SLEEP_S)
             return error_response(500)
-        seconds = len(str(body["input"])) * self.speech_seconds_per_char
+        text = str(body["input"])
+        seconds = len(text) * self.speech_seconds_per_char
         audio = speech_like_pcm(seconds, TTS_SAMPLE_RATE).astype("<i2").tobytes()
         await self.sleep(self.latency_s)
+        # Accepted: the characters are billed whether or not the audio is heard.
+        self.usage_log.append(BilledRequest("speech", str(body["model"]),
+                                            {"characters": len(text)}))
         return await self.stream_audio(request, record, audio, {"Content-Type": "audio/pcm"})
 
 
