@@ -1,8 +1,8 @@
 """How long a history write keeps a call waiting, and how much the event loop is blocked.
 
-Runs N concurrent calls each writing usage + a turn per step, as a busy engine would, and
-reports the await latency of `turn_completed` (write + commit) and the worst event-loop
-stall seen by a 1 ms ticker meanwhile.
+Runs N concurrent calls each writing usage (with its cost lines) + a turn per step, as a
+busy engine would, and reports the await latency of `turn_completed` (write + commit) and
+the worst event-loop stall seen by a 1 ms ticker meanwhile.
 
     .venv/bin/python -m bench.bench_history --calls 20 --turns 50
 """
@@ -16,17 +16,21 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.config import PricesConfig
+from engine.money.prices import PriceTable
 from engine.providers.base import Usage
 from engine.record.history import CallHistory
 from engine.record.metrics import percentile
 from engine.session.records import TurnRecord, TurnTimings
 
+USAGE = Usage("openai", "llm", "gpt-5.4-mini", input_tokens=900, output_tokens=40)
+LINES = PriceTable(PricesConfig()).cost_lines(USAGE)  # an LLM call's two lines
+
 
 async def one_call(history: CallHistory, sid: str, turns: int, waits: list[float]) -> None:
     await history.call_started(sid, "+15550001", "+15550002")
     for i in range(turns):
-        await history.usage_recorded(sid, Usage("openai", "llm", "gpt-4o-mini",
-                                                input_tokens=900, output_tokens=40), 0.0002)
+        await history.usage_recorded(sid, USAGE, LINES)
         started = time.perf_counter()
         await history.turn_completed(sid, TurnRecord(
             idx=i, caller_text="what are your opening hours", agent_text="We open at nine.",

@@ -44,6 +44,13 @@ def status_text(connection: ConnectionChanged, model: ConsoleModel, *, paused: b
         text.append(f" (+{ended} ended)", style="dim")
     alerts = model.alert_count
     text.append(f" │ alerts {alerts}", style="bold red" if alerts else "")
+    totals = model.totals
+    if totals.budget_state != "ok":
+        limit = f" ({totals.budget_limit})" if totals.budget_limit else ""
+        text.append(f" │ budget {totals.budget_state.upper()}{limit}",
+                    style="bold yellow" if totals.budget_state == "warning" else "bold red")
+    if totals.budget_totals == "offline":
+        text.append(" │ budget totals offline", style="bold yellow")
     if model.unhealthy_providers:
         text.append(f" │ down: {', '.join(sorted(model.unhealthy_providers))}",
                     style="bold red")

@@ -30,7 +30,9 @@ ALERT_MARKERS: dict[str, str] = {
     "low_confidence": "!C",
     "provider_failover": "!P",
     "provider_down": "!P",
+    "call_cost_warning": "~$",
     "daily_budget": "!B",
+    "monthly_budget": "!B",
 }
 
 # (key, label, width): fixed widths, so updating a cell never re-measures the table.
@@ -76,7 +78,9 @@ def row_cells(call: CallView, model: ConsoleModel, latency_alert_s: float = 2.0
         (_STATE_WORD.get(call.state, call.state), dim or _STATE_STYLE.get(call.state, "")),
         (who, dim or ("bold magenta" if who == "HUMAN" else "")),
         (fmt_latency(latency), latency_style),
-        (fmt_usd(call.cost_usd), cost_style),
+        # "?": part of the cost has no price (counted as $0), so the figure is low.
+        (fmt_usd(call.cost_usd) + ("?" if call.unpriced else ""),
+         cost_style or ("yellow" if call.unpriced else "")),
         (markers, alert_style),
     )
 

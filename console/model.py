@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from console.view_state import AlertNotice, CallView, Changes, LineView, Totals
 from engine.bus.events import (
     Alert,
+    BudgetStateChanged,
     BusGap,
     CallEnded,
     CallStarted,
@@ -111,7 +112,7 @@ class ConsoleModel:
                         state=snap.state, started_at=snap.started_at, ended_at=snap.ended_at,
                         end_reason=snap.end_reason, cost_usd=snap.cost_usd,
                         cost_cap_usd=snap.cost_cap_usd, turns=snap.turns,
-                        alerts=list(dict.fromkeys(snap.alerts)))
+                        alerts=list(dict.fromkeys(snap.alerts)), unpriced=snap.unpriced)
         if snap.state == CallState.ENDED and call.ended_at is None:
             call.ended_at = snap.started_at
         if snap.cost_cap_usd > 0:
@@ -129,7 +130,10 @@ class ConsoleModel:
                              month_to_date_usd=totals.month_to_date_usd,
                              monthly_projection_usd=totals.monthly_projection_usd,
                              monthly_budget_usd=totals.monthly_budget_usd,
-                             p95_voice_to_voice_s=totals.p95_voice_to_voice_s)
+                             p95_voice_to_voice_s=totals.p95_voice_to_voice_s,
+                             budget_state=totals.budget_state,
+                             budget_limit=totals.budget_limit,
+                             budget_totals=totals.budget_totals)
         if totals.p95_voice_to_voice_s is not None:
             self.p95_history.append(totals.p95_voice_to_voice_s)
 
@@ -254,6 +258,7 @@ class ConsoleModel:
         call = self._call(event)
         if call is not None:
             call.cost_usd = event.call_cost_usd
+            call.unpriced = call.unpriced or event.unpriced
         if event.day_cost_usd is not None:
             self.totals.today_usd = event.day_cost_usd
         if event.month_projection_usd is not None:
@@ -269,6 +274,17 @@ class ConsoleModel:
         self._changes.notices.append(AlertNotice(call_sid=event.call_sid, kind=event.kind,
                                                  severity=event.severity,
                                                  message=event.message))
+
+    def _on_budget(self, event: BudgetStateChanged) -> None:
+        totals = self.totals
+        totals.budget_state = event.new
+        totals.budget_limit = "" if event.new == "ok" else event.limit
+        totals.budget_totals = event.totals
+        self._changes.totals = True
+        if event.new == "ok":  # getting worse comes with an alert of its own
+            self._changes.notices.append(AlertNotice(
+                call_sid="", kind="budget", severity="information",
+                message=f"budget ok again: the {event.limit} limit lifted ({event.period})"))
 
     def _on_provider_health(self, event: ProviderHealthChanged) -> None:
         key = f"{event.kind}:{event.provider}"
@@ -356,6 +372,7 @@ _HANDLERS: dict[type, Callable[[ConsoleModel, object], None]] = {
     TurnLatency: ConsoleModel._on_latency,  # type: ignore[dict-item]
     UsageCost: ConsoleModel._on_usage,  # type: ignore[dict-item]
     Alert: ConsoleModel._on_alert,  # type: ignore[dict-item]
+    BudgetStateChanged: ConsoleModel._on_budget,  # type: ignore[dict-item]
     ProviderHealthChanged: ConsoleModel._on_provider_health,  # type: ignore[dict-item]
     CommandAudit: ConsoleModel._on_audit,  # type: ignore[dict-item]
     BusGap: ConsoleModel._on_gap,  # type: ignore[dict-item]

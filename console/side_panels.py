@@ -83,9 +83,12 @@ class SpendPanel(Vertical):
 
     def show(self, call: CallView | None, model: ConsoleModel) -> None:
         totals = model.totals
-        update_static(self.call_meter,
-                      meter_text("Call", call.cost_usd, call.cost_cap_usd) if call
-                      else Text("Call  -", style="dim"))
+        call_text = Text("Call  -", style="dim")
+        if call is not None:
+            call_text = meter_text("Call", call.cost_usd, call.cost_cap_usd)
+            if call.unpriced:
+                call_text.append("\n+ unpriced items (counted as $0)", style="bold yellow")
+        update_static(self.call_meter, call_text)
         update_static(self.day_meter,
                       meter_text("Today", totals.today_usd, totals.daily_budget_usd))
         update_static(self.month_meter,

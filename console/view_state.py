@@ -41,6 +41,7 @@ class CallView:
     line_index: dict[str, int] = field(default_factory=dict)
     alerts: list[str] = field(default_factory=list)  # kinds, in the order raised
     providers: dict[str, str] = field(default_factory=dict)  # stt/agent/tts -> name
+    unpriced: bool = False  # some of its cost has no price (counted as $0)
 
     @property
     def ended(self) -> bool:
@@ -71,6 +72,9 @@ class Totals:
     monthly_projection_usd: float = 0.0
     monthly_budget_usd: float = 0.0
     p95_voice_to_voice_s: float | None = None
+    budget_state: str = "ok"  # ok | warning | degraded | forwarding | refusing
+    budget_limit: str = ""  # the limit that decides it: daily | monthly
+    budget_totals: str = "local"  # local | shared (the fleet's) | offline (estimated)
 
 
 @dataclass(slots=True, frozen=True)

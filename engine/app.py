@@ -66,6 +66,11 @@ class GreetingOnly:
     def interrupt(self, reason: str) -> None:
         pass
 
+    def cost_cap_reached(self) -> None:
+        session = self.session
+        session.spawn(session.say_goodbye_and_hang_up(session.config.policy.cost_cap_goodbye,
+                                                      "call cost cap reached"), "cost_cap")
+
     async def aclose(self) -> None:
         pass
 
@@ -99,7 +104,7 @@ class Engine:
         self.accepting = True
         self.webhooks = TwilioWebhooks(config, self.registry, self.signatures,
                                        accepting=lambda: self.accepting,
-                                       count_bad=self.count_bad)
+                                       count_bad=self.count_bad, gate=self.hub)
         self.media = MediaStreamHandler(config, self.registry, self.pacer, self.signatures,
                                         count_bad=self.count_bad)
         self.deps: Any = None  # the pipeline's shared providers, when one is wired
@@ -132,13 +137,14 @@ class Engine:
             degraded.append("twilio credentials not configured")
         providers = []
         if self.deps is not None:
-            for chain in (self.deps.stt, self.deps.agent, self.deps.tts):
+            for chain in self.deps.all_chains():
                 for health in chain.health():
                     providers.append({"name": health.name, "kind": health.kind,
                                       "healthy": health.healthy,
                                       "last_error": health.last_error})
                     if not health.healthy:
                         degraded.append(f"{health.kind} provider {health.name} failing")
+        budget = self._budget_health(degraded)
         body = {
             "status": "degraded" if degraded else "ok",
             "degraded": degraded,
@@ -150,8 +156,28 @@ class Engine:
             "escalations": self.hub.escalations,
             "bad_messages": self.bad_messages,
             "providers": providers,
+            "budget": budget,
         }
         return web.json_response(body)
+
+    def _budget_health(self, degraded: list[str]) -> dict[str, Any]:
+        """The budget now; a limit reached, or totals Redis cannot confirm, degrade."""
+        hub = self.hub
+        hub.budget.state()  # reports a change (a limit that lifted at midnight) first
+        reading = hub.budget.reading()
+        if reading.state not in ("ok", "warning"):
+            limit = reading.driver
+            degraded.append(f"budget {reading.state}: {limit.limit} limit "
+                            f"${limit.limit_usd:.2f} reached ({limit.period})")
+        if reading.totals == "offline":
+            degraded.append("budget totals offline: Redis unreachable, a conservative "
+                            "share is enforced")
+        daily, monthly = reading.daily, reading.monthly
+        return {"state": reading.state, "totals": reading.totals,
+                "daily_usd": float(daily.spent_usd), "daily_limit_usd": float(daily.limit_usd),
+                "monthly_usd": float(monthly.spent_usd),
+                "monthly_limit_usd": float(monthly.limit_usd),
+                "turned_away": hub.turned_away}
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.hub.metrics.render()
@@ -189,6 +215,7 @@ class Engine:
         gc.collect()
         gc.freeze()
         self.pacer.start()
+        await self.hub.start()
         for hook in self.on_started:
             await hook()
         log.info("engine.started", public_url=self.config.public_base_url(),
@@ -201,6 +228,12 @@ class Engine:
             log.info("engine.shutdown_ending_calls", calls=len(calls))
         await asyncio.gather(*(s.end("engine shutting down") for s in calls),
                              return_exceptions=True)
+        if self.deps is not None:
+            # What the ended calls left running is booked before the bus and history go.
+            deadline = self.config.providers.drain_timeout_s
+            await asyncio.gather(*(chain.settle_abandoned(deadline)
+                                   for chain in self.deps.all_chains()))
+        await self.hub.stop()  # after the last booking: the fleet's totals get it
         for hook in self.on_stopping:
             await hook()
         await self.hub.drain()

@@ -13,6 +13,9 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from engine.money.catalog import DEFAULT_CATALOG, ModelPrice
+from engine.providers.billing import BillingUnit
+
 S = TypeVar("S", bound=BaseModel)
 
 
@@ -102,7 +105,13 @@ class ProvidersConfig(_Section):
     # Fallback chains, tried in order. Cloud providers without a key are skipped.
     stt: list[str] = Field(default_factory=lambda: ["local_whisper"])
     agent: list[str] = Field(default_factory=lambda: ["faq"])
-    tts: list[str] = Field(default_factory=lambda: ["espeak"])
+    tts: list[str] = Field(default_factory=lambda: ["piper", "espeak"])
+    # The cheapest chains: new turns use them while the budget is exhausted with
+    # budget.on_exhausted = "degrade" (voices keep replaying cached audio).
+    degraded_stt: list[str] = Field(default_factory=lambda: ["local_whisper"], min_length=1)
+    degraded_agent: list[str] = Field(default_factory=lambda: ["faq"], min_length=1)
+    degraded_tts: list[str] = Field(default_factory=lambda: ["piper", "espeak"],
+                                    min_length=1)
     # Importable packages or modules holding more providers (each registers itself).
     packages: list[str] = Field(default_factory=list)
     # A provider that fails this many times in a row is skipped for `breaker_reset_s`.
@@ -112,6 +121,9 @@ class ProvidersConfig(_Section):
     llm_first_token_timeout_s: float = 3.0
     tts_first_audio_timeout_s: float = 2.0
     llm_summarize_timeout_s: float = 10.0
+    # A request the call stopped waiting for (a barge-in, a timeout that fell back) is
+    # read on in the background this long, so what its vendor bills gets booked.
+    drain_timeout_s: float = Field(default=15.0, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _validate_providers(self) -> ProvidersConfig:
@@ -136,13 +148,20 @@ class ProvidersConfig(_Section):
                     for error in exc.errors())) from exc
         for name, model in known.items():
             tables.setdefault(name, model())
-        for kind, names in self.chains().items():
-            for name in names:
-                registry.spec(kind, name)  # raises, naming the known providers
+        for key, chains in (("", self.chains()), ("degraded_", self.degraded_chains())):
+            for kind, names in chains.items():
+                kind_names = registry.names(kind)
+                for name in (n for n in names if n not in kind_names):
+                    raise ValueError(f"providers.{key}{kind}: unknown provider {name!r}; "
+                                     f"known: {', '.join(kind_names) or 'none'}")
         return self
 
     def chains(self) -> dict[Literal["stt", "agent", "tts"], list[str]]:
         return {"stt": self.stt, "agent": self.agent, "tts": self.tts}
+
+    def degraded_chains(self) -> dict[Literal["stt", "agent", "tts"], list[str]]:
+        return {"stt": self.degraded_stt, "agent": self.degraded_agent,
+                "tts": self.degraded_tts}
 
     def settings(self, name: str, model: type[S]) -> S:
         """The validated `[providers.NAME]` table (its defaults when config.toml has none)."""
@@ -185,12 +204,20 @@ class PolicyConfig(_Section):
     )
     not_understood: str = "Sorry, I didn't catch that. Could you say it again?"
     handoff_line: str = "Of course. Let me connect you with a person."
+    # Said before the transfer when a call reaches its cost cap (transfer.number set).
     cost_cap_line: str = "Let me connect you with a colleague who can help further."
+    # Said before hanging up when a call reaches its cost cap and there is no transfer
+    # number (or the transfer failed).
+    cost_cap_goodbye: str = Field(
+        default="I'm sorry, we have to end this call here. Thank you for calling. Goodbye.",
+        min_length=1)
     # Whisper: segment avg_logprob below this, or no_speech_prob above, is low confidence.
     min_avg_logprob: float = -1.0
     max_no_speech_prob: float = 0.6
     max_misunderstandings: int = 3
-    call_cost_cap_usd: float = 0.05
+    call_cost_cap_usd: float = Field(default=0.05, ge=0, allow_inf_nan=False)  # 0 = no cap
+    # An alert when a call has cost this share of its cap.
+    call_cost_warning_share: float = Field(default=0.8, gt=0, le=1)
     context_max_tokens: int = 1500
     context_keep_recent_turns: int = 4
     summary_instruction: str = (
@@ -236,26 +263,22 @@ class MetricsConfig(_Section):
     alert_min_turns: int = 20  # turns needed before the p95 alert can fire
 
 
-class PricesConfig(_Section):
-    """List prices in USD. Verify against the vendors' pages before quoting."""
+# Model prices before the catalog: refused, naming where they went.
+_MOVED_PRICE_KEYS = ("stt_openai_per_minute", "stt_per_million", "llm_per_million",
+                     "tts_per_thousand_chars")
 
-    stt_local_per_minute: float = 0.0
-    stt_openai_per_minute: dict[str, float] = Field(
-        default_factory=lambda: {"whisper-1": 0.006, "gpt-transcribe": 0.0045,
-                                 "gpt-4o-mini-transcribe": 0.003, "gpt-4o-transcribe": 0.006}
-    )
-    # Token-billed speech-to-text, per 1M tokens: [input, output].
-    stt_per_million: dict[str, list[float]] = Field(
-        default_factory=lambda: {"gpt-4o-mini-transcribe": [1.25, 5.0]}
-    )
-    # Per 1M tokens: input, cached input, output.
-    llm_per_million: dict[str, list[float]] = Field(
-        default_factory=lambda: {"gpt-4o-mini": [0.15, 0.075, 0.60]}
-    )
-    tts_per_thousand_chars: dict[str, float] = Field(
-        default_factory=lambda: {"eleven_flash_v2_5": 0.05, "eleven_multilingual_v2": 0.10,
-                                 "gpt-4o-mini-tts": 0.015, "espeak": 0.0}
-    )
+
+class PricesConfig(_Section):
+    """List prices in USD: the model catalog and the flat rates. Verify against the
+    vendors' pages before quoting."""
+
+    # One entry per (provider, model) a configured provider can use, in its vendor's unit
+    # (engine.money.catalog; config.toml lists the defaults).
+    models: list[ModelPrice] = Field(default_factory=lambda: list(DEFAULT_CATALOG))
+    stt_local_per_minute: float = 0.0  # our own CPU's minute of speech-to-text
+    # What a CPU second of a local model costs you (e.g. the local voice), if you want it
+    # on the bill: a usage that reports its CPU time gets a line at this rate.
+    cpu_second: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     twilio_per_minute: float = 0.0085
     # Twilio Media Streams, on top of the voice minute, per started minute of the stream.
     twilio_media_streams_per_minute: float = 0.004
@@ -268,10 +291,60 @@ class PricesConfig(_Section):
     realtime_caller_tokens_per_minute: float = 600.0
     realtime_agent_tokens_per_minute: float = 1200.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_moved_keys(cls, data: object) -> object:
+        moved = [key for key in _MOVED_PRICE_KEYS if isinstance(data, dict) and key in data]
+        if moved:
+            raise ValueError(f"prices.{', prices.'.join(moved)}: model prices moved to the "
+                             "[[prices.models]] catalog, one entry per provider and model "
+                             "with its unit (see config.toml)")
+        return data
+
+    @model_validator(mode="after")
+    def _check_catalog(self) -> PricesConfig:
+        # Imported here: provider modules import this one.
+        from engine.providers.registry import registry
+
+        registry.discover()  # the built-in providers' units (packages: ProvidersConfig)
+        first: dict[tuple[str, str], int] = {}
+        for i, entry in enumerate(self.models):
+            where = f"prices.models[{i}] ({entry.provider} {entry.model!r})"
+            seen = first.setdefault((entry.provider, entry.model), i)
+            if seen != i:
+                raise ValueError(f"{where}: a second entry (the first is prices.models[{seen}])")
+            units = registry.declared_units(entry.provider, entry.model)
+            if units is not None and entry.unit not in units | {BillingUnit.FREE}:
+                raise ValueError(f"{where}: unit {entry.unit.value!r} is not one "
+                                 f"{entry.provider} bills in ({', '.join(sorted(units))})")
+        return self
+
 
 class BudgetConfig(_Section):
-    daily_usd: float = 20.0
-    monthly_usd: float = 500.0
+    """Spend limits per UTC day and month, and what happens when one is reached
+    (engine.money.budget); the totals are the fleet's when shared through Redis."""
+
+    daily_usd: float = Field(default=20.0, ge=0, allow_inf_nan=False)  # 0 = no daily limit
+    monthly_usd: float = Field(default=500.0, ge=0, allow_inf_nan=False)  # 0 = no limit
+    # At this share of either limit the budget state is "warning".
+    warning_share: float = Field(default=0.8, gt=0, le=1)
+    # The state once a limit is reached: degraded (new turns use the cheapest chains,
+    # providers.degraded_*), forwarding (new calls are dialled to transfer.number; without
+    # one, refused) or refusing (new calls hear `refuse_message`, then a hang-up).
+    on_exhausted: Literal["degrade", "forward", "refuse"] = "degrade"
+    refuse_message: str = Field(
+        default="Sorry, we cannot take your call right now. Please try again later. Goodbye.",
+        min_length=1)
+    # With redis.url set, the day and month totals are the whole fleet's (kept in Redis);
+    # false gives each engine its own budget. Without redis.url the totals are local.
+    shared: bool = True
+    # While Redis is unreachable an engine counts its own spend since the last fleet total
+    # as this share of the fleet's: 1 / (number of engines) or less keeps the fleet within
+    # its limits during an outage.
+    offline_share: float = Field(default=0.5, gt=0, le=1)
+    # An idle engine reads the fleet totals this often; a dead Redis is retried this often.
+    refresh_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    redis_op_timeout_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
 
 class LoggingConfig(_Section):

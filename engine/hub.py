@@ -5,27 +5,37 @@ waits (bus publish, SQLite) runs in background tasks so a call never stalls on i
 hub is also what the supervisor API talks to (`SupervisorBackend`): it keeps the call
 views the snapshots are built from (supervision/views.py) and hands commands to the
 supervisor commands (supervision/commands.py), which audit them.
+
+Money: every booking goes through the ledger to the budget (money/budget.py). A call
+that reaches its cost cap is told at once (`CallSession.cost_cap_reached`); a change of
+the budget's state becomes a `BudgetStateChanged` event (and an alert when it gets
+worse), and the state decides whether a new call is taken (`admission`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from engine.bus import events as ev
 from engine.bus.event_bus import BusPublishError, EventBus, make_event_bus
 from engine.config import Config
 from engine.log import get_logger
-from engine.money.ledger import BudgetAlert, SpendLedger, SpendUpdate
+from engine.money.budget import BudgetChange, budget_from_config
+from engine.money.ledger import CapAlert, LedgerEntry, SpendLedger, SpendUpdate
+from engine.money.prices import dec, utc_now
 from engine.providers.base import Usage
+from engine.record.bill import TwilioMinutes
 from engine.record.history import CallHistory
 from engine.record.metrics import EngineMetrics
 from engine.session.records import TurnRecord
 from engine.supervision.api_schema import Command, Hello, Reply, Snapshot, TranscriptEntry
 from engine.supervision.commands import SupervisorCommands
 from engine.supervision.views import CallViews
+from engine.telephony.webhooks import Admission
 
 if TYPE_CHECKING:
     from engine.session.call_session import CallSession
@@ -33,8 +43,12 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-_BUDGET_ALERT_KIND: dict[str, ev.AlertKind] = {
-    "call_cap": "call_cost_cap", "daily_budget": "daily_budget", "monthly_budget": "daily_budget"}
+_TWILIO_MINUTES = frozenset({"phone", "media_stream"})
+_CAP_ALERT_KIND: dict[str, ev.AlertKind] = {
+    "call_cap": "call_cost_cap", "call_cap_warning": "call_cost_warning"}
+_LIMIT_ALERT_KIND: dict[str, ev.AlertKind] = {
+    "daily": "daily_budget", "monthly": "monthly_budget"}
+_ADMISSION: dict[str, Admission] = {"forwarding": "forward", "refusing": "refuse"}
 
 
 class OpsHub:
@@ -55,13 +69,38 @@ class OpsHub:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_failures = 0
         self.escalations = 0
+        self.budget = ledger.budget
+        self.budget.on_change = self._budget_changed
+        self.turned_away: dict[Admission, int] = {}  # new calls not taken, per answer
+        self._day_watch: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_config(cls, config: Config, history: CallHistory | None = None) -> OpsHub:
-        """The bus the config names, a ledger and metrics; history when given."""
-        return cls(config, make_event_bus(config), SpendLedger(config.prices, config.budget),
+    def from_config(cls, config: Config, history: CallHistory | None = None,
+                    clock: Callable[[], datetime] = utc_now) -> OpsHub:
+        """The bus the config names, a ledger over the configured budget (this engine's
+        totals, or the fleet's through Redis) and metrics; history when given."""
+        engine_id = ev.new_engine_id()
+        policy = config.policy
+        ledger = SpendLedger(config.prices, budget_from_config(config, engine_id, clock),
+                             clock, policy.call_cost_cap_usd, policy.call_cost_warning_share)
+        return cls(config, make_event_bus(config), ledger,
                    EngineMetrics(config.metrics, config.metrics.alert_min_turns), history,
-                   ev.new_engine_id())
+                   engine_id)
+
+    async def start(self) -> None:
+        """Engine start: the budget's totals go live (the fleet's: a first read from
+        Redis), its state at start is reported, and each UTC midnight is watched."""
+        await self.budget.totals.start()
+        self.budget.state()
+        self._day_watch = asyncio.get_running_loop().create_task(
+            self.budget.watch_days(), name="budget-days")
+
+    async def stop(self) -> None:
+        """Engine stop, after the last booking: the fleet's totals get a last flush."""
+        if self._day_watch is not None:
+            self._day_watch.cancel()
+            await asyncio.gather(self._day_watch, return_exceptions=True)
+        await self.budget.totals.aclose()
 
     @property
     def registry(self) -> CallRegistry | None:
@@ -115,19 +154,30 @@ class OpsHub:
     def stream_started(self, session: CallSession) -> None:
         self.publish(ev.CallUpdated(call_sid=session.call_sid,
                                     extra={"stream_sid": session.stream_sid or ""}))
-        session.spawn(self._bill_phone_minutes(session), "phone_minutes")
+        session.spawn(self._bill_minutes(session), "phone_minutes")
 
-    async def _bill_phone_minutes(self, session: CallSession) -> None:
-        """Twilio bills each minute as it starts: the call's cost (and cap) sees it live."""
+    async def _bill_minutes(self, session: CallSession) -> None:
+        """Twilio bills each minute as it starts, the call's from the answer (webhook) and
+        the media stream's from its start: the call's cost (and cap) sees them live."""
         while not session.ended:
             elapsed = session.duration_s()
             update = self.ledger.phone_progress(session.call_sid, max(elapsed, 0.001))
-            if update.entry.cost_usd:
+            if update is not None and update.entry.cost_usd:
                 self._priced(session, update, None, call_seconds=elapsed)
-                if self.history is not None:
-                    self._bg(self.history.phone_recorded(session.call_sid, elapsed,
-                                                         update.entry.cost_usd))
-            await asyncio.sleep(60.0 - elapsed % 60.0 + 0.01)
+            wake = 60.0 - elapsed % 60.0
+            if session.stream_sid is not None and session.stream_started_at is not None:
+                streamed = session.stream_duration_s()
+                self._bill_stream(session, session.stream_sid, max(streamed, 0.001))
+                wake = min(wake, 60.0 - streamed % 60.0)
+            await asyncio.sleep(wake + 0.01)
+
+    def stream_ended(self, session: CallSession, stream_sid: str, duration_s: float) -> None:
+        self._bill_stream(session, stream_sid, max(duration_s, 0.001))
+
+    def _bill_stream(self, session: CallSession, stream_sid: str, duration_s: float) -> None:
+        update = self.ledger.media_stream_progress(session.call_sid, stream_sid, duration_s)
+        if update is not None and update.entry.cost_usd:
+            self._priced(session, update, None, call_seconds=duration_s)
 
     def state_changed(self, session: CallSession, old: ev.CallState, new: ev.CallState,
                       reason: str) -> None:
@@ -167,9 +217,12 @@ class OpsHub:
         sid = session.call_sid if session is not None else ""
         if session is not None and (view := self.views.get(sid)) is not None:
             view.cost_usd = entry.total_usd
+            view.unpriced = view.unpriced or not entry.priced
         call = self.ledger.call(sid) if sid else None
         self.metrics.cost(entry.kind, entry.cost_usd)
-        kind: ev.UsageKind = "telephony" if entry.kind == "phone" else entry.kind  # type: ignore[assignment]
+        # Phone and Media Streams minutes are both Twilio's (told apart by the model).
+        kind: ev.UsageKind = "telephony" if entry.kind in _TWILIO_MINUTES \
+            else entry.kind  # type: ignore[assignment]
         self.publish(ev.UsageCost(
             call_sid=sid, provider=entry.provider, kind=kind, model=entry.model,
             audio_seconds=usage.audio_seconds if usage else 0.0,
@@ -177,22 +230,68 @@ class OpsHub:
             cached_input_tokens=usage.cached_input_tokens if usage else 0,
             output_tokens=usage.output_tokens if usage else 0,
             characters=usage.characters if usage else 0, call_seconds=call_seconds,
-            estimated=usage.estimated if usage else False, cost_usd=entry.cost_usd,
+            estimated=usage.estimated if usage else False, unpriced=not entry.priced,
+            cached=usage.cached if usage else False,
+            cost_usd=entry.cost_usd,
             call_cost_usd=entry.total_usd,
             realtime_equivalent_usd=call.realtime_equivalent_usd if call else 0.0,
             day_cost_usd=self.ledger.today_usd,
             month_projection_usd=self.ledger.monthly_projection_usd))
-        if usage is not None and self.history is not None:
-            self._bg(self.history.usage_recorded(sid or None, usage, entry.cost_usd))
+        if self.history is not None:
+            self._record_booking(sid or None, entry, usage, call_seconds)
         for alert in update.alerts:
-            self._budget_alert(session, alert)
+            self._cap_alert(session, alert)
 
-    def _budget_alert(self, session: CallSession | None, alert: BudgetAlert) -> None:
-        kind = _BUDGET_ALERT_KIND[alert.kind]
-        message = (f"{alert.kind.replace('_', ' ')}: ${alert.spent_usd:.4f} of "
-                   f"${alert.limit_usd:g} ({alert.period})")
-        self.alert(session, kind, "critical" if alert.kind != "call_cap" else "warning",
+    def _record_booking(self, sid: str | None, entry: LedgerEntry, usage: Usage | None,
+                        call_seconds: float) -> None:
+        """The booking and its cost lines into the history. Writes are queued in the
+        order they are made, so everything booked before the end precedes the end."""
+        assert self.history is not None
+        if usage is not None:
+            lines = self.ledger.prices.cost_lines(usage)
+            self._bg(self.history.usage_recorded(sid, usage, lines))
+        elif sid is not None and entry.cost_usd and entry.kind in _TWILIO_MINUTES:
+            kind: TwilioMinutes = "phone" if entry.kind == "phone" else "media_stream"
+            prices = self.config.prices
+            rate = dec(prices.twilio_per_minute if kind == "phone"
+                       else prices.twilio_media_streams_per_minute)
+            # The ledger's entry carries the new minutes' cost only: the minutes are that
+            # cost at the rate (so minutes at a $0 rate leave no line).
+            minutes = int((dec(entry.cost_usd) / rate).to_integral_value())
+            self._bg(self.history.minutes_recorded(sid, kind, entry.model, minutes, rate,
+                                                   call_seconds))
+
+    def _cap_alert(self, session: CallSession | None, alert: CapAlert) -> None:
+        reached = alert.kind == "call_cap"
+        message = (f"call cost {'cap reached' if reached else 'near its cap'}: "
+                   f"${alert.spent_usd:.4f} of ${alert.limit_usd:g}")
+        self.alert(session, _CAP_ALERT_KIND[alert.kind], "warning" if reached else "info",
                    message, {"spent_usd": alert.spent_usd, "limit_usd": alert.limit_usd})
+        if reached and session is not None:
+            session.cost_cap_reached()  # it acts at its next safe point
+
+    # -- the daily and monthly budget ----------------------------------------------------
+
+    def _budget_changed(self, change: BudgetChange) -> None:
+        self.publish(ev.BudgetStateChanged(
+            old=change.old, new=change.new, limit=change.limit, period=change.period,
+            spent_usd=change.spent_usd, limit_usd=change.limit_usd, totals=change.totals))
+        if change.worse:
+            self.alert(None, _LIMIT_ALERT_KIND[change.limit],
+                       "warning" if change.new == "warning" else "critical", change.summary,
+                       {"state": change.new, "spent_usd": change.spent_usd,
+                        "limit_usd": change.limit_usd, "totals": change.totals})
+
+    def admission(self) -> Admission:
+        """Whether a new call is taken, forwarded or refused: the budget's state now."""
+        return _ADMISSION.get(self.budget.state(), "connect")
+
+    def call_turned_away(self, call_sid: str, answer: Admission) -> None:
+        """A new call answered with TwiML alone. A refused one still costs its first
+        phone minute; a forwarded one is the human team's call from its start."""
+        self.turned_away[answer] = self.turned_away.get(answer, 0) + 1
+        if answer == "refuse":
+            self._priced(None, self.ledger.turned_away(call_sid), None, call_seconds=60.0)
 
     def turn_completed(self, session: CallSession, record: TurnRecord) -> None:
         sid = session.call_sid
@@ -262,16 +361,11 @@ class OpsHub:
         self.publish(ev.CallEnded(call_sid=sid, reason=reason, duration_s=duration,
                                   cost_usd=ledger.total_usd))
         if self.history is not None:
-            self._bg(self._record_end(sid, duration, update.entry.cost_usd, reason,
-                                      ledger.total_usd, escalated, session.ended_at))
-
-    async def _record_end(self, sid: str, duration: float, phone_cost: float, reason: str,
-                          total: float, escalated: bool, ended_at: float | None) -> None:
-        assert self.history is not None
-        if phone_cost:
-            await self.history.phone_recorded(sid, duration, phone_cost)
-        await self.history.call_ended(sid, reason, total, escalated=escalated,
-                                      ended_at=ended_at, duration_s=duration)
+            # Queued after the last minutes `_priced` wrote above; a booking written after
+            # this adds itself to the call's total.
+            self._bg(self.history.call_ended(sid, reason, ledger.total_usd,
+                                             escalated=escalated, ended_at=session.ended_at,
+                                             duration_s=duration))
 
     def cost_of(self, call_sid: str) -> float:
         call = self.ledger.call(call_sid)

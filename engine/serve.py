@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         config.engine.host = args.host
     if args.port:
         config.engine.port = args.port
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config))
+    except ConfigError as exc:  # found while building the engine (e.g. an unpriced model)
+        print(f"python -m engine: {exc}", file=sys.stderr)
+        return 2
     return 0

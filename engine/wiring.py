@@ -4,19 +4,23 @@ The embedded default (in-process bus, SQLite history, local providers) and the s
 deployment (Redis bus and cache, cloud providers) are the same code with other parts
 chosen here. The chains name providers; the registry (engine.providers.registry) says
 how to build each. A provider that cannot run here (a cloud provider without its API
-key) is skipped, loudly.
+key) is skipped, loudly. With `budget.on_exhausted = "degrade"` the cheapest chains
+(providers.degraded_*) are built too, sharing the instances the usual chains have.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from engine.app import Engine
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.hub import OpsHub
 from engine.log import get_logger
+from engine.money.model_checks import check_configured_models
 from engine.providers.base import Agent, SpeechToText, TextToSpeech
 from engine.providers.caching_tts import CachingTTS
 from engine.providers.chain import FallbackEvent
@@ -26,7 +30,7 @@ from engine.providers.registry import Kind, ProviderUnavailable, registry
 from engine.providers.response_cache import ResponseCache, make_response_cache
 from engine.record.history import CallHistory
 from engine.session.call_session import CallSession
-from engine.session.conversation import ConversationPipeline, PipelineDeps
+from engine.session.conversation import ConversationPipeline, PipelineDeps, TurnChains
 
 log = get_logger(__name__)
 
@@ -46,24 +50,55 @@ class Providers:
     def all(self) -> list[SpeechToText | Agent | TextToSpeech]:
         return [*self.stt, *self.agents, *self.tts]
 
+    def by_kind(self) -> list[tuple[Kind, object]]:
+        """Every provider with the chain it serves in, in chain order."""
+        return [*(("stt", p) for p in self.stt), *(("agent", p) for p in self.agents),
+                *(("tts", p) for p in self.tts)]
+
+    def chain(self, kind: Kind) -> list[Any]:
+        chains: dict[Kind, list[Any]] = {"stt": self.stt, "agent": self.agents,
+                                         "tts": self.tts}
+        return chains[kind]
+
 
 def build_providers(config: Config) -> Providers:
     """Instantiate every provider the chains name (without warming them up)."""
     registry.discover(config.providers.packages)
-    out = Providers(stt=_build_chain(config, "stt"), agents=_build_chain(config, "agent"),
-                    tts=_build_chain(config, "tts"))
-    for kind, chain in (("stt", out.stt), ("agent", out.agents), ("tts", out.tts)):
-        if not chain:
-            raise NoProviderError(f"providers.{kind}: no usable provider (check the chain "
-                                  "and the API keys in the environment)")
-    return out
+    chains = config.providers.chains()
+    return Providers(*(_build_chain(config, kind, chains[kind], "providers.", None)[0]
+                       for kind in ("stt", "agent", "tts")))
 
 
-def _build_chain(config: Config, kind: Kind) -> list[Any]:
-    """The providers of one chain, in order; those that cannot run here are skipped."""
+def degrades(config: Config) -> bool:
+    """Whether an exhausted budget switches turns to the cheapest chains."""
+    budget = config.budget
+    return budget.on_exhausted == "degrade" and (budget.daily_usd > 0 or budget.monthly_usd > 0)
+
+
+def build_cheapest(config: Config, usual: Providers) -> tuple[Providers, Providers]:
+    """The providers of the cheapest chains (providers.degraded_*), and apart those of
+    them built here: the usual chains' instances are shared, the others are new."""
+    chains = config.providers.degraded_chains()
+    cheapest, built = Providers(), Providers()
+    for kind in ("stt", "agent", "tts"):
+        chain, new = _build_chain(config, kind, chains[kind], "providers.degraded_", usual)
+        cheapest.chain(kind).extend(chain)
+        built.chain(kind).extend(new)
+    return cheapest, built
+
+
+def _build_chain(config: Config, kind: Kind, names: list[str], key: str,
+                 shared: Providers | None) -> tuple[list[Any], list[Any]]:
+    """The providers of one chain (config key `{key}{kind}`), in order, and those of them
+    built here (the others come from `shared`); those that cannot run here are skipped."""
     protocol = _PROTOCOLS[kind]
     chain: list[Any] = []
-    for name in config.providers.chains()[kind]:
+    built: list[Any] = []
+    for name in names:
+        known = [p for p in shared.chain(kind) if p.name == name] if shared else []
+        if known:
+            chain.append(known[0])
+            continue
         spec = registry.spec(kind, name)
         try:
             provider = spec.build(config.providers.settings(name, spec.settings), config)
@@ -71,21 +106,40 @@ def _build_chain(config: Config, kind: Kind) -> list[Any]:
             log.warning("wiring.provider_skipped", kind=kind, provider=name, reason=exc.reason)
             continue
         if not isinstance(provider, protocol):  # a plug-in's mistake, caught at start-up
-            raise TypeError(f"providers.{kind}: {name!r} built a {type(provider).__name__}, "
+            raise TypeError(f"{key}{kind}: {name!r} built a {type(provider).__name__}, "
                             f"which is not a {protocol.__name__}")
         chain.append(provider)
-    return chain
+        built.append(provider)
+    if not chain:
+        raise NoProviderError(f"{key}{kind}: no usable provider (check the chain and the "
+                              "API keys in the environment)")
+    return chain, built
 
 
 def build_deps(config: Config, providers: Providers, cache: ResponseCache,
-               hub: OpsHub) -> PipelineDeps:
-    p = config.providers
+               hub: OpsHub, cheapest: Providers | None = None) -> PipelineDeps:
+    """The fallback chains every call shares; with `cheapest`, also the chains new turns
+    use while the budget is degraded."""
 
     def on_fallback(event: FallbackEvent) -> None:
         hub.provider_switched(event.kind, event.from_provider, event.to_provider, event.error)
 
+    usual = _chains(config, providers, cache, on_fallback)
+    matcher = FaqMatcher(config.faq.entries, config.faq.match_threshold) \
+        if config.faq.entries else None
+    deps = PipelineDeps(config=config, stt=usual.stt, agent=usual.agent, tts=usual.tts,
+                        cache=cache, matcher=matcher)
+    if cheapest is not None:
+        deps.cheapest = _chains(config, cheapest, cache, on_fallback)
+        deps.degraded = lambda: hub.budget.state() == "degraded"
+    return deps
+
+
+def _chains(config: Config, providers: Providers, cache: ResponseCache,
+            on_fallback: Callable[[FallbackEvent], None]) -> TurnChains:
+    p = config.providers
     breaker = {"breaker_failures": p.breaker_failures, "breaker_reset_s": p.breaker_reset_s,
-               "on_event": on_fallback}
+               "drain_timeout_s": p.drain_timeout_s, "on_event": on_fallback}
     stt = FallbackSTT(providers.stt, timeout_s=p.stt_timeout_s, **breaker)  # type: ignore[arg-type]
     agent = FallbackAgent(providers.agents, first_token_timeout_s=p.llm_first_token_timeout_s,
                           summarize_timeout_s=p.llm_summarize_timeout_s,
@@ -94,10 +148,15 @@ def build_deps(config: Config, providers: Providers, cache: ResponseCache,
     tts = FallbackTTS([CachingTTS(t, cache) for t in providers.tts],
                       first_audio_timeout_s=p.tts_first_audio_timeout_s,
                       **breaker)  # type: ignore[arg-type]
-    matcher = FaqMatcher(config.faq.entries, config.faq.match_threshold) \
-        if config.faq.entries else None
-    return PipelineDeps(config=config, stt=stt, agent=agent, tts=tts, cache=cache,
-                        matcher=matcher)
+    return TurnChains(stt, agent, tts)
+
+
+async def _close(parts: list[Any]) -> None:
+    for part in parts:
+        try:
+            await part.aclose()
+        except Exception:
+            log.exception("wiring.close_failed", part=type(part).__name__)
 
 
 async def build_engine(config: Config, *, history: bool = True,
@@ -106,31 +165,29 @@ async def build_engine(config: Config, *, history: bool = True,
     """The engine the configuration describes; models are loaded and warmed here.
 
     Providers passed in belong to the caller (e.g. shared by several engines in tests)
-    and are not closed with this engine.
+    and are not closed with this engine; the cheapest chains' providers it had to build
+    are. The configured models are checked against the price catalog first
+    (engine.money.model_checks): ConfigError names what to fix.
     """
     own_providers = providers is None
-    store: CallHistory | None = None
-    if history:
-        data = config.data_path()
-        data.mkdir(parents=True, exist_ok=True)
-        # A stable id across restarts, so a restarted engine recovers its own calls.
-        stable_id = f"{socket.gethostname()}:{config.engine.port}"
-        store = CallHistory(data / "history.sqlite3", engine_id=stable_id)
-        await store.open()
-        recovered = await store.recover_unfinished()
-        if recovered:
-            log.warning("wiring.recovered_unfinished_calls", calls=len(recovered))
-    hub = OpsHub.from_config(config, store)
-    if store is not None:
-        from datetime import UTC, datetime, timedelta
-
-        since = (datetime.now(UTC) - timedelta(days=40)).date()
-        hub.ledger.restore_day_totals(await store.daily_costs(since))
     providers = providers or build_providers(config)
-    for provider in providers.all():
+    cheapest, built = build_cheapest(config, providers) if degrades(config) else (None, None)
+    owned = (providers.all() if own_providers else []) + (built.all() if built else [])
+    try:  # before anything else opens: a refused model stops the engine here
+        check_configured_models(config, providers.by_kind() + (built.by_kind() if built
+                                                               else []))
+    except ConfigError:
+        await _close(owned)
+        raise
+    store = await _open_history(config) if history else None
+    hub = OpsHub.from_config(config, store)
+    if store is not None:  # the budget starts from what the history says was spent
+        since = (datetime.now(UTC) - timedelta(days=40)).date()
+        hub.budget.totals.seed(await store.daily_costs(since))
+    for provider in providers.all() + (built.all() if built else []):
         await provider.warm_up()  # load models before the first call, not during it
     cache = make_response_cache(config)
-    deps = build_deps(config, providers, cache, hub)
+    deps = build_deps(config, providers, cache, hub, cheapest)
 
     def pipeline(session: CallSession) -> ConversationPipeline:
         return ConversationPipeline(session, deps,
@@ -139,14 +196,11 @@ async def build_engine(config: Config, *, history: bool = True,
     engine = Engine(config, tts=deps.tts, conversation_factory=pipeline, hub=hub)
 
     async def close_all() -> None:
+        # The chains close their providers; those shared with the cheapest chains once.
         closers: list[Any] = [cache, hub.bus]
         if own_providers:
             closers += [deps.stt, deps.agent, deps.tts]
-        for item in closers:
-            try:
-                await item.aclose()
-            except Exception:
-                log.exception("wiring.close_failed", part=type(item).__name__)
+        await _close(closers + (built.all() if built else []))
         if store is not None:
             await store.aclose()
 
@@ -160,3 +214,16 @@ async def build_engine(config: Config, *, history: bool = True,
         engine.on_started.append(api.start)
         engine.on_stopping.insert(0, api.stop)
     return engine
+
+
+async def _open_history(config: Config) -> CallHistory:
+    data = config.data_path()
+    data.mkdir(parents=True, exist_ok=True)
+    # A stable id across restarts, so a restarted engine recovers its own calls.
+    stable_id = f"{socket.gethostname()}:{config.engine.port}"
+    store = CallHistory(data / "history.sqlite3", engine_id=stable_id)
+    await store.open()
+    recovered = await store.recover_unfinished()
+    if recovered:
+        log.warning("wiring.recovered_unfinished_calls", calls=len(recovered))
+    return store

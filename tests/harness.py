@@ -101,7 +101,7 @@ def base_sections() -> dict[str, dict[str, Any]]:
 
 
 def local_providers(config: Config) -> Providers:
-    """The offline providers (Whisper, the FAQ agent, espeak), whatever chains `config`
+    """The offline providers (Whisper, the FAQ agent, piper and espeak), whatever chains `config`
     names: models load once per test session; each engine gets its own chains around them."""
     if "local" not in _PROVIDERS:
         offline = config.model_copy(update={"providers": ProvidersConfig()})

@@ -28,6 +28,7 @@ from console.screens import ConfirmScreen, HelpScreen, TransferScreen
 from console.transcript import TranscriptPanel
 from engine.bus.events import (
     Alert,
+    BudgetStateChanged,
     BusGap,
     CallEnded,
     CallStarted,
@@ -286,6 +287,34 @@ async def test_live_events_update_rows_and_partial_lines(server: ApiStandIn) -> 
         # The toast and the table marker come from different redraw ticks: wait for it.
         await until(pilot, lambda: any("caller asked for a human" in str(n.message)
                                        for n in app._notifications), what="alert toast")
+
+
+async def test_budget_state_and_unpriced_costs_show(server: ApiStandIn) -> None:
+    app = make_app(server)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("j")  # CA-A
+        status = app.query_one("#status", Static)
+        table = app.query_one(CallsTable)
+        assert "budget" not in str(status.render())  # ok: nothing to say
+        await server.publish(BudgetStateChanged(old="warning", new="refusing", limit="daily",
+                                                period="2026-11-24", spent_usd=20.0,
+                                                limit_usd=20.0, totals="shared"))
+        await until(pilot, lambda: "budget REFUSING (daily)" in str(status.render()),
+                    what="budget state in the status bar")
+        await server.publish(UsageCost(call_sid="CA-A", provider="openai", kind="llm",
+                                       model="gpt-9", unpriced=True, cost_usd=0.0,
+                                       call_cost_usd=0.052))
+        await until(pilot, lambda: table.get_cell("CA-A", "cost").plain == "$0.052?",
+                    what="unpriced cost cell")
+        await until(pilot, lambda: "unpriced items" in str(
+            app.query_one("#meter-call", Static).render()), what="unpriced call meter")
+        await server.publish(BudgetStateChanged(old="refusing", new="ok", limit="daily",
+                                                period="2026-11-25", limit_usd=20.0))
+        await until(pilot, lambda: "budget" not in str(status.render()),
+                    what="budget lifted")
+        await until(pilot, lambda: any("budget ok again" in str(n.message)
+                                       for n in app._notifications), what="lift toast")
 
 
 async def test_transcript_tail_mode_never_yanks_a_reader(server: ApiStandIn) -> None:

@@ -10,6 +10,7 @@ import pytest
 from console.model import ConsoleModel, percentile
 from engine.bus.events import (
     Alert,
+    BudgetStateChanged,
     BusGap,
     CallEnded,
     CallStarted,
@@ -154,6 +155,36 @@ def test_every_event_type(clock: FakeClock, stamp: Stamper) -> None:
                                                   healthy=True)))
     assert model.unhealthy_providers == {}
     assert model.events_applied == 14
+
+
+def test_budget_state_and_unpriced_costs(clock: FakeClock, stamp: Stamper) -> None:
+    model = ConsoleModel(clock)
+    model.apply_snapshot(Snapshot(server_time=T0, calls=[
+        CallSnapshot(call_sid="CA1", state="ai", started_at=T0, unpriced=True),
+        CallSnapshot(call_sid="CA2", state="ai", started_at=T0)],
+        totals=SpendTotals(budget_state="warning", budget_limit="monthly",
+                           budget_totals="offline")))
+    totals = model.totals
+    assert (totals.budget_state, totals.budget_limit, totals.budget_totals) == (
+        "warning", "monthly", "offline")
+    assert model.calls["CA1"].unpriced and not model.calls["CA2"].unpriced
+    model.take_changes()
+    model.apply_event(stamp(UsageCost(call_sid="CA2", provider="openai", kind="llm",
+                                      unpriced=True, cost_usd=0.0, call_cost_usd=0.01)))
+    model.apply_event(stamp(UsageCost(call_sid="CA2", provider="openai", kind="llm",
+                                      cost_usd=0.01, call_cost_usd=0.02)))
+    assert model.calls["CA2"].unpriced  # once unpriced, the call's figure stays low
+    model.apply_event(stamp(BudgetStateChanged(old="warning", new="degraded",
+                                               limit="monthly", totals="shared")))
+    assert (model.totals.budget_state, model.totals.budget_totals) == ("degraded", "shared")
+    assert model.take_changes().notices == []  # the alert that comes with it says it
+    model.apply_event(stamp(BudgetStateChanged(old="degraded", new="ok", limit="monthly",
+                                               period="2026-12")))
+    changes = model.take_changes()
+    assert changes.totals and model.totals.budget_state == "ok"
+    assert model.totals.budget_limit == ""
+    assert [n.message for n in changes.notices] == [
+        "budget ok again: the monthly limit lifted (2026-12)"]
 
 
 def test_partial_lines_are_replaced_by_line_id(clock: FakeClock, stamp: Stamper) -> None:

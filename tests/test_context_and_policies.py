@@ -1,14 +1,18 @@
-"""The bounded context over a long call (real summaries), sentence streaming, and the
-policies that do not need audio: low confidence, repeated misunderstandings, cost cap."""
+"""The bounded context over a long call (real summaries, booked like replies), sentence
+streaming, and the policies that do not need audio: low confidence, repeated
+misunderstandings, cost cap."""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from engine.config import FaqConfig, load_config
-from engine.providers.base import ChatMessage
+from engine.providers.base import ChatMessage, Usage
+from engine.providers.booking import bill_to
 from engine.providers.builtin.agent_faq import FaqAgent
 from engine.providers.builtin.llm_openai import OpenAIChatAgent
+from engine.providers.fallback import FallbackAgent
 from engine.session.context import ConversationContext
 from engine.session.sentences import SentenceAggregator
 from engine.sim.standins.openai_api import OpenAIStandin
@@ -71,6 +75,26 @@ async def test_long_call_with_llm_summarizes_through_the_api() -> None:
     assert max(sizes) <= context.max_tokens + 60
     unbounded = sizes[0] + 39 * (sizes[5] - sizes[0]) / 5
     assert sum(sizes[-10:]) / 10 <= 0.6 * unbounded
+
+
+async def test_summaries_are_booked_through_the_agent_chain() -> None:
+    async with OpenAIStandin(api_key="sk-test") as standin:
+        standin.reply = "Sure. The basic plan is 20 dollars a month."
+        agent = FallbackAgent([OpenAIChatAgent("sk-test", standin.base_url, timeout_s=5,
+                                               first_token_timeout_s=5)],
+                              first_token_timeout_s=5)
+        booked: list[Usage] = []
+        try:
+            with bill_to(booked.append):
+                context, _ = await _long_call(agent, 30)
+        finally:
+            await agent.aclose()
+        summaries = [r for r in standin.requests if r.json and not r.json.get("stream")]
+    assert context.summaries_made >= 1 and summaries
+    # Replies and summaries alike: what the vendor billed is what was booked.
+    assert Counter((u.input_tokens, u.output_tokens) for u in booked) == \
+        Counter((u.input_tokens, u.output_tokens) for u in standin.bill())
+    assert not any(u.estimated for u in booked)
 
 
 def test_sentences_stream_as_soon_as_complete() -> None:

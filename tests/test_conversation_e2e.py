@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engine.audio.codec import ulaw_to_int16
-from engine.bus.events import Alert
+from engine.bus.events import Alert, UsageCost
 from engine.config import Config
 from engine.sim.scenario import Scenario, Step
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
@@ -122,15 +122,24 @@ async def test_barge_in_clears_and_context_keeps_what_was_heard(tmp_path: Path) 
 async def test_backchannel_does_not_cut_the_agent_off(tmp_path: Path) -> None:
     async with running_engine(tmp_path, make_engine=make_local_engine,
                               **base_sections()) as run:
+        events = EventLog(run)
         caller = run.caller()
         result = await asyncio.wait_for(caller.run(Scenario(name="uhhuh", steps=[
             Step(say="How much does the premium plan cost?"),
             Step(say="Okay.", barge_in=True, after_s=1.0),
         ])), 90)
+        await run.engine.hub.drain()
+        await events.close()
     assert result.error is None
     assert result.clears_received == 0
     # The whole answer played: its last mark came back as heard.
     assert result.marks_received == result.marks_echoed
+    # The ignored backchannel was transcribed all the same: on the bill with the question.
+    heard = [e for e in events.events if isinstance(e, UsageCost)
+             and e.call_sid == caller.call_sid and e.kind == "stt"]
+    backchannels = [e for e in events.lines(caller.call_sid, "caller")
+                    if "okay" in e.text.lower()]
+    assert len(heard) >= 2 and backchannels, (len(heard), backchannels)
 
 
 async def test_failing_tts_falls_back_and_the_call_goes_on(tmp_path: Path) -> None:
@@ -217,16 +226,26 @@ async def test_call_over_its_cost_cap_is_handed_to_a_person(tmp_path: Path) -> N
 async def test_repeated_question_is_answered_from_the_cache(tmp_path: Path) -> None:
     async with running_engine(tmp_path, make_engine=make_local_engine,
                               **base_sections()) as run:
+        events = EventLog(run)
         before = run.engine.deps.cache.stats().audio.hits
-        result = await asyncio.wait_for(run.caller().run(Scenario(name="twice", steps=[
+        caller = run.caller()
+        result = await asyncio.wait_for(caller.run(Scenario(name="twice", steps=[
             Step(say="Where are you located?"), Step(say="Where are you located?")])), 90)
         stats = run.engine.deps.cache.stats()
         metrics, _ = run.engine.hub.metrics.render()
+        await run.engine.hub.drain()
+        await events.close()
     assert result.error is None
     # The answer's audio (and the greeting's) were synthesized once, then replayed.
     assert stats.audio.hits - before >= 1
     assert b"switchboard_cache_hits_total 1.0" in metrics or \
         b"switchboard_cache_hits_total 2.0" in metrics
+    # Cache hits are on the bill as free lines that say where they came from.
+    hits = [e for e in events.events if isinstance(e, UsageCost)
+            and e.call_sid == caller.call_sid and e.cached]
+    assert {e.kind for e in hits} == {"llm", "tts"}, hits
+    assert all(e.cost_usd == 0 for e in hits)
+    assert any(e.provider == "answer_cache" for e in hits)
 
 
 async def test_when_every_voice_fails_twilio_says_it_and_the_call_goes_on(

@@ -17,6 +17,7 @@ from engine.bus.events import (
     EVENT_TYPES,
     SCHEMA_VERSION,
     Alert,
+    BudgetStateChanged,
     BusGap,
     CallEnded,
     CallStarted,
@@ -57,6 +58,8 @@ SAMPLES: list[EventBase] = [
     CommandAudit(call_sid="CA1", actor="alice", command="say", args={"text": "hi"},
                  ok=False, error="call ended"),
     BusGap(missed_after="5", missed_until="9", count=3, reason="overrun"),
+    BudgetStateChanged(old="warning", new="refusing", limit="daily", period="2026-11-24",
+                       spent_usd=20.0, limit_usd=20.0, totals="shared"),
 ]
 
 

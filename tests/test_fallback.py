@@ -1,9 +1,10 @@
-"""Circuit breaker and fallback chains, with scripted providers implementing our Protocols."""
+"""Circuit breaker and fallback chains, with scripted providers implementing our Protocols;
+what the chains book, including requests the caller stopped waiting for."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from engine.providers.base import (
     TranscriptConfidence,
     Usage,
 )
+from engine.providers.booking import bill_to
 from engine.providers.breaker import BreakerState, CircuitBreaker
 from engine.providers.chain import AllProvidersFailed, FallbackEvent
 from engine.providers.fallback import (
@@ -34,6 +36,14 @@ from engine.providers.fallback import (
     TruncatedAgentDone,
     TruncatedSynthesisDone,
 )
+
+
+@pytest.fixture
+def booked() -> Iterator[list[Usage]]:
+    """What the chains book in this test (the usage sink a session would bind)."""
+    bill: list[Usage] = []
+    with bill_to(bill.append):
+        yield bill
 
 
 class FakeClock:
@@ -366,16 +376,23 @@ async def test_half_open_trial_failure_reopens_breaker() -> None:
     assert second.calls == 3
 
 
-async def test_agent_first_token_timeout_switches_and_closes_stream() -> None:
+async def test_agent_first_token_timeout_switches_and_closes_stream(
+        booked: list[Usage]) -> None:
     events: list[FallbackEvent] = []
     first = ScriptedAgent("llm", [[HANG]])
     second = ScriptedAgent("faq", [reply("faq", "hi")])
     chain = FallbackAgent([first, second], first_token_timeout_s=0.05,
-                          on_event=events.append)
+                          on_event=events.append, drain_timeout_s=0.1)
     out = await collect(chain.respond(MESSAGES))
     assert out[0] == TextDelta("hi")
     assert events[0].timed_out and events[0].to_provider == "faq"
-    assert first.streams[0].closed
+    # The timed-out request is read on in the background (the issue: it may be billed),
+    # then closed at the drain deadline, booked as a flagged estimate.
+    assert not first.streams[0].closed and chain.abandoned == 1
+    await chain.settle_abandoned(1.0)
+    assert first.streams[0].closed and chain.abandoned == 0
+    assert [(u.provider, u.estimated) for u in booked] == [("faq", False), ("llm", True)]
+    assert booked[1].input_tokens > 0 and booked[1].output_tokens == 0
 
 
 async def test_agent_mid_stream_failure_is_not_retried() -> None:
@@ -415,13 +432,75 @@ async def test_all_breakers_open_fails_fast_without_calling_anyone() -> None:
     assert (a.calls, b.calls) == (1, 1)
 
 
-async def test_barge_in_closes_the_serving_stream() -> None:
+async def test_barge_in_reads_the_cut_reply_on_for_its_usage(booked: list[Usage]) -> None:
     first = ScriptedAgent("llm", [reply("llm", "one ", "two ", "three")])
     chain = FallbackAgent([first], first_token_timeout_s=1)
     stream = chain.respond(MESSAGES)
     assert await anext(stream) == TextDelta("one ")
     await stream.aclose()  # type: ignore[attr-defined]
-    assert first.streams[0].closed and first.streams[0].produced == 1
+    await chain.settle_abandoned(1.0)
+    # The vendor generated (and bills) the whole reply: read to its usage, then closed.
+    assert first.streams[0].closed and first.streams[0].produced == 4
+    assert booked == [_usage("llm", "llm")]
+
+
+async def test_a_cancelled_reply_is_still_read_on_and_booked_once(
+        booked: list[Usage]) -> None:
+    first = ScriptedAgent("llm", [[TextDelta("one "), HANG, TextDelta("two"),
+                                   agent_done("llm")]])
+    chain = FallbackAgent([first], first_token_timeout_s=1)
+    received: list[Any] = []
+
+    async def consume() -> None:
+        async for event in chain.respond(MESSAGES):
+            received.append(event)
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    task.cancel()  # a barge-in cancels the reply task while it waits for a token
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert received == [TextDelta("one ")] and chain.abandoned == 1
+    await chain.settle_abandoned(0.2)  # the provider hangs: estimated at the deadline
+    await chain.aclose()
+    assert chain.abandoned == 0 and first.streams[0].closed
+    assert len(booked) == 1 and booked[0].estimated and booked[0].output_tokens == 1
+
+
+async def test_a_refused_request_is_not_billed_and_a_served_one_once(
+        booked: list[Usage]) -> None:
+    refused = ScriptedAgent("llm", [[ProviderError("llm", "HTTP 429", status=429)]])
+    chain = FallbackAgent([refused, ScriptedAgent("faq", [reply("faq", "hi")])],
+                          first_token_timeout_s=1)
+    await collect(chain.respond(MESSAGES))
+    stt = FallbackSTT([ScriptedSTT("a", [ProviderError("a", "HTTP 401", status=401)]),
+                       ScriptedSTT("b", ["hello"])], timeout_s=1)
+    await stt.transcribe(b"\0\0" * 800, 8000)
+    text, _ = await chain.summarize(MESSAGES)
+    assert [u.provider for u in booked] == ["faq", "b", "llm"] and text == "summary by llm"
+    assert chain.abandoned == stt.abandoned == 0
+
+
+async def test_a_transcription_past_its_timeout_is_booked_when_it_answers(
+        booked: list[Usage]) -> None:
+    class Slow(ScriptedSTT):
+        async def transcribe(self, pcm16: bytes, sample_rate: int) -> Transcript:
+            await asyncio.sleep(0.15)  # answers, but after the chain stopped waiting
+            return await super().transcribe(pcm16, sample_rate)
+
+    stt = FallbackSTT([Slow("cloud", ["late"]), ScriptedSTT("local", ["now"])],
+                      timeout_s=0.05, drain_timeout_s=1.0)
+    assert (await stt.transcribe(b"\0\0" * 8000, 8000)).text == "now"
+    await stt.settle_abandoned(1.0)
+    assert [(u.provider, u.estimated) for u in booked] == [("local", False),
+                                                           ("cloud", False)]
+    never = FallbackSTT([ScriptedSTT("cloud", [HANG]), ScriptedSTT("local", ["now"])],
+                        timeout_s=0.05, drain_timeout_s=0.05)
+    await never.transcribe(b"\0\0" * 8000, 8000)
+    await never.aclose()
+    estimate = booked[-1]
+    assert estimate.provider == "cloud" and estimate.estimated
+    assert estimate.audio_seconds == pytest.approx(1.0)  # the audio sent is billed
 
 
 async def test_summarize_falls_back() -> None:
@@ -455,13 +534,40 @@ async def test_tts_error_switches_and_voice_follows_active_provider() -> None:
     assert events[0].from_provider == "eleven" and events[0].to_provider == "espeak"
 
 
-async def test_tts_hang_then_next_and_abandoned_stream_closed() -> None:
+async def test_tts_hang_then_next_and_abandoned_stream_closed(booked: list[Usage]) -> None:
     first = ScriptedTTS("eleven", [[AudioChunk(b""), HANG]])  # empty chunks are not audio
     second = ScriptedTTS("espeak", [audio("espeak", b"\x01" * 10)])
-    chain = FallbackTTS([first, second], first_audio_timeout_s=0.05)
+    chain = FallbackTTS([first, second], first_audio_timeout_s=0.05, drain_timeout_s=0.05)
     out = await collect(chain.synthesize("Hi."))
     assert out[0] == AudioChunk(b"\x01" * 10)
+    await chain.settle_abandoned(1.0)
     assert first.streams[0].closed
+    assert [(u.provider, u.characters, u.estimated) for u in booked] == [
+        ("espeak", 0, False), ("eleven", len("Hi."), True)]
+
+
+async def test_a_provider_on_our_own_cpu_is_closed_not_read_on(booked: list[Usage]) -> None:
+    class LocalTTS(ScriptedTTS):
+        runs_locally = True  # reading on would only burn CPU for a free request
+
+    first = LocalTTS("piper", [[AudioChunk(b""), HANG]])
+    second = ScriptedTTS("espeak", [audio("espeak", b"\x01" * 10)])
+    chain = FallbackTTS([first, second], first_audio_timeout_s=0.05, drain_timeout_s=60)
+    await collect(chain.synthesize("Hi."))
+    await asyncio.wait_for(chain.settle_abandoned(), 1.0)  # not the 60 s deadline
+    assert first.streams[0].closed
+    assert [(u.provider, u.estimated) for u in booked] == [("espeak", False), ("piper", True)]
+
+
+async def test_tts_cut_by_the_caller_is_read_on_to_its_reported_usage(
+        booked: list[Usage]) -> None:
+    first = ScriptedTTS("eleven", [audio("eleven", b"\x01" * 160, b"\x02" * 160)])
+    chain = FallbackTTS([first], first_audio_timeout_s=1)
+    stream = chain.synthesize("Hello there.")
+    assert await anext(stream) == AudioChunk(b"\x01" * 160)
+    await stream.aclose()  # a barge-in between two chunks
+    await chain.settle_abandoned(1.0)
+    assert booked == [_usage("eleven", "tts")] and first.streams[0].closed
 
 
 async def test_tts_done_without_audio_is_a_failure_and_stream_closed() -> None:
@@ -501,7 +607,7 @@ async def test_cancelled_half_open_trial_releases_the_slot() -> None:
                                    audio("eleven", b"\x03")])
     second = ScriptedTTS("espeak", [audio("espeak", b"\x04")])
     chain = FallbackTTS([first, second], first_audio_timeout_s=5, breaker_failures=1,
-                        breaker_reset_s=10, clock=clock)
+                        breaker_reset_s=10, clock=clock, drain_timeout_s=0.05)
     await collect(chain.synthesize("a"))
     clock.now += 10
     task = asyncio.create_task(collect(chain.synthesize("b")))  # the trial hangs
@@ -509,6 +615,7 @@ async def test_cancelled_half_open_trial_releases_the_slot() -> None:
     task.cancel()  # barge-in before any audio
     with pytest.raises(asyncio.CancelledError):
         await task
+    await chain.settle_abandoned(1.0)  # read on for its usage until the drain deadline
     assert first.streams[1].closed
     out = await collect(chain.synthesize("c"))  # a new trial is allowed at once
     assert first.calls == 3 and out[0] == AudioChunk(b"\x03")

@@ -171,6 +171,7 @@ def test_detect_handoff(text: str) -> None:
     "okay thanks by",
     "good bye thank you",
     "I'm going to hang up now",
+    "Okay, never mind. Goodbye.",
 ])
 def test_detect_goodbye(text: str) -> None:
     assert detect_intent(text) == "goodbye"
@@ -185,6 +186,7 @@ def test_detect_goodbye(text: str) -> None:
     "I'll stop by the store",
     "what are your opening hours",
     "that's it, I want to cancel my subscription",
+    "never mind the price, what are your hours?",
     "",
 ])
 def test_no_intent(text: str) -> None:

@@ -1,5 +1,5 @@
 """SQLite call history: durability across kill -9, recovery of unfinished calls,
-isolation of a bad write, schema versioning."""
+isolation of a bad write, schema versioning and the upgrade of an older file in place."""
 
 from __future__ import annotations
 
@@ -11,21 +11,32 @@ import subprocess
 import sys
 import textwrap
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from engine.config import PricesConfig
+from engine.money.prices import PriceTable
 from engine.providers.base import Usage
-from engine.record.database import END_REASON_UNEXPECTED, SCHEMA_VERSION, HistoryError
+from engine.record.database import (
+    END_REASON_UNEXPECTED,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    HistoryError,
+)
 from engine.record.history import CallHistory
 from engine.record.report import build_report
 from engine.session.records import TurnRecord, TurnTimings
 
 REPO = Path(__file__).resolve().parent.parent
+PRICES = PriceTable(PricesConfig())
 
 # Writes a call, three turns and some usage, then kills itself (SIGKILL) mid-call.
 CRASHING_ENGINE = textwrap.dedent("""
     import asyncio, os, sys
+    from decimal import Decimal
+    from engine.money.prices import CostLine
     from engine.record.history import CallHistory
     from engine.session.records import TurnRecord, TurnTimings
     from engine.providers.base import Usage
@@ -36,8 +47,10 @@ CRASHING_ENGINE = textwrap.dedent("""
         t0 = 1_790_000_000.0
         await history.call_started("CAcrash", "+15550001", "+15550002", started_at=t0)
         for i in range(3):
+            line = CostLine("agent", "openai", "gpt-4o-mini", Decimal(1), "request",
+                            Decimal("0.001"), Decimal("0.001"))
             await history.usage_recorded("CAcrash", Usage("openai", "llm", "gpt-4o-mini",
-                                         input_tokens=100, output_tokens=10), 0.001,
+                                         input_tokens=100, output_tokens=10), [line],
                                          at=t0 + 10 * i + 5)
             await history.turn_completed("CAcrash", TurnRecord(
                 idx=i, caller_text=f"question {i}", agent_text=f"answer {i}",
@@ -104,11 +117,12 @@ async def test_full_call_roundtrip(tmp_path: Path) -> None:
         cached=True, timings=TurnTimings(stt=0.3, llm_first_token=0.4, tts_first_audio=0.1,
                                          engine_overhead=0.02, voice_to_voice=0.9,
                                          endpointing=0.5)))
-    assert await history.usage_recorded("CA1", Usage("elevenlabs", "tts", "eleven_flash_v2_5",
-                                                     characters=40, estimated=True), 0.002)
+    voice = Usage("elevenlabs", "tts", "eleven_flash_v2_5", characters=40, estimated=True)
+    assert await history.usage_recorded("CA1", voice, PRICES.cost_lines(voice))
     assert await history.action_recorded("CA1", "supervisor:alice", "transfer",
                                          {"to": "sales"}, escalation=True)
-    assert await history.phone_recorded("CA1", 61.0, 0.017, at=1_800_000_061.0)
+    assert await history.minutes_recorded("CA1", "phone", "voice", 2, Decimal("0.0085"), 61.0,
+                                          at=1_800_000_061.0)
     assert await history.call_ended("CA1", "transferred", 0.019, ended_at=1_800_000_061.0)
     call = await history.get_call("CA1")
     assert call is not None
@@ -163,3 +177,51 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     history = CallHistory(db)
     with pytest.raises(HistoryError, match="newer"):
         await history.open()
+
+
+async def test_a_history_of_the_previous_schema_upgrades_in_place(tmp_path: Path) -> None:
+    db = tmp_path / "history.sqlite3"
+    t0 = 1_800_000_000.0
+    # The file as the engine before the itemised bill left it (schema 1): a call whose
+    # usage rows carry their cost, a cache hit among them, and spend outside any call.
+    with sqlite3.connect(db) as conn:
+        conn.executescript(MIGRATIONS[0])
+        conn.execute("PRAGMA user_version=1")
+        conn.execute("INSERT INTO calls (call_sid, started_at, ended_at, last_activity_at, "
+                     "duration_s, end_reason, state, cost_usd) VALUES "
+                     "('CAold', ?, ?, ?, 61, 'hangup', 'ended', 0.0185)", (t0, t0 + 61, t0 + 61))
+        conn.executemany(
+            "INSERT INTO usage (call_sid, ts, provider, kind, model, audio_seconds, "
+            "input_tokens, cached_input_tokens, output_tokens, characters, cost_usd, "
+            "estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [("CAold", t0 + 5, "openai", "llm", "gpt-4o-mini", 0, 900, 0, 40, 0, 0.001, 0),
+             ("CAold", t0 + 6, "elevenlabs", "tts", "eleven_flash_v2_5", 0, 0, 0, 0, 10,
+              0.0005, 1),
+             ("CAold", t0 + 9, "openai:cache", "llm", "gpt-4o-mini", 0, 0, 0, 0, 0, 0.0, 0),
+             ("CAold", t0 + 61, "twilio", "phone", "voice", 61, 0, 0, 0, 0, 0.017, 0),
+             (None, t0 - 5, "openai", "llm", "gpt-4o-mini", 0, 10, 0, 1, 0, 0.0001, 0)])
+    history = CallHistory(db)
+    await history.open()
+    try:
+        bill = await history.bill("CAold")
+        assert [(line.item, line.provider, line.quantity, line.unit, line.amount,
+                 line.estimated, line.cached) for line in bill] == [
+            ("agent", "openai", 1.0, "booking", 0.001, False, False),
+            ("voice", "elevenlabs", 1.0, "booking", 0.0005, True, False),
+            ("agent", "openai:cache", 1.0, "booking", 0.0, False, True),
+            ("phone", "twilio", 1.0, "booking", 0.017, False, False)]
+        assert await history.daily_costs(date(2027, 1, 1)) == {date(2027, 1, 15): 0.0186}
+        # The upgraded file takes new bookings like a new one.
+        voice = Usage("elevenlabs", "tts", "eleven_flash_v2_5", characters=20)
+        assert await history.usage_recorded("CAnew", voice, PRICES.cost_lines(voice),
+                                            at=t0 + 100)
+        assert [(line.unit, line.quantity) for line in await history.bill("CAnew")] == [
+            ("1K characters", 0.02)]
+    finally:
+        await history.aclose()
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    report = build_report(db, timedelta(days=1), now=datetime.fromtimestamp(t0 + 3600, UTC))
+    assert {item: split.usd for item, split in report.cost_by_item.items() if split.usd} == \
+        pytest.approx({"agent": 0.0011, "voice": 0.0015, "phone": 0.017})
+    assert report.estimated_usd == pytest.approx(0.0005) and report.answer_cache_hits == 1

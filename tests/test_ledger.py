@@ -1,5 +1,6 @@
-"""Spend ledger: prices applied to usage (to the cent), caps, budgets, projection,
-and the OpenAI Realtime comparison, all checked against figures worked out by hand."""
+"""Spend ledger: prices applied to usage (to the cent), caps and their warning share,
+the budget it books into, projection, and the OpenAI Realtime comparison, all checked
+against figures worked out by hand."""
 
 from __future__ import annotations
 
@@ -10,21 +11,34 @@ import pytest
 import structlog
 
 from engine.config import BudgetConfig, PricesConfig
+from engine.money.budget import BudgetChange
+from engine.money.catalog import ModelPrice
 from engine.money.ledger import CallLedger, SpendLedger
 from engine.money.prices import PriceTable
 from engine.money.realtime import realtime_conversation_cost
 from engine.providers.base import Usage
+from engine.providers.billing import BillingUnit
 
 # Explicit prices, so a change of the shipped defaults cannot move these figures.
 PRICES = PricesConfig(
     stt_local_per_minute=0.001,
-    stt_openai_per_minute={"whisper-1": 0.006},
-    llm_per_million={"gpt-4o-mini": [0.15, 0.075, 0.60]},
-    tts_per_thousand_chars={"eleven_flash_v2_5": 0.05, "espeak": 0.0},
+    models=[
+        ModelPrice(provider="openai", model="whisper-1", unit=BillingUnit.AUDIO_MINUTE,
+                   per_minute=0.006),
+        ModelPrice(provider="openai", model="gpt-4o-mini", unit=BillingUnit.TOKENS,
+                   input_per_1m=0.15, cached_input_per_1m=0.075, output_per_1m=0.60),
+        ModelPrice(provider="elevenlabs", model="eleven_flash_v2_5",
+                   unit=BillingUnit.CHARACTERS, per_1k_characters=0.05),
+    ],  # espeak and the FAQ agent are free by their providers' declarations
     twilio_per_minute=0.0085,
     realtime_audio_in=10.0, realtime_audio_cached_in=0.30, realtime_audio_out=20.0,
     realtime_caller_tokens_per_minute=600.0, realtime_agent_tokens_per_minute=1200.0,
 )
+
+
+def prices_with(*entries: ModelPrice) -> PricesConfig:
+    return PricesConfig.model_validate({**PRICES.model_dump(),
+                                        "models": [*PRICES.models, *entries]})
 
 
 def llm_usage() -> Usage:
@@ -74,8 +88,9 @@ def test_phone_rounds_up_to_started_minutes() -> None:
 
 
 def test_token_billed_stt() -> None:
-    prices = PRICES.model_copy(update={"stt_per_million": {"gpt-4o-mini-transcribe": [1.25, 5.0]}})
-    table = PriceTable(prices)
+    table = PriceTable(prices_with(ModelPrice(
+        provider="openai", model="gpt-4o-mini-transcribe", unit=BillingUnit.AUDIO_TOKENS,
+        input_per_1m=1.25, output_per_1m=5.0)))
     usage = Usage("openai", "stt", "gpt-4o-mini-transcribe", audio_seconds=10.0,
                   input_tokens=1000, output_tokens=200)
     # 1000 * 1.25 + 200 * 5 = 2250 per 1M
@@ -171,41 +186,74 @@ def test_spend_ledger_call_cap_alert_once() -> None:
     assert spend.today_usd == pytest.approx(7 * 0.0002037 + 0.0085, abs=1e-12)
 
 
-def test_daily_budget_alert_once_per_utc_day_across_midnight() -> None:
+def test_call_cap_warning_share_then_cap_each_once() -> None:
+    clock = Clock(datetime(2026, 11, 24, 12, 0, tzinfo=UTC))
+    spend = SpendLedger(PRICES, BudgetConfig(daily_usd=100.0, monthly_usd=1000.0), clock,
+                        default_call_cap_usd=0.001, cap_warning_share=0.8)
+    alerts = []
+    for _ in range(7):
+        alerts += spend.record("CA1", llm_usage()).alerts
+    # 4 * 0.0002037 = 0.0008148 reaches 0.8 * $0.001; 5 entries reach the cap
+    assert [(a.kind, a.spent_usd) for a in alerts] == [
+        ("call_cap_warning", pytest.approx(0.0008148, abs=1e-12)),
+        ("call_cap", pytest.approx(0.0010185, abs=1e-12))]
+    # One booking over both: the cap alone is reported.
+    jump = SpendLedger(PRICES, BudgetConfig(), clock, default_call_cap_usd=0.0002,
+                       cap_warning_share=0.5)
+    assert [a.kind for a in jump.record("CA2", llm_usage()).alerts] == ["call_cap"]
+
+
+def test_bookings_go_to_the_budget_whose_limit_is_reported_once_per_utc_day() -> None:
     clock = Clock(datetime(2026, 11, 24, 23, 59, 0, tzinfo=UTC))
     spend = SpendLedger(PRICES, BudgetConfig(daily_usd=0.01, monthly_usd=1000.0), clock)
+    changes: list[BudgetChange] = []
+    spend.budget.on_change = changes.append
     tts = Usage("elevenlabs", "tts", "eleven_flash_v2_5", characters=100)  # $0.005
 
-    def kinds() -> list[str]:
-        return [a.kind for a in spend.record("CA1", tts).alerts]
+    def reached() -> list[str]:
+        """The limits this booking reached (the budget reports each change once)."""
+        before = len(changes)
+        assert spend.record("CA1", tts).alerts == []  # no call cap here
+        return [c.limit for c in changes[before:] if c.new == "degraded"]
 
-    assert kinds() == []  # 0.005
-    assert kinds() == ["daily_budget"]  # 0.010: reached
-    assert kinds() == []  # 0.015: already alerted today
+    assert reached() == []  # 0.005
+    assert reached() == ["daily"]  # 0.010: reached
+    assert reached() == []  # 0.015: already reported today
     assert spend.today_usd == pytest.approx(0.015)
     clock.now = datetime(2026, 11, 25, 0, 0, 30, tzinfo=UTC)
     assert spend.today_usd == 0.0
-    assert kinds() == []  # new day: 0.005
-    update = spend.record("CA1", tts)  # 0.010 on the new day
-    assert [a.kind for a in update.alerts] == ["daily_budget"]
-    assert update.alerts[0].period == "2026-11-25"
+    assert reached() == []  # new day: 0.005, and the limit lifted
+    assert (changes[-1].old, changes[-1].new) == ("degraded", "ok")
+    assert reached() == ["daily"]  # 0.010 on the new day
+    assert changes[-1].period == "2026-11-25"
     assert spend.day_usd(date(2026, 11, 24)) == pytest.approx(0.015)
     assert spend.month_to_date_usd == pytest.approx(0.025)
+
+
+def test_a_refused_call_books_its_first_phone_minute() -> None:
+    clock = Clock(datetime(2026, 11, 24, 12, 0, tzinfo=UTC))
+    spend = SpendLedger(PRICES, BudgetConfig(), clock)
+    update = spend.turned_away("CA9")
+    assert (update.entry.kind, update.entry.call_sid) == ("phone", "CA9")
+    assert Decimal(str(update.entry.cost_usd)) == Decimal("0.0085")
+    assert spend.today_usd == pytest.approx(0.0085) and spend.active_calls == []
 
 
 def test_monthly_projection_and_monthly_alert() -> None:
     # Half of November (30 days) elapsed, $10 spent this month -> $20 projected.
     clock = Clock(datetime(2026, 11, 16, 0, 0, tzinfo=UTC))
     spend = SpendLedger(PRICES, BudgetConfig(daily_usd=0.0, monthly_usd=10.01), clock)
-    spend.restore_day_totals({date(2026, 10, 31): 100.0, date(2026, 11, 1): 4.0,
-                              date(2026, 11, 10): 6.0})
+    changes: list[BudgetChange] = []
+    spend.budget.on_change = changes.append
+    spend.budget.totals.seed({date(2026, 10, 31): 100.0, date(2026, 11, 1): 4.0,
+                              date(2026, 11, 10): 6.0})  # as the history seeds it
     assert spend.month_to_date_usd == pytest.approx(10.0)
     assert spend.monthly_projection_usd == pytest.approx(20.0)
-    update = spend.record(None, Usage("elevenlabs", "tts", "eleven_flash_v2_5",
-                                      characters=200))  # $0.01 -> $10.01
-    assert [a.kind for a in update.alerts] == ["monthly_budget"]
-    assert update.alerts[0].period == "2026-11"
-    assert spend.record(None, llm_usage()).alerts == []
+    spend.record(None, Usage("elevenlabs", "tts", "eleven_flash_v2_5",
+                             characters=200))  # $0.01 -> $10.01
+    assert [(c.new, c.limit, c.period) for c in changes] == [("degraded", "monthly", "2026-11")]
+    spend.record(None, llm_usage())
+    assert len(changes) == 1
     # Start of a month: elapsed is floored at one hour, not divided by ~0.
     clock.now = datetime(2026, 12, 1, 0, 0, 1, tzinfo=UTC)
     spend.record(None, Usage("elevenlabs", "tts", "eleven_flash_v2_5", characters=200))
@@ -215,8 +263,9 @@ def test_monthly_projection_and_monthly_alert() -> None:
 
 
 def test_two_price_llm_entry_and_negative_usage() -> None:
-    prices = PRICES.model_copy(update={"llm_per_million": {"local-70b": [0.5, 1.5]}})
-    table = PriceTable(prices)
+    table = PriceTable(prices_with(ModelPrice(
+        provider="openai", model="local-70b", unit=BillingUnit.TOKENS, input_per_1m=0.5,
+        output_per_1m=1.5)))
     # no cached price listed: cached tokens cost the input price; 1000 * 0.5 + 100 * 1.5
     usage = Usage("openai", "llm", "local-70b", input_tokens=1000, cached_input_tokens=400,
                   output_tokens=100)

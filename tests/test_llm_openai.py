@@ -6,8 +6,10 @@ import re
 
 import pytest
 
+from engine.config import Config
 from engine.providers.base import Agent, AgentDone, ChatMessage, ProviderError, TextDelta
 from engine.providers.builtin.llm_openai import OpenAIChatAgent
+from engine.providers.registry import registry
 from engine.sim.standins.openai_api import OpenAIStandin
 from tests.cloud_fixtures import OPENAI_KEY, Stopwatch, closed_port_url, collect
 
@@ -18,9 +20,10 @@ REPLY = "We are open from nine to five, Monday to Friday, and closed on public h
 
 def make_agent(base_url: str, timeout_s: float = 5.0,
                first_token_timeout_s: float = 3.0) -> OpenAIChatAgent:
+    # gpt-4o-mini does not reason: no reasoning effort, the classic request.
     return OpenAIChatAgent(api_key=OPENAI_KEY, base_url=base_url, model="gpt-4o-mini",
                            temperature=0.2, max_tokens=120, timeout_s=timeout_s,
-                           first_token_timeout_s=first_token_timeout_s)
+                           first_token_timeout_s=first_token_timeout_s, reasoning_effort="")
 
 
 async def test_streamed_reply_usage_and_timing() -> None:
@@ -194,3 +197,56 @@ async def test_summarize_error_maps_to_provider_error() -> None:
             await agent.summarize(CONVERSATION)
         await agent.aclose()
     assert info.value.status == 429 and info.value.retryable
+
+
+# --- reasoning models -------------------------------------------------------------------
+
+
+def configured_agent(base_url: str, **openai: object) -> OpenAIChatAgent:
+    """The agent as the engine builds it from `[providers.openai]`."""
+    config = Config.model_validate({"providers": {"openai": {
+        "api_key": OPENAI_KEY, "base_url": base_url, "llm_max_tokens": 120, **openai}}})
+    spec = registry.spec("agent", "openai")
+    agent = spec.build(config.providers.settings("openai", spec.settings), config)
+    assert isinstance(agent, OpenAIChatAgent)
+    return agent
+
+
+async def test_the_default_agent_asks_for_the_lowest_reasoning_effort() -> None:
+    async with OpenAIStandin() as server:
+        server.reply = REPLY
+        agent = configured_agent(server.base_url)  # the shipped defaults
+        events = await collect(agent.respond(CONVERSATION))
+        summary, _ = await agent.summarize(CONVERSATION)
+        await agent.aclose()
+    assert isinstance(events[-1], AgentDone) and summary == REPLY
+    streamed, summarized = (request.json for request in server.requests)
+    for body in (streamed, summarized):
+        assert body["model"] == "gpt-5.4-mini" and body["reasoning_effort"] == "none"
+        # Reasoning models refuse max_tokens: the reply limit goes as max_completion_tokens.
+        assert body["max_completion_tokens"] == 120 and "max_tokens" not in body
+    assert streamed["stream"] is True and not summarized.get("stream")
+
+
+async def test_a_configured_effort_is_sent_and_an_empty_one_is_not() -> None:
+    async with OpenAIStandin() as server:
+        low = configured_agent(server.base_url, llm_reasoning_effort="low")
+        await collect(low.respond(CONVERSATION))
+        await low.aclose()
+        # A compatible server that rejects the parameter: "" sends the classic request.
+        plain = configured_agent(server.base_url, llm_model="llama-3.1-8b",
+                                 llm_reasoning_effort="")
+        await collect(plain.respond(CONVERSATION))
+        await plain.summarize(CONVERSATION)
+        await plain.aclose()
+    first, *rest = (request.json for request in server.requests)
+    assert first["reasoning_effort"] == "low" and first["max_completion_tokens"] == 120
+    assert len(rest) == 2
+    for body in rest:
+        assert "reasoning_effort" not in body and "max_completion_tokens" not in body
+        assert body["max_tokens"] == 120 and body["model"] == "llama-3.1-8b"
+
+
+def test_an_unknown_reasoning_effort_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"providers\.openai\.llm_reasoning_effort"):
+        Config.model_validate({"providers": {"openai": {"llm_reasoning_effort": "lowest"}}})

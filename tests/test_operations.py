@@ -20,6 +20,7 @@ import pytest
 
 from engine.bus.events import CallEnded, StateChanged, TurnLatency, UsageCost
 from engine.config import Config
+from engine.money.prices import PriceTable
 from engine.sim.scenario import Scenario, Step
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.sim.standins.openai_api import OpenAIStandin
@@ -213,23 +214,18 @@ async def test_ledger_equals_price_table_applied_to_reported_usage(tmp_path: Pat
         await eleven.stop()
     assert result.error is None
     prices = run.config.prices
-    expected = Decimal(0)
-    for endpoint, usage in openai.usage_log:
-        if endpoint == "transcription":
-            expected += Decimal(str(usage["seconds"])) / 60 * Decimal(
-                str(prices.stt_openai_per_minute["whisper-1"]))
-        else:
-            p_in, p_cached, p_out = (Decimal(str(x)) for x in prices.llm_per_million["gpt-4o-mini"])
-            cached = usage["prompt_tokens_details"]["cached_tokens"]
-            expected += ((usage["prompt_tokens"] - cached) * p_in + cached * p_cached
-                         + usage["completion_tokens"] * p_out) / 1_000_000
+    table = PriceTable(prices)
+    # What the vendors bill by their own logs, priced by the configured list prices.
+    expected = sum((table.cost_decimal(u)[0] for u in openai.bill() + eleven.bill()),
+                   Decimal(0))
     chars = sum(len(r.json["text"]) for r in eleven.requests if r.json)
-    expected += Decimal(chars) / 1000 * Decimal(str(prices.tts_per_thousand_chars[
-        "eleven_flash_v2_5"]))
     minutes = -(-int(result.duration_s * 1000) // 60000)  # Twilio bills started minutes
     ended = [e for e in events.events if isinstance(e, CallEnded)]
-    phone = Decimal(str(prices.twilio_per_minute)) * max(1, minutes)
+    # The phone leg and the media stream, each per started minute.
+    phone = (Decimal(str(prices.twilio_per_minute))
+             + Decimal(str(prices.twilio_media_streams_per_minute))) * max(1, minutes)
     assert len(openai.usage_log) >= 4 and chars > 50
+    assert sum(u.characters for u in eleven.bill()) == chars
     total = Decimal(str(ended[0].cost_usd))
     assert abs(total - (expected + phone)) < Decimal("0.005"), (total, expected, phone)
     assert abs(total - (expected + phone)) < Decimal("1e-9")

@@ -102,6 +102,12 @@ def write_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, 
     return package, name, env
 
 
+def tone_price(name: str) -> dict[str, Any]:
+    """The test voice's catalog entry: $2 per 1K characters."""
+    return {"provider": name, "model": "tone-1", "unit": "per_1k_characters",
+            "per_1k_characters": 2.0}
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(textwrap.dedent(text))
     return path
@@ -124,6 +130,27 @@ def test_builtin_providers_declare_name_kind_table_env_and_billing() -> None:
     assert registry.billing("stt", "local_whisper")[0].unit is BillingUnit.LOCAL_AUDIO_MINUTE
     assert [b.unit for b in registry.billing("llm", "faq")] == [BillingUnit.FREE]
     assert [b.unit for b in registry.billing("llm", "openai")] == [BillingUnit.TOKENS]
+
+
+async def test_the_registry_answers_the_price_catalogs_questions() -> None:
+    registry.discover()
+    # What a model needs no catalog entry for: free, or our own CPU's minute.
+    assert registry.uncatalogued_unit("tts", "espeak", "espeak-ng") is BillingUnit.FREE
+    assert registry.uncatalogued_unit("stt", "local_whisper", "tiny.en") \
+        is BillingUnit.LOCAL_AUDIO_MINUTE
+    assert registry.uncatalogued_unit("llm", "openai", "gpt-5.4-mini") is None
+    # The OpenAI voice bills per token (gpt-4o-mini-tts) or per character (tts-1).
+    assert registry.declared_units("openai", "tts-1", ("tts",)) == {
+        BillingUnit.AUDIO_TOKENS, BillingUnit.CHARACTERS}
+    assert registry.declared_units("twilio", "say") is None  # nobody registered it
+    # A built provider's spec, found by the module that registers it.
+    config = Config.model_validate({})
+    built = build_providers(config)
+    names = [spec.name for kind, p in built.by_kind() if (spec := registry.spec_of(kind, p))]
+    assert names == [*config.providers.stt, *config.providers.agent, *config.providers.tts]
+    assert registry.spec_of("tts", object()) is None
+    for provider in built.all():
+        await provider.aclose()
 
 
 def test_unknown_chain_name_is_rejected_naming_the_known_ones(tmp_path: Path) -> None:
@@ -253,11 +280,17 @@ def test_a_provider_package_is_priced_by_its_declared_units(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     package, name, _ = write_plugin(tmp_path, monkeypatch)
     Config.model_validate({"providers": {"packages": [package]}})
-    table = PriceTable(PricesConfig(tts_per_thousand_chars={"tone-1": 2.0}))
+    table = PriceTable(PricesConfig.model_validate({"models": [tone_price(name)]}))
     assert table.cost(Usage(name, "tts", "tone-1", characters=500)) == 1.0
     assert table.cost(Usage(f"{name}:cache", "tts", "tone-1", characters=500)) == 0.0
     assert table.cost_decimal(Usage(name, "tts", "tone-2", characters=500))[1] is False
     assert table.unpriced_models == {f"tts:{name}:tone-2"}
+    # A catalog entry in a unit the provider does not declare is a configuration error.
+    with pytest.raises(ValueError, match=rf"prices\.models\[0\] \({name} 'tone-1'\): unit "
+                                         r"'tokens' is not one .* bills in \(per_1k_characters\)"):
+        PricesConfig.model_validate({"models": [{
+            "provider": name, "model": "tone-1", "unit": "tokens", "input_per_1m": 1.0,
+            "output_per_1m": 1.0}]})
 
 
 async def test_a_provider_package_serves_a_real_call(
@@ -271,7 +304,7 @@ async def test_a_provider_package_serves_a_real_call(
             tmp_path, make_engine=make,
             providers={"packages": [package], "tts": [name], name: {"level": 66,
                                                                      "token": "secret"}},
-            prices={"tts_per_thousand_chars": {"tone-1": 2.0}}) as run:
+            prices={"models": [tone_price(name)]}) as run:
         events = EventLog(run)
         tone = run.engine.deps.tts
         assert tone.name == f"fallback({name})" and tone.model == "tone-1"

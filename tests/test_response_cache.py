@@ -220,7 +220,9 @@ async def test_caching_tts_hit_serves_identical_bytes_without_calling_inner() ->
     assert all(len(c.ulaw) <= CACHED_CHUNK_BYTES for c in chunks) and len(chunks) >= 2
     done = second[-1]
     assert isinstance(done, SynthesisDone)
-    assert done.usage.provider == "eleven:cache" and done.usage.characters == 0
+    # A free line that says it came from the cache (Usage.cached replaced ":cache").
+    assert done.usage.cached and done.usage.provider == "eleven"
+    assert done.usage.characters == 0 and not first[-1].usage.cached
 
     await collect(tts.synthesize("Something else."))
     assert inner.calls == 2

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
+from decimal import Decimal
+
 import numpy as np
 import pytest
 
 from engine.audio.codec import ulaw_to_int16
 from engine.audio.resample import resample
+from engine.config import Config, PricesConfig
+from engine.money.prices import PriceTable
 from engine.providers.base import AudioChunk, ProviderError, SynthesisDone, TextToSpeech
 from engine.providers.builtin.tts_elevenlabs import STREAM_CHUNK_BYTES, ElevenLabsTTS
 from engine.providers.builtin.tts_openai import OpenAITTS, Pcm24kToUlaw
+from engine.providers.registry import registry
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.sim.standins.openai_api import OpenAIStandin
 from tests.cloud_fixtures import (
@@ -269,3 +275,49 @@ async def test_openai_tts_cut_stream_keeps_audio_received() -> None:
     assert sent_samples > 0
     assert len(audio_of(events)) == pytest.approx(sent_samples / 3, abs=8)
     assert isinstance(events[-1], SynthesisDone)
+
+
+# --- what the OpenAI voice is billed for --------------------------------------------
+
+
+def expected_tokens(text: str, pcm_bytes: int, per_minute: float) -> tuple[int, int]:
+    """Text tokens at four characters each; audio tokens for 24 kHz PCM16 at the rate."""
+    return math.ceil(len(text) / 4), math.ceil(pcm_bytes / (24000 * 2 * 60) * per_minute)
+
+
+async def test_openai_tts_reports_estimated_tokens_priced_per_token() -> None:
+    async with OpenAIStandin() as server:
+        tts = make_openai(server.base_url)
+        events = await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+    done = events[-1]
+    assert isinstance(done, SynthesisDone)
+    text_tokens, audio_tokens = expected_tokens(TEXT, len(server.last_audio_sent), 1250.0)
+    assert (done.usage.input_tokens, done.usage.output_tokens) == (text_tokens, audio_tokens)
+    assert done.usage.estimated and done.usage.characters == len(TEXT)
+    assert audio_tokens > 0 and text_tokens == 14
+    # gpt-4o-mini-tts in the shipped catalog: $0.60 per 1M text in, $12 per 1M audio out.
+    table = PriceTable(PricesConfig())
+    expected = (Decimal(text_tokens) * Decimal("0.60")
+                + Decimal(audio_tokens) * Decimal("12.00")) / 1_000_000
+    assert table.cost_decimal(done.usage) == (expected, True)
+    assert [(line.unit, line.estimated) for line in table.cost_lines(done.usage)] == [
+        ("1M text input tokens", True), ("1M audio output tokens", True)]
+
+
+async def test_openai_tts_token_rate_is_configured_and_a_cut_stream_counts_what_came() -> None:
+    config = Config.model_validate({"providers": {"openai": {
+        "api_key": OPENAI_KEY, "tts_audio_tokens_per_minute": 600}}})
+    spec = registry.spec("tts", "openai")
+    async with OpenAIStandin() as server:
+        server.mode = "cut"
+        settings = config.providers.settings("openai", spec.settings)
+        tts = spec.build(settings.model_copy(update={"base_url": server.base_url}), config)
+        assert isinstance(tts, OpenAITTS)
+        events = await collect(tts.synthesize(TEXT))
+        await tts.aclose()
+    done = events[-1]
+    assert isinstance(done, SynthesisDone)
+    sent = len(server.last_audio_sent)
+    assert 0 < sent < len(TEXT) * server.speech_seconds_per_char * 48000  # cut halfway
+    assert done.usage.output_tokens == expected_tokens(TEXT, sent, 600.0)[1]

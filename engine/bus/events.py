@@ -9,6 +9,8 @@ which revision of this schema wrote it. Compatibility rules:
   they do not know (`extra="ignore"`).
 - Renaming/removing a field or changing its meaning bumps SCHEMA_VERSION; older readers
   then reject those events with EventDecodeError instead of misreading them.
+- Adding an event type or an alert kind keeps SCHEMA_VERSION: an older reader rejects
+  just those events with EventDecodeError, and readers skip what they cannot decode.
 
 Stamping: the publisher, not the bus, stamps `engine_id`, `seq` and `ts` through one
 `EventStamper` per engine process (`stamper.stamp(CallStarted(...))`). `seq` increases by
@@ -49,8 +51,12 @@ class CallState(StrEnum):
 Speaker = Literal["caller", "agent", "supervisor", "system"]
 UsageKind = Literal["stt", "llm", "tts", "telephony"]
 ProviderKindName = Literal["stt", "llm", "tts"]
-AlertKind = Literal["call_cost_cap", "daily_budget", "latency_p95", "low_confidence",
-                    "handoff_requested", "provider_failover", "provider_down"]
+AlertKind = Literal["call_cost_cap", "call_cost_warning", "daily_budget", "monthly_budget",
+                    "latency_p95", "low_confidence", "handoff_requested", "provider_failover",
+                    "provider_down"]
+# The daily and monthly budget (engine/money/budget.py): ok, warning from a share of a
+# limit, then what `budget.on_exhausted` says once a limit is reached.
+BudgetState = Literal["ok", "warning", "degraded", "forwarding", "refusing"]
 Severity = Literal["info", "warning", "critical"]
 # Values allowed in free-form maps (alert data, command arguments): JSON scalars only,
 # so every consumer can render them without knowing the producer.
@@ -163,6 +169,10 @@ class UsageCost(EventBase):
     characters: int = 0
     call_seconds: float = 0.0  # telephony
     estimated: bool = False  # the provider did not report usage; we estimated it
+    # No price in the catalog (engine.allow_unpriced_models): cost_usd counts it as $0.
+    unpriced: bool = False
+    # Served from the response cache (replayed audio, a cached answer): free, and says so.
+    cached: bool = False
     cost_usd: float
     call_cost_usd: float  # running total for this call, this item included
     realtime_equivalent_usd: float = 0.0  # what the Realtime API would have cost so far
@@ -177,6 +187,29 @@ class Alert(EventBase):
     severity: Severity
     message: str
     data: dict[str, JsonScalar] = Field(default_factory=dict)
+
+
+class BudgetStateChanged(EventBase):
+    """The daily/monthly budget moved to another state (engine-wide: `call_sid` is "").
+
+    `limit` is the limit that decides the new state (back to "ok": the one that lifted),
+    with its period ("2026-11-24" or "2026-11") and figures; `totals` says whose spend
+    they count: this engine's ("local"), the fleet's through Redis ("shared"), or a
+    conservative estimate while Redis is unreachable ("offline").
+
+    Schema: every field has a default, so the event could be added without a
+    SCHEMA_VERSION bump (older readers skip it as an unknown type). A new state is a
+    change of meaning: it bumps SCHEMA_VERSION.
+    """
+
+    type: Literal["budget_state_changed"] = "budget_state_changed"
+    old: BudgetState = "ok"
+    new: BudgetState = "ok"
+    limit: Literal["daily", "monthly"] = "daily"
+    period: str = ""
+    spent_usd: float = 0.0
+    limit_usd: float = 0.0
+    totals: Literal["local", "shared", "offline"] = "local"
 
 
 class ProviderHealthChanged(EventBase):
@@ -217,7 +250,7 @@ class BusGap(EventBase):
 Event = Annotated[
     Union[  # noqa: UP007 - a discriminated union needs the Union[...] form under Annotated
         CallStarted, CallUpdated, CallEnded, StateChanged, TranscriptLine, TurnLatency,
-        UsageCost, Alert, ProviderHealthChanged, CommandAudit, BusGap,
+        UsageCost, Alert, BudgetStateChanged, ProviderHealthChanged, CommandAudit, BusGap,
     ],
     Field(discriminator="type"),
 ]
@@ -225,7 +258,8 @@ Event = Annotated[
 EVENT_TYPES: dict[str, type[EventBase]] = {
     cls.model_fields["type"].default: cls
     for cls in (CallStarted, CallUpdated, CallEnded, StateChanged, TranscriptLine,
-                TurnLatency, UsageCost, Alert, ProviderHealthChanged, CommandAudit, BusGap)
+                TurnLatency, UsageCost, Alert, BudgetStateChanged, ProviderHealthChanged,
+                CommandAudit, BusGap)
 }
 
 # Built once: building a TypeAdapter compiles the validator and costs milliseconds.

@@ -1,19 +1,27 @@
-"""The spend ledger: every call's running cost and cap, per UTC day and month totals,
-and the daily and monthly budget alerts. Prices come from `money/prices.py`.
+"""The spend ledger: every call's running cost against its cap (and the cap's warning
+share), and every booking's exact amount handed to the budget (`money/budget.py`), whose
+day and month totals the ledger's spend figures read. Prices come from `money/prices.py`.
+
+A call's ledger lives from its start to its end. Usage that arrives after the end (a
+request read on in the background for its usage) still counts, in the day and month
+totals and under its call, but never opens that call's ledger again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Literal
 
 from engine.config import BudgetConfig, PricesConfig
 from engine.log import get_logger
+from engine.money.budget import Budget
 from engine.money.prices import ZERO, PriceTable, dec, utc_now
 from engine.money.realtime import RealtimeEstimator
+from engine.money.spend_totals import LocalSpendTotals, Period
 from engine.providers.base import Usage
 
 log = get_logger(__name__)
@@ -26,7 +34,7 @@ class LedgerEntry:
     """One priced item of a call and the call's running total after it."""
 
     call_sid: str | None
-    kind: str  # stt | llm | tts | phone
+    kind: str  # stt | llm | tts | phone | media_stream
     provider: str
     model: str
     cost_usd: float
@@ -34,22 +42,30 @@ class LedgerEntry:
     crossed_cap: bool  # True once: on the entry that first brings the total to the cap
     priced: bool = True
     estimated: bool = False
+    # True once: on the entry that first brings the total to the cap's warning share
+    # (and not to the cap itself).
+    crossed_warning: bool = False
 
 
 class CallLedger:
-    """The running cost of one call, with its cost cap (`cap_usd` <= 0: no cap)."""
+    """The running cost of one call, with its cost cap (`cap_usd` <= 0: no cap) and the
+    share of it that warns (`warning_share` <= 0: no warning)."""
 
-    def __init__(self, call_sid: str, cap_usd: float, prices: PriceTable) -> None:
+    def __init__(self, call_sid: str, cap_usd: float, prices: PriceTable,
+                 warning_share: float = 0.0) -> None:
         self.call_sid = call_sid
         self.cap_usd = cap_usd
         self.prices = prices
         self._cap = dec(cap_usd)
+        self._warning = self._cap * dec(warning_share)
         self._total = ZERO
         self.last_cost = ZERO  # the latest entry's exact cost (the day totals add it)
         self._by_kind: dict[str, Decimal] = {}
         self._cap_crossed = False
+        self._warned = warning_share <= 0
         self._realtime = RealtimeEstimator(prices.config)
         self.phone_minutes = 0
+        self._stream_minutes: dict[str, int] = {}  # booked per media stream (by its sid)
         self.entries = 0
 
     def add(self, usage: Usage) -> LedgerEntry:
@@ -66,6 +82,16 @@ class CallLedger:
         cost = self.prices.phone_cost_decimal(new * 60.0)
         return self._book("phone", "twilio", "voice", cost, True, False)
 
+    def add_media_stream(self, stream_sid: str, duration_s: float) -> LedgerEntry:
+        """One Media Streams stream so far: Twilio bills each started minute of a stream
+        on its own, so the minutes it has started and not booked yet are booked now."""
+        minutes = self.prices.phone_minutes(duration_s)
+        booked = self._stream_minutes.get(stream_sid, 0)
+        self._stream_minutes[stream_sid] = max(minutes, booked)
+        rate = dec(self.prices.config.twilio_media_streams_per_minute)
+        return self._book("media_stream", "twilio", "media_stream",
+                          max(0, minutes - booked) * rate, True, False)
+
     def add_turn(self, caller_audio_s: float, agent_audio_s: float) -> float:
         """Feed one turn to the Realtime comparison; returns that turn's Realtime cost."""
         return float(self._realtime.add_turn(caller_audio_s, agent_audio_s))
@@ -76,12 +102,14 @@ class CallLedger:
         self._total += cost
         self._by_kind[kind] = self._by_kind.get(kind, ZERO) + cost
         self.entries += 1
-        crossed = False
+        crossed = warned = False
         if self._cap > 0 and not self._cap_crossed and self._total >= self._cap:
-            self._cap_crossed = True
-            crossed = True
+            self._cap_crossed = crossed = True
+        if self._cap > 0 and not self._warned and self._total >= self._warning:
+            self._warned = True
+            warned = not crossed  # the cap itself says more
         return LedgerEntry(self.call_sid, kind, provider, model, float(cost),
-                           float(self._total), crossed, priced, estimated)
+                           float(self._total), crossed, priced, estimated, warned)
 
     @property
     def total_decimal(self) -> Decimal:
@@ -108,56 +136,50 @@ class CallLedger:
         return self._realtime.turns
 
 
-# --- all calls: day and month totals, budget alerts --------------------------------
+# --- all calls: the bookings the budget counts ---------------------------------------
 
 
 @dataclass(slots=True, frozen=True)
-class BudgetAlert:
-    kind: Literal["daily_budget", "monthly_budget", "call_cap"]
+class CapAlert:
+    """A call reached its cap's warning share, or the cap."""
+
+    kind: Literal["call_cap_warning", "call_cap"]
     at: datetime
-    period: str  # "2026-11-24" (day), "2026-11" (month) or the call sid
+    call_sid: str
     spent_usd: float
     limit_usd: float
-    call_sid: str | None = None
 
 
 @dataclass(slots=True, frozen=True)
 class SpendUpdate:
     entry: LedgerEntry
-    alerts: list[BudgetAlert] = field(default_factory=list)
-
-
-def _month_start(day: date) -> date:
-    return day.replace(day=1)
-
-
-def _next_month_start(day: date) -> date:
-    return (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+    alerts: list[CapAlert] = field(default_factory=list)
 
 
 class SpendLedger:
-    """Every call's ledger plus per-UTC-day totals and the daily/monthly budget alerts.
+    """Every call's ledger; every booking's exact cost goes to the budget.
 
     `clock` returns an aware UTC datetime (injectable for tests). Costs count on the UTC
     day they are booked. Ended calls are dropped from memory; their cost stays in the
-    day totals (and in the SQLite history, which can re-seed the totals at startup with
-    `restore_day_totals`).
+    budget's day and month totals (and in the history, which seeds those totals at
+    start). Without a `Budget`, one over this engine's totals is made from `budget`.
     """
 
-    # Day totals older than this are forgotten: the month-to-date never needs them.
-    _KEEP_DAYS = 62
+    # Ended calls whose final total is kept for usage arriving late (a background read is
+    # bounded by providers.drain_timeout_s, so recent calls are all that matter).
+    _KEEP_ENDED = 10_000
 
-    def __init__(self, prices: PricesConfig | PriceTable, budget: BudgetConfig,
+    def __init__(self, prices: PricesConfig | PriceTable, budget: Budget | BudgetConfig,
                  clock: Callable[[], datetime] = utc_now,
-                 default_call_cap_usd: float = 0.0) -> None:
+                 default_call_cap_usd: float = 0.0, cap_warning_share: float = 0.0) -> None:
         self.prices = prices if isinstance(prices, PriceTable) else PriceTable(prices)
-        self.budget = budget
+        self.budget = budget if isinstance(budget, Budget) else \
+            Budget(budget, LocalSpendTotals(), clock=clock)
         self.clock = clock
         self.default_call_cap_usd = default_call_cap_usd
+        self.cap_warning_share = cap_warning_share
         self._calls: dict[str, CallLedger] = {}
-        self._days: dict[date, Decimal] = {}
-        self._daily_alerted: set[date] = set()
-        self._monthly_alerted: set[date] = set()  # keyed by the month's first day
+        self._ended: OrderedDict[str, Decimal] = OrderedDict()  # call -> its total so far
 
     # --- calls ---
 
@@ -165,9 +187,16 @@ class SpendLedger:
         ledger = self._calls.get(call_sid)
         if ledger is None:
             cap = self.default_call_cap_usd if cap_usd is None else cap_usd
-            ledger = CallLedger(call_sid, cap, self.prices)
+            ledger = CallLedger(call_sid, cap, self.prices, self.cap_warning_share)
             self._calls[call_sid] = ledger
+            self._ended.pop(call_sid, None)
         return ledger
+
+    def _live(self, call_sid: str) -> CallLedger | None:
+        """The call's ledger, opened on first use; None once the call has ended."""
+        if call_sid in self._ended:
+            return None
+        return self.open_call(call_sid)
 
     def call(self, call_sid: str) -> CallLedger | None:
         return self._calls.get(call_sid)
@@ -178,22 +207,45 @@ class SpendLedger:
 
     def record(self, call_sid: str | None, usage: Usage) -> SpendUpdate:
         """Price and book one provider call (`call_sid` None: spend outside any call)."""
-        if call_sid is None:
-            cost, priced = self.prices.cost_decimal(usage)
-            entry = LedgerEntry(None, usage.kind, usage.provider, usage.model, float(cost),
-                                float(cost), False, priced, usage.estimated)
-            return SpendUpdate(entry, self._book_day(cost))
-        ledger = self.open_call(call_sid)
+        ledger = self._live(call_sid) if call_sid is not None else None
+        if ledger is None:
+            return self._record_outside(call_sid, usage)
         entry = ledger.add(usage)
         return SpendUpdate(entry, self._after_call_entry(ledger, entry))
 
-    def record_turn(self, call_sid: str, caller_audio_s: float, agent_audio_s: float) -> float:
-        return self.open_call(call_sid).add_turn(caller_audio_s, agent_audio_s)
+    def _record_outside(self, call_sid: str | None, usage: Usage) -> SpendUpdate:
+        """Spend outside any live call: under no call, or after its call ended."""
+        cost, priced = self.prices.cost_decimal(usage)
+        total = cost
+        if call_sid is not None:
+            total = self._ended[call_sid] = self._ended[call_sid] + cost
+            log.info("usage after the call ended", call_sid=call_sid, kind=usage.kind,
+                     provider=usage.provider, cost_usd=float(cost))
+        entry = LedgerEntry(call_sid, usage.kind, usage.provider, usage.model, float(cost),
+                            float(total), False, priced, usage.estimated)
+        self._book_day(cost)
+        return SpendUpdate(entry)
 
-    def phone_progress(self, call_sid: str, duration_s: float) -> SpendUpdate:
-        """Book the phone minutes a live call has started by now."""
-        ledger = self.open_call(call_sid)
+    def record_turn(self, call_sid: str, caller_audio_s: float, agent_audio_s: float) -> float:
+        ledger = self._live(call_sid)
+        return ledger.add_turn(caller_audio_s, agent_audio_s) if ledger is not None else 0.0
+
+    def phone_progress(self, call_sid: str, duration_s: float) -> SpendUpdate | None:
+        """Book the phone minutes a live call has started by now (None once it ended)."""
+        ledger = self._live(call_sid)
+        if ledger is None:
+            return None
         entry = ledger.add_phone(duration_s)
+        return SpendUpdate(entry, self._after_call_entry(ledger, entry))
+
+    def media_stream_progress(self, call_sid: str, stream_sid: str,
+                              duration_s: float) -> SpendUpdate | None:
+        """Book the Media Streams minutes a call's stream has started by now (None once
+        the call ended)."""
+        ledger = self._live(call_sid)
+        if ledger is None:
+            return None
+        entry = ledger.add_media_stream(stream_sid, duration_s)
         return SpendUpdate(entry, self._after_call_entry(ledger, entry))
 
     def end_call(self, call_sid: str, duration_s: float) -> tuple[CallLedger, SpendUpdate]:
@@ -201,73 +253,45 @@ class SpendLedger:
         ledger = self.open_call(call_sid)
         entry = ledger.add_phone(duration_s)
         alerts = self._after_call_entry(ledger, entry)
-        self._calls.pop(call_sid, None)
+        del self._calls[call_sid]
+        self._ended[call_sid] = ledger.total_decimal
+        while len(self._ended) > self._KEEP_ENDED:
+            self._ended.popitem(last=False)
         return ledger, SpendUpdate(entry, alerts)
 
-    def _after_call_entry(self, ledger: CallLedger, entry: LedgerEntry) -> list[BudgetAlert]:
-        alerts = self._book_day(ledger.last_cost)
-        if entry.crossed_cap:
-            alerts.append(BudgetAlert("call_cap", self.clock(), ledger.call_sid,
-                                      entry.total_usd, ledger.cap_usd, ledger.call_sid))
-            log.warning("call cost cap reached", call_sid=ledger.call_sid,
-                        spent_usd=entry.total_usd, cap_usd=ledger.cap_usd)
-        return alerts
+    def turned_away(self, call_sid: str) -> SpendUpdate:
+        """A call answered with TwiML alone (refused while the budget is exhausted):
+        Twilio still bills its first minute. It never had a ledger of its own."""
+        cost = self.prices.phone_cost_decimal(1.0)
+        self._book_day(cost)
+        return SpendUpdate(LedgerEntry(call_sid, "phone", "twilio", "voice", float(cost),
+                                       float(cost), False))
 
-    # --- days and months ---
+    def _after_call_entry(self, ledger: CallLedger, entry: LedgerEntry) -> list[CapAlert]:
+        self._book_day(ledger.last_cost)
+        if not (entry.crossed_cap or entry.crossed_warning):
+            return []
+        kind: Literal["call_cap_warning", "call_cap"] = \
+            "call_cap" if entry.crossed_cap else "call_cap_warning"
+        log.warning("call cost cap reached" if entry.crossed_cap else "call cost cap near",
+                    call_sid=ledger.call_sid, spent_usd=entry.total_usd, cap_usd=ledger.cap_usd)
+        return [CapAlert(kind, self.clock(), ledger.call_sid, entry.total_usd, ledger.cap_usd)]
 
-    def _book_day(self, cost: Decimal) -> list[BudgetAlert]:
-        now = self.clock()
-        today = now.date()
-        self._days[today] = self._days.get(today, ZERO) + cost
-        self._prune(today)
-        alerts: list[BudgetAlert] = []
-        daily = dec(self.budget.daily_usd)
-        if daily > 0 and today not in self._daily_alerted and self._days[today] >= daily:
-            self._daily_alerted.add(today)
-            alerts.append(BudgetAlert("daily_budget", now, today.isoformat(),
-                                      float(self._days[today]), self.budget.daily_usd))
-            log.warning("daily budget reached", day=today.isoformat(),
-                        spent_usd=float(self._days[today]), budget_usd=self.budget.daily_usd)
-        month = _month_start(today)
-        monthly = dec(self.budget.monthly_usd)
-        mtd = self._month_total(today)
-        if monthly > 0 and month not in self._monthly_alerted and mtd >= monthly:
-            self._monthly_alerted.add(month)
-            alerts.append(BudgetAlert("monthly_budget", now, month.strftime("%Y-%m"),
-                                      float(mtd), self.budget.monthly_usd))
-            log.warning("monthly budget reached", month=month.strftime("%Y-%m"),
-                        spent_usd=float(mtd), budget_usd=self.budget.monthly_usd)
-        return alerts
+    # --- days and months: readings of the budget's totals ---
 
-    def _prune(self, today: date) -> None:
-        oldest = today - timedelta(days=self._KEEP_DAYS)
-        if self._days and min(self._days) < oldest:
-            for day in [d for d in self._days if d < oldest]:
-                del self._days[day]
-            self._daily_alerted = {d for d in self._daily_alerted if d >= oldest}
-            self._monthly_alerted = {m for m in self._monthly_alerted
-                                     if m >= _month_start(oldest)}
-
-    def _month_total(self, today: date) -> Decimal:
-        start = _month_start(today)
-        return sum((v for d, v in self._days.items() if start <= d <= today), ZERO)
-
-    def restore_day_totals(self, totals: Mapping[date, float]) -> None:
-        """Seed day totals (e.g. from the history at startup) so the month-to-date
-        survives a restart. Replaces the totals of the days given."""
-        for day, usd in totals.items():
-            self._days[day] = dec(usd)
+    def _book_day(self, cost: Decimal) -> None:
+        self.budget.record(cost, self.clock())
 
     def day_usd(self, day: date) -> float:
-        return float(self._days.get(day, ZERO))
+        return float(self.budget.totals.total(Period.day_of(day)))
 
     @property
     def today_usd(self) -> float:
-        return self.day_usd(self.clock().date())
+        return float(self.budget.reading(self.clock()).daily.spent_usd)
 
     @property
     def month_to_date_usd(self) -> float:
-        return float(self._month_total(self.clock().date()))
+        return float(self.budget.reading(self.clock()).monthly.spent_usd)
 
     @property
     def monthly_projection_usd(self) -> float:
@@ -278,10 +302,8 @@ class SpendLedger:
         not project absurd figures.
         """
         now = self.clock()
-        start_day = _month_start(now.date())
-        start = datetime(start_day.year, start_day.month, 1, tzinfo=UTC)
-        end_day = _next_month_start(start_day)
-        end = datetime(end_day.year, end_day.month, 1, tzinfo=UTC)
+        month = Period.month_of(now.astimezone(UTC).date())
+        start = datetime(month.start.year, month.start.month, 1, tzinfo=UTC)
         elapsed = max((now - start).total_seconds(), 3600.0)
-        fraction = dec(elapsed) / dec((end - start).total_seconds())
-        return float(self._month_total(now.date()) / fraction)
+        fraction = dec(elapsed) / dec((month.end - start).total_seconds())
+        return float(self.budget.totals.total(month) / fraction)

@@ -9,6 +9,13 @@ load or connect ahead of the first call (`warm_up`), and releases what it holds
 
 Audio conventions: STT takes PCM16 little-endian mono at the rate given; TTS yields
 mu-law 8 kHz (Twilio's format) so no conversion happens on the way out.
+
+Billing: a provider reports its usage in its result or last event, and books nothing
+itself (the chains do, `engine.providers.chain`). A request the caller stops waiting for
+is read on in the background until that report arrives, so a provider must not cut its
+own request short of the chain's deadline plus `providers.drain_timeout_s`. A provider
+that runs on our own CPU sets `runs_locally = True` (optional, not in the Protocols): its
+abandoned requests are closed at once instead, saving the work.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 ProviderKind = Literal["stt", "llm", "tts"]
-# Usage.provider of audio replayed from the response cache: "<provider>:cache", free.
+# The provider suffix cache hits were once reported under ("<provider>:cache"); cache hits
+# now say `Usage.cached`.
 CACHE_SUFFIX = ":cache"
 
 
@@ -34,9 +42,14 @@ class Usage:
     cached_input_tokens: int = 0
     output_tokens: int = 0
     characters: int = 0  # TTS input characters
+    # CPU seconds a local model spent on the request (priced at prices.cpu_second, if set).
+    cpu_seconds: float = 0.0
     # True when the provider did not report the figure and we estimated it
     # (for example a stream cut before its usage chunk).
     estimated: bool = False
+    # Served from the response cache (replayed audio, a cached answer): nothing was
+    # consumed and nothing is billed; the line is kept so the bill says so.
+    cached: bool = False
 
 
 @dataclass(slots=True)

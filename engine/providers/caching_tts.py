@@ -1,7 +1,7 @@
 """A TextToSpeech in front of another that replays audio from the response cache.
 
 A repeated sentence (the greeting, FAQ answers) then costs no TTS characters and starts
-playing at once; replayed audio reports `Usage.provider` "<provider>:cache" (free).
+playing at once; replayed audio reports a free `Usage` with `cached` set.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncGenerator
 
 from engine.providers.base import (
-    CACHE_SUFFIX,
     AudioChunk,
     SynthesisDone,
     SynthesisEvent,
@@ -44,6 +43,11 @@ class CachingTTS:
     def model(self) -> str:
         return self.inner.model
 
+    @property
+    def runs_locally(self) -> bool:
+        """As the voice it caches (see `engine.providers.base`)."""
+        return bool(getattr(self.inner, "runs_locally", False))
+
     async def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
         cacheable = bool(text.strip())
         started = time.monotonic()
@@ -53,8 +57,8 @@ class CachingTTS:
             elapsed = time.monotonic() - started
             for offset in range(0, len(cached), CACHED_CHUNK_BYTES):
                 yield AudioChunk(cached[offset:offset + CACHED_CHUNK_BYTES])
-            usage = Usage(provider=f"{self.inner.name}{CACHE_SUFFIX}", kind="tts",
-                          model=self.inner.model or "cache", characters=0)
+            usage = Usage(provider=self.inner.name, kind="tts",
+                          model=self.inner.model or "cache", cached=True)
             yield SynthesisDone(usage=usage, timing=Timing(elapsed,
                                                            time.monotonic() - started))
             return

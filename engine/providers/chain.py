@@ -5,19 +5,35 @@ breakers, recording failures and reporting every switch as a `FallbackEvent`. A 
 goes through a chain in one of two ways: one-shot (`first_success`: transcribe,
 summarize) or streamed (`stream_first_served`: a reply, a synthesis), where the first
 provider with output in time serves the whole stream.
+
+Both routines book what every request they start costs, on the bill bound where it
+started (`engine.providers.booking`; nothing else books provider usage). A request the
+caller stopped waiting for (a barge-in, a timeout that fell back) goes to the chain's
+`Drains`, read on until its usage is known (`engine.providers.drains`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 from typing import Any, Generic, Protocol, TypeVar
 
 from engine.log import get_logger
-from engine.providers.base import ProviderError, ProviderHealth, ProviderKind
+from engine.providers.base import ProviderError, ProviderHealth, ProviderKind, Usage
+from engine.providers.booking import UsageSink, current_sink
 from engine.providers.breaker import CircuitBreaker
+from engine.providers.drains import (
+    DirectStream,
+    Drains,
+    NoOutputInTime,
+    PendingCall,
+    PumpedStream,
+    Readable,
+)
 
 log = get_logger(__name__)
 
@@ -64,6 +80,12 @@ class Member(Protocol):
 P = TypeVar("P", bound=Member)
 T = TypeVar("T")
 E = TypeVar("E")
+R = TypeVar("R")
+
+_usage_of: Callable[[Any], Usage] = attrgetter("usage")  # of a stream's last event
+
+# How a provider's usage names it and its model, e.g. ("openai", "gpt-4o-mini").
+UsageNames = tuple[str, str]
 
 
 def _describe(exc: BaseException, timeout_s: float | None) -> str:
@@ -72,20 +94,12 @@ def _describe(exc: BaseException, timeout_s: float | None) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _close_stream(stream: AsyncGenerator[Any, None]) -> None:
-    """Close an abandoned provider stream so its connection is released."""
-    try:
-        await stream.aclose()
-    except Exception as exc:  # a provider's cleanup error must not mask the real outcome
-        log.warning("provider stream close failed", error=str(exc))
-
-
 class Chain(Generic[P]):
     """Providers, their breakers and the event callback shared by one chain."""
 
     def __init__(self, kind: ProviderKind, providers: Sequence[P], breaker_failures: int,
                  breaker_reset_s: float, on_event: FallbackEventHandler | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], drain_timeout_s: float) -> None:
         if not providers:
             raise ValueError(f"a {kind} fallback chain needs at least one provider")
         self.kind = kind
@@ -96,6 +110,25 @@ class Chain(Generic[P]):
         self.name = f"fallback({','.join(p.name for p in self.providers)})"
         self.active_provider: str | None = None
         self.current = self.providers[0]  # the one that served last (the first until then)
+        self.drains = Drains(drain_timeout_s)
+        self._usage_names: dict[str, UsageNames] = {}
+
+    def usage_names(self, provider: P) -> UsageNames:
+        """How `provider`'s reports name it and its model, so estimates are priced alike."""
+        return self._usage_names.get(provider.name) or (provider.name, provider.model)
+
+    def book(self, sink: UsageSink, provider: P, usage: Usage) -> None:
+        """Book one request's usage on the bill it started on."""
+        if not usage.cached:  # a cache hit is named by whoever holds the cache
+            self._usage_names[provider.name] = (usage.provider, usage.model)
+        sink(usage)
+
+    def abandon(self, sink: UsageSink, provider: P, request: Readable[R],
+                usage_of: Callable[[R], Usage | None], estimate: Callable[[], Usage]) -> None:
+        """A request nobody waits for any more goes to the drains, to be read on for its
+        usage; one on our own CPU (`runs_locally`) is closed and booked as estimated."""
+        self.drains.adopt(request, usage_of, estimate, partial(self.book, sink, provider),
+                          provider.name, read_on=not getattr(provider, "runs_locally", False))
 
     def emit(self, event: FallbackEvent) -> None:
         if self.on_event is None:
@@ -110,6 +143,7 @@ class Chain(Generic[P]):
                                                             strict=True)]
 
     async def aclose(self) -> None:
+        await self.drains.aclose()  # abandoned requests are booked before their clients go
         results = await asyncio.gather(*(p.aclose() for p in self.providers),
                                        return_exceptions=True)
         for provider, result in zip(self.providers, results, strict=True):
@@ -183,33 +217,61 @@ class Walk(Generic[P]):
                                        mid_stream=True))
 
 
-async def first_success(chain: Chain[P], timeout_s: float,
-                         call: Callable[[P], Awaitable[T]]) -> T:
+class OneShot(Generic[P, T]):
+    """One one-shot request (a transcription, a summary): what `first_success` asks of it."""
+
+    def call(self, provider: P) -> Awaitable[T]:
+        raise NotImplementedError
+
+    def usage_of(self, result: T) -> Usage:
+        raise NotImplementedError
+
+    def estimate(self, names: UsageNames) -> Usage:
+        """What the request bills when its provider never reports (flagged estimated)."""
+        raise NotImplementedError
+
+
+async def first_success(chain: Chain[P], timeout_s: float, request: OneShot[P, T]) -> T:
     """A one-shot request through the chain: the first provider that answers in time."""
+    sink = current_sink()
     walk = Walk(chain)
     for provider, breaker in walk:
+        call = PendingCall(request.call(provider))
+        settled = False  # booked, or nothing to book; else the drains take it
         try:
-            async with asyncio.timeout(timeout_s):
-                result = await call(provider)
-        except asyncio.CancelledError:
-            breaker.release()
-            raise
-        except Exception as exc:
-            walk.failed(provider, breaker, exc, timeout_s)
-            continue
-        walk.served(provider, breaker)
-        return result
+            try:
+                result = await call.result(timeout_s)
+            except asyncio.CancelledError:
+                breaker.release()
+                raise
+            except NoOutputInTime as exc:
+                walk.failed(provider, breaker, exc, timeout_s)
+                continue
+            except Exception as exc:
+                settled = True
+                walk.failed(provider, breaker, exc, timeout_s)
+                continue
+            settled = True
+            walk.served(provider, breaker)
+            chain.book(sink, provider, request.usage_of(result))
+            return result
+        finally:
+            if not settled:
+                chain.abandon(sink, provider, call, request.usage_of,
+                              partial(request.estimate, chain.usage_names(provider)))
     raise walk.exhausted()
 
 
 class Streamed(Generic[P, E]):
     """One streamed request (a reply, a synthesis): what `stream_first_served` asks of it."""
 
-    done_type: type  # the event that ends a stream
+    done_type: type  # the event that ends a stream (it carries the usage)
     nothing_error: str  # the failure when a stream ends before any output
-    keeps_output: bool = False  # `truncated` needs the events that went out
+    keeps_output: bool = False  # estimates need the events that went out
+    # Read in a task of its own, so a cut can be read on (`engine.providers.drains`).
+    pumped: bool = False
 
-    def open(self, provider: P) -> AsyncGenerator[E, None]:
+    def open(self, provider: P) -> AsyncIterator[E]:
         raise NotImplementedError
 
     def has_output(self, event: E) -> bool:
@@ -218,17 +280,85 @@ class Streamed(Generic[P, E]):
     def check_first(self, provider: P, first: E) -> None:
         """Raise to refuse a first event that cannot serve (it counts as a failure)."""
 
-    def truncated(self, provider: P, emitted: list[E], first_byte_s: float,
-                  total_s: float) -> E:
+    def estimate(self, names: UsageNames, emitted: list[E]) -> Usage:
+        """What the request bills when its provider never reports (flagged estimated)."""
+        raise NotImplementedError
+
+    def truncated(self, usage: Usage, first_byte_s: float, total_s: float) -> E:
+        """The end of a stream its provider cut, with the estimated `usage`."""
         raise NotImplementedError
 
 
-async def _first_output(stream: AsyncGenerator[E, None], request: Streamed[Any, E]) -> E:
-    # Empty deltas or chunks are not output: a provider must produce something to serve.
-    while True:
-        event = await anext(stream)
-        if isinstance(event, request.done_type) or request.has_output(event):
-            return event
+class _Attempt(Generic[P, E]):
+    """One provider's try at a streamed request, and its bill: `settled` once its usage is
+    booked (or there is none); else `finish` hands the request to the chain's drains."""
+
+    def __init__(self, chain: Chain[P], request: Streamed[P, E], provider: P,
+                 sink: UsageSink) -> None:
+        self.chain = chain
+        self.request = request
+        self.provider = provider
+        self.sink = sink
+        self.started = time.monotonic()
+        self.first_byte_s = 0.0
+        opened = request.open(provider)
+        self.reader: PumpedStream[E] | DirectStream[E] = (
+            PumpedStream(opened, request) if request.pumped else DirectStream(opened, request))
+        self.emitted: list[E] = []  # what went out, when the request keeps it
+        self.settled = False
+
+    def book(self, usage: Usage) -> None:
+        self.settled = True
+        self.chain.book(self.sink, self.provider, usage)
+
+    async def first(self, walk: Walk[P], breaker: CircuitBreaker, timeout_s: float) -> E | None:
+        """The first output, or None when this provider failed (recorded in `walk`)."""
+        provider, request = self.provider, self.request
+        try:
+            first = await self.reader.first(timeout_s)
+        except asyncio.CancelledError:
+            breaker.release()
+            raise
+        except NoOutputInTime as exc:  # the request runs on: the drains read it on
+            walk.failed(provider, breaker, exc, timeout_s)
+            return None
+        except Exception as exc:  # refused or failed before any output: nothing billed
+            self.settled = True
+            walk.failed(provider, breaker, exc, timeout_s)
+            return None
+        if first is None:
+            self.settled = True
+            walk.failed(provider, breaker, ProviderError(provider.name, request.nothing_error),
+                        timeout_s)
+            return None
+        if isinstance(first, request.done_type):
+            self.book(_usage_of(first))
+        try:
+            request.check_first(provider, first)
+        except Exception as exc:
+            walk.failed(provider, breaker, exc, timeout_s)
+            return None
+        walk.served(provider, breaker)
+        self.first_byte_s = time.monotonic() - self.started
+        if request.keeps_output:
+            self.emitted.append(first)
+        return first
+
+    def cut(self, walk: Walk[P], breaker: CircuitBreaker, error: Exception) -> E:
+        """The provider failed mid-stream: the stream's end, with its usage estimated."""
+        walk.failed_mid_stream(self.provider, breaker, error)
+        usage = self.request.estimate(self.chain.usage_names(self.provider), self.emitted)
+        self.book(usage)
+        return self.request.truncated(usage, self.first_byte_s, time.monotonic() - self.started)
+
+    async def finish(self) -> None:
+        if self.settled:
+            await self.reader.close()
+            return
+        chain = self.chain
+        chain.abandon(self.sink, self.provider, self.reader, _usage_of,
+                      partial(self.request.estimate, chain.usage_names(self.provider),
+                              self.emitted))
 
 
 async def stream_first_served(chain: Chain[P], timeout_s: float,
@@ -237,49 +367,34 @@ async def stream_first_served(chain: Chain[P], timeout_s: float,
 
     Its failure after that ends the stream with `request.truncated(...)`, never a switch.
     """
+    sink = current_sink()
     walk = Walk(chain)
-    done_type = request.done_type  # a local: checked on every chunk passed through
+    done_type = request.done_type  # locals: checked on every chunk passed through
+    keeps_output = request.keeps_output
     for provider, breaker in walk:
-        started = time.monotonic()
-        stream: AsyncGenerator[E, None] | None = None
+        attempt = _Attempt(chain, request, provider, sink)
         try:
-            try:
-                stream = request.open(provider)
-                async with asyncio.timeout(timeout_s):
-                    first = await _first_output(stream, request)
-                request.check_first(provider, first)
-            except asyncio.CancelledError:
-                breaker.release()
-                raise
-            except StopAsyncIteration:
-                walk.failed(provider, breaker,
-                            ProviderError(provider.name, request.nothing_error), timeout_s)
+            first = await attempt.first(walk, breaker, timeout_s)
+            if first is None:
                 continue
-            except Exception as exc:
-                walk.failed(provider, breaker, exc, timeout_s)
-                continue
-            walk.served(provider, breaker)
-            first_byte_s = time.monotonic() - started
             yield first
             if isinstance(first, done_type):
                 return
-            emitted = [first] if request.keeps_output else None
             try:
-                async for event in stream:
-                    if emitted is not None:
-                        emitted.append(event)
-                    yield event
+                async for event in attempt.reader.rest:
                     if isinstance(event, done_type):
+                        attempt.book(_usage_of(event))
+                        yield event
                         return
+                    if keeps_output:
+                        attempt.emitted.append(event)
+                    yield event
                 error: Exception = ProviderError(
                     provider.name, f"stream ended without {done_type.__name__}")
             except Exception as exc:
                 error = exc
-            walk.failed_mid_stream(provider, breaker, error)
-            yield request.truncated(provider, emitted or [], first_byte_s,
-                                    time.monotonic() - started)
+            yield attempt.cut(walk, breaker, error)
             return
         finally:
-            if stream is not None:
-                await _close_stream(stream)
+            await attempt.finish()
     raise walk.exhausted()

@@ -3,14 +3,20 @@
 Each chain implements the same Protocol as its members (the walk itself, the breakers
 and the events live in `engine.providers.chain`). Per request it walks the list,
 skipping providers whose circuit breaker is open. A provider that raises, or produces
-nothing within the first-output timeout, is recorded as a failure (its stream is closed
-so the HTTP response is released) and the next one is tried; every such switch is
-reported through `on_event` so the session can log it and raise a provider_failover alert.
+nothing within the first-output timeout, is recorded as a failure and the next one is
+tried (a refused request is closed; one that timed out runs on in the background, see
+below); every such switch is reported through `on_event` so the session can log it and
+raise a provider_failover alert.
 
 Mid-stream failures are NOT retried on another provider: once the caller has received
 text or audio, restarting elsewhere would repeat it. The stream ends with what was
 produced, followed by a synthesized `TruncatedAgentDone`/`TruncatedSynthesisDone`
 (estimated usage, never cached), and the failure counts against the provider's breaker.
+
+The chains book what every request costs on the bill of the call that made it, including
+requests the call stopped waiting for, read on in the background for at most
+`drain_timeout_s` (`engine.providers.chain`, `engine.providers.drains`): consumers never
+book a `Done` event's usage themselves.
 
 When every breaker is open the chain fails at once rather than waiting out timeouts:
 the half-open trial after `breaker_reset_s` is what brings a provider back. For TTS the
@@ -24,7 +30,7 @@ the call through structlog's context variables bound by the session.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -50,12 +56,18 @@ from engine.providers.chain import (
     Chain,
     FallbackEventHandler,
     Member,
+    OneShot,
     Streamed,
+    UsageNames,
     first_success,
     stream_first_served,
 )
 
 P = TypeVar("P", bound=Member)
+
+# How long a request nobody waits for any more is read on for its usage (config:
+# providers.drain_timeout_s).
+DRAIN_TIMEOUT_S = 15.0
 
 
 @dataclass(slots=True)
@@ -77,9 +89,9 @@ class _Fallback(Generic[P]):
 
     def __init__(self, kind: ProviderKind, providers: Sequence[P], breaker_failures: int,
                  breaker_reset_s: float, on_event: FallbackEventHandler | None,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], drain_timeout_s: float) -> None:
         self._chain: Chain[P] = Chain(kind, providers, breaker_failures, breaker_reset_s,
-                                        on_event, clock)
+                                        on_event, clock, drain_timeout_s)
         self.name = self._chain.name
 
     @property
@@ -94,6 +106,16 @@ class _Fallback(Generic[P]):
     def health(self) -> list[ProviderHealth]:
         return self._chain.health()
 
+    @property
+    def abandoned(self) -> int:
+        """Requests read on in the background for their usage right now."""
+        return len(self._chain.drains)
+
+    async def settle_abandoned(self, timeout: float | None = None) -> None:
+        """Wait until the requests read on in the background are booked (at most
+        `timeout` seconds; shutdown, tests)."""
+        await self._chain.drains.wait(timeout)
+
     async def warm_up(self) -> None:
         for provider in self._chain.providers:
             await provider.warm_up()
@@ -105,19 +127,38 @@ class _Fallback(Generic[P]):
 # --- speech-to-text -------------------------------------------------------------------
 
 
+class _Transcription(OneShot[SpeechToText, Transcript]):
+    def __init__(self, pcm16: bytes, sample_rate: int) -> None:
+        self.pcm16 = pcm16
+        self.sample_rate = sample_rate
+
+    def call(self, provider: SpeechToText) -> Awaitable[Transcript]:
+        return provider.transcribe(self.pcm16, self.sample_rate)
+
+    def usage_of(self, result: Transcript) -> Usage:
+        return result.usage
+
+    def estimate(self, names: UsageNames) -> Usage:
+        # Speech-to-text bills the audio sent, whatever came back.
+        return Usage(provider=names[0], kind="stt", model=names[1],
+                     audio_seconds=len(self.pcm16) / 2 / self.sample_rate, estimated=True)
+
+
 class FallbackSTT(_Fallback[SpeechToText]):
     """SpeechToText over several providers, each bounded by `timeout_s`."""
 
     def __init__(self, providers: Sequence[SpeechToText], *, timeout_s: float,
                  breaker_failures: int = 3, breaker_reset_s: float = 30.0,
                  on_event: FallbackEventHandler | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__("stt", providers, breaker_failures, breaker_reset_s, on_event, clock)
+                 clock: Callable[[], float] = time.monotonic,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        super().__init__("stt", providers, breaker_failures, breaker_reset_s, on_event, clock,
+                         drain_timeout_s)
         self.timeout_s = timeout_s
 
     async def transcribe(self, pcm16: bytes, sample_rate: int) -> Transcript:
         return await first_success(self._chain, self.timeout_s,
-                                    lambda p: p.transcribe(pcm16, sample_rate))
+                                    _Transcription(pcm16, sample_rate))
 
 
 # --- agent ---------------------------------------------------------------------------
@@ -128,27 +169,48 @@ def _estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4) if text else 0
 
 
+def _prompt_estimate(messages: list[ChatMessage]) -> int:
+    return sum(_estimate_tokens(m.content) for m in messages)
+
+
 class _Reply(Streamed[Agent, AgentEvent]):
     done_type = AgentDone
     nothing_error = "stream ended without a reply"
     keeps_output = True  # the estimate of a cut reply counts its tokens
+    pumped = True  # a reply cut by a barge-in is read on to its usage chunk
 
     def __init__(self, messages: list[ChatMessage]) -> None:
         self.messages = messages
 
-    def open(self, provider: Agent) -> AsyncGenerator[AgentEvent, None]:
+    def open(self, provider: Agent) -> AsyncIterator[AgentEvent]:
         return provider.respond(self.messages)
 
     def has_output(self, event: AgentEvent) -> bool:
         return isinstance(event, TextDelta) and bool(event.text)
 
-    def truncated(self, provider: Agent, emitted: list[AgentEvent], first_byte_s: float,
-                  total_s: float) -> AgentEvent:
+    def estimate(self, names: UsageNames, emitted: list[AgentEvent]) -> Usage:
         produced = "".join(e.text for e in emitted if isinstance(e, TextDelta))
-        usage = Usage(provider=provider.name, kind="llm", model=provider.model or "unknown",
-                      input_tokens=sum(_estimate_tokens(m.content) for m in self.messages),
-                      output_tokens=_estimate_tokens(produced), estimated=True)
+        return Usage(provider=names[0], kind="llm", model=names[1],
+                     input_tokens=_prompt_estimate(self.messages),
+                     output_tokens=_estimate_tokens(produced), estimated=True)
+
+    def truncated(self, usage: Usage, first_byte_s: float, total_s: float) -> AgentEvent:
         return TruncatedAgentDone(usage=usage, timing=Timing(first_byte_s, total_s))
+
+
+class _Summary(OneShot[Agent, tuple[str, Usage]]):
+    def __init__(self, messages: list[ChatMessage]) -> None:
+        self.messages = messages
+
+    def call(self, provider: Agent) -> Awaitable[tuple[str, Usage]]:
+        return provider.summarize(self.messages)
+
+    def usage_of(self, result: tuple[str, Usage]) -> Usage:
+        return result[1]
+
+    def estimate(self, names: UsageNames) -> Usage:
+        return Usage(provider=names[0], kind="llm", model=names[1],
+                     input_tokens=_prompt_estimate(self.messages), estimated=True)
 
 
 class FallbackAgent(_Fallback[Agent]):
@@ -157,8 +219,10 @@ class FallbackAgent(_Fallback[Agent]):
     def __init__(self, providers: Sequence[Agent], *, first_token_timeout_s: float,
                  summarize_timeout_s: float = 10.0, breaker_failures: int = 3,
                  breaker_reset_s: float = 30.0, on_event: FallbackEventHandler | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__("llm", providers, breaker_failures, breaker_reset_s, on_event, clock)
+                 clock: Callable[[], float] = time.monotonic,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        super().__init__("llm", providers, breaker_failures, breaker_reset_s, on_event, clock,
+                         drain_timeout_s)
         self.first_token_timeout_s = first_token_timeout_s
         self.summarize_timeout_s = summarize_timeout_s
 
@@ -168,7 +232,7 @@ class FallbackAgent(_Fallback[Agent]):
 
     async def summarize(self, messages: list[ChatMessage]) -> tuple[str, Usage]:
         return await first_success(self._chain, self.summarize_timeout_s,
-                                    lambda p: p.summarize(messages))
+                                    _Summary(messages))
 
 
 # --- text-to-speech ------------------------------------------------------------------
@@ -181,7 +245,7 @@ class _Synthesis(Streamed[TextToSpeech, SynthesisEvent]):
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def open(self, provider: TextToSpeech) -> AsyncGenerator[SynthesisEvent, None]:
+    def open(self, provider: TextToSpeech) -> AsyncIterator[SynthesisEvent]:
         return provider.synthesize(self.text)
 
     def has_output(self, event: SynthesisEvent) -> bool:
@@ -192,11 +256,12 @@ class _Synthesis(Streamed[TextToSpeech, SynthesisEvent]):
             # Silence for real text: the caller would hear nothing.
             raise ProviderError(provider.name, "no audio for non-empty text")
 
-    def truncated(self, provider: TextToSpeech, emitted: list[SynthesisEvent],
-                  first_byte_s: float, total_s: float) -> SynthesisEvent:
+    def estimate(self, names: UsageNames, emitted: list[SynthesisEvent]) -> Usage:
         # TTS vendors bill the request's characters whether or not the audio arrived.
-        usage = Usage(provider=provider.name, kind="tts", model=provider.model or "unknown",
-                      characters=len(self.text), estimated=True)
+        return Usage(provider=names[0], kind="tts", model=names[1],
+                     characters=len(self.text), estimated=True)
+
+    def truncated(self, usage: Usage, first_byte_s: float, total_s: float) -> SynthesisEvent:
         return TruncatedSynthesisDone(usage=usage, timing=Timing(first_byte_s, total_s))
 
 
@@ -210,8 +275,10 @@ class FallbackTTS(_Fallback[TextToSpeech]):
     def __init__(self, providers: Sequence[TextToSpeech], *, first_audio_timeout_s: float,
                  breaker_failures: int = 3, breaker_reset_s: float = 30.0,
                  on_event: FallbackEventHandler | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        super().__init__("tts", providers, breaker_failures, breaker_reset_s, on_event, clock)
+                 clock: Callable[[], float] = time.monotonic,
+                 drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        super().__init__("tts", providers, breaker_failures, breaker_reset_s, on_event, clock,
+                         drain_timeout_s)
         self.first_audio_timeout_s = first_audio_timeout_s
 
     @property

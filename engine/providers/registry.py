@@ -5,8 +5,10 @@ model, environment variables, billable units, builder) and passes it to `registe
 it is imported. `discover` imports the modules of `engine.providers.builtin` and of any
 package named in `providers.packages`, so a third-party provider needs no change here.
 
-Config validation (`engine.config`), wiring (`engine.wiring`) and the price table
-(`engine.money.prices`) read the registry; nothing else branches on a provider's name.
+Config validation (`engine.config`), wiring (`engine.wiring`), the price table
+(`engine.money.prices`) and the start-up price checks (`engine.money.model_checks`) read
+the registry; nothing else branches on a provider's name. The billing units themselves
+live in `engine.providers.billing` (re-exported here for provider modules).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import pkgutil
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from engine.config import ConfigError
 from engine.providers.base import ProviderKind
+from engine.providers.billing import UNCATALOGUED, Billing, BillingUnit
 
 if TYPE_CHECKING:
     from engine.config import Config
@@ -37,30 +39,8 @@ USAGE_KIND: Mapping[Kind, ProviderKind] = MappingProxyType(
 BUILTIN_PACKAGE = "engine.providers.builtin"
 
 
-class BillingUnit(StrEnum):
-    """What a provider's usage is billed by; `engine.money.prices` knows each unit's price."""
-
-    AUDIO_MINUTE = "audio_minute"  # per minute of input audio, price per model
-    LOCAL_AUDIO_MINUTE = "local_audio_minute"  # our own CPU's minute, one configured rate
-    AUDIO_TOKENS = "audio_tokens"  # per 1M input / output tokens of token-billed speech
-    TOKENS = "tokens"  # per 1M input / cached input / output tokens
-    CHARACTERS = "characters"  # per 1K characters of input text
-    FREE = "free"  # runs here at no per-call cost
-
-
-@dataclass(frozen=True, slots=True)
-class Billing:
-    """One way a provider bills: the unit, for the models named (empty: every model)."""
-
-    unit: BillingUnit
-    models: tuple[str, ...] = ()
-
-    def applies_to(self, model: str) -> bool:
-        return not self.models or model in self.models
-
-
 # A provider that declares nothing is billed in its kind's usual units, as every provider
-# was before declarations existed (the price table then decides by model).
+# was before declarations existed (each model's catalog entry says which).
 DEFAULT_BILLING: Mapping[ProviderKind, tuple[Billing, ...]] = MappingProxyType({
     "stt": (Billing(BillingUnit.AUDIO_TOKENS), Billing(BillingUnit.AUDIO_MINUTE)),
     "llm": (Billing(BillingUnit.TOKENS),),
@@ -105,9 +85,12 @@ class ProviderSpec(Generic[S]):
     kind: Kind
     settings: type[S]
     # Makes the provider from its table and the whole config (chain-wide timeouts, the
-    # FAQ, ...); raises ProviderUnavailable when it cannot run here.
+    # FAQ, ...); raises ProviderUnavailable when it cannot run here. The provider's class
+    # lives in this builder's module (`Registry.spec_of` finds a built provider's spec so).
     build: Callable[[S, Config], object]
     env: Mapping[str, str] = field(default_factory=dict)  # variable -> settings field
+    # The units it may bill in: each model's catalog entry names one of them; free or
+    # local-CPU units also price a model the catalog does not list.
     billing: tuple[Billing, ...] = ()
 
 
@@ -166,6 +149,30 @@ class Registry:
         """How `provider`'s usage of `kind` is billed (its kind's usual units if undeclared)."""
         declared = self._billing.get((kind, provider))
         return declared if declared is not None else DEFAULT_BILLING.get(kind, ())
+
+    def declared_units(self, provider: str, model: str,
+                       kinds: Iterable[Kind] = KINDS) -> frozenset[BillingUnit] | None:
+        """The units `provider` may bill `model` in, over the given kinds it serves in;
+        None when no provider of that name is registered for them (nothing to check)."""
+        served = [kind for kind in kinds if (kind, provider) in self._specs]
+        if not served:
+            return None
+        return frozenset(b.unit for kind in served for b in self.billing(USAGE_KIND[kind], provider)
+                         if b.applies_to(model))
+
+    def uncatalogued_unit(self, kind: ProviderKind, provider: str,
+                          model: str) -> BillingUnit | None:
+        """The unit `provider` bills `model` in when the catalog has no entry for it: free
+        or our own CPU, whichever it declares first; None when the model needs a price."""
+        return next((b.unit for b in self.billing(kind, provider)
+                     if b.applies_to(model) and b.unit in UNCATALOGUED), None)
+
+    def spec_of(self, kind: Kind, provider: object) -> ProviderSpec[Any] | None:
+        """The spec whose builder made `provider`: a provider's class lives in the module
+        that registers it (None for an object no registered module defines)."""
+        module = type(provider).__module__
+        return next((spec for (k, _), spec in self._specs.items()
+                     if k == kind and spec.build.__module__ == module), None)
 
     def discover(self, packages: Iterable[str] = ()) -> None:
         """Import the built-in provider modules and the named packages or modules."""

@@ -1,1 +1,1 @@
-"""The record: call history (SQLite schema, writer, facade), latency metrics, the report."""
+"""The record: call history (schema, writer, facade), the itemised bill, metrics, the report."""

@@ -83,6 +83,36 @@ MIGRATIONS: list[str] = [
     CREATE INDEX actions_call ON actions(call_sid);
     CREATE INDEX actions_ts ON actions(ts);
     """,
+    # 2: the itemised bill. Each booking (a `usage` row: a provider call, or Twilio
+    # minutes) gets its priced lines; money is read from here. Bookings made before
+    # keep their cost as one line each, quantity 1 of the unit "booking".
+    """
+    CREATE TABLE cost_lines (
+        id INTEGER PRIMARY KEY,
+        usage_id INTEGER NOT NULL REFERENCES usage(id),
+        call_sid TEXT,
+        ts REAL NOT NULL,
+        item TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        model TEXT NOT NULL,
+        quantity REAL NOT NULL,
+        unit TEXT NOT NULL,
+        unit_price REAL NOT NULL,
+        amount REAL NOT NULL,
+        estimated INTEGER NOT NULL DEFAULT 0,
+        unpriced INTEGER NOT NULL DEFAULT 0,
+        cached INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX cost_lines_call ON cost_lines(call_sid);
+    CREATE INDEX cost_lines_ts ON cost_lines(ts);
+    INSERT INTO cost_lines (usage_id, call_sid, ts, item, provider, model, quantity, unit,
+                            unit_price, amount, estimated, unpriced, cached)
+    SELECT id, call_sid, ts,
+           CASE kind WHEN 'llm' THEN 'agent' WHEN 'tts' THEN 'voice' ELSE kind END,
+           provider, model, 1, 'booking', cost_usd, cost_usd, estimated, 0,
+           provider LIKE '%:cache'
+    FROM usage;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

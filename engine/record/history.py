@@ -1,4 +1,5 @@
-"""Durable call history in SQLite: calls, turns, usage and supervisor actions.
+"""Durable call history in SQLite: calls, turns, usage with its cost lines (bill.py) and
+supervisor actions.
 
 The `async` write methods return once their write is committed (writer.py), so a turn
 is on disk before the next one starts: a crash loses at most the turn in flight. Write
@@ -17,14 +18,24 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from engine.log import get_logger
+from engine.money.prices import CostLine
 from engine.providers.base import Usage
+from engine.record.bill import (
+    BillLine,
+    TwilioMinutes,
+    insert_lines,
+    minutes_line,
+    read_lines,
+    usage_lines,
+)
 from engine.record.database import END_REASON_UNEXPECTED, SCHEMA_VERSION, HistoryError
 from engine.record.writer import HistoryWriter
 from engine.session.records import TurnRecord
@@ -144,31 +155,44 @@ class CallHistory:
 
         return await self._write("turn_completed", call_sid, job)
 
-    async def usage_recorded(self, call_sid: str | None, usage: Usage, cost_usd: float,
-                             at: float | None = None) -> bool:
+    async def usage_recorded(self, call_sid: str | None, usage: Usage,
+                             lines: Sequence[CostLine], at: float | None = None) -> bool:
+        """One provider call: what it reported (a `usage` row) and its priced lines."""
         ts = self.clock() if at is None else at
+        cost = float(sum((line.amount for line in lines), Decimal(0)))
         row = (call_sid, ts, usage.provider, usage.kind, usage.model, usage.audio_seconds,
                usage.input_tokens, usage.cached_input_tokens, usage.output_tokens,
-               usage.characters, cost_usd, int(usage.estimated))
+               usage.characters, cost, int(usage.estimated))
+        bill = usage_lines(call_sid, ts, usage, lines)
         return await self._write("usage_recorded", call_sid,
-                                 lambda conn: self._insert_usage(conn, call_sid, ts, row))
+                                 lambda conn: self._book(conn, call_sid, ts, row, bill, cost))
 
-    async def phone_recorded(self, call_sid: str, duration_s: float, cost_usd: float,
-                             at: float | None = None) -> bool:
-        """The Twilio leg as a usage row (kind "phone", audio_seconds = call duration)."""
+    async def minutes_recorded(self, call_sid: str, kind: TwilioMinutes, model: str,
+                               minutes: int, unit_price: Decimal, duration_s: float,
+                               at: float | None = None) -> bool:
+        """Twilio minutes just started, of the call (`kind` "phone", from the answer) or of
+        one media stream: a `usage` row (audio_seconds = the duration so far) and a line."""
         ts = self.clock() if at is None else at
-        row = (call_sid, ts, "twilio", "phone", "voice", duration_s, 0, 0, 0, 0, cost_usd, 0)
-        return await self._write("phone_recorded", call_sid,
-                                 lambda conn: self._insert_usage(conn, call_sid, ts, row))
+        line = minutes_line(call_sid, ts, kind, model, minutes, unit_price)
+        row = (call_sid, ts, "twilio", kind, model, duration_s, 0, 0, 0, 0, line.amount, 0)
+        return await self._write("minutes_recorded", call_sid,
+                                 lambda conn: self._book(conn, call_sid, ts, row, [line],
+                                                         line.amount))
 
-    def _insert_usage(self, conn: sqlite3.Connection, call_sid: str | None, ts: float,
-                      row: tuple[Any, ...]) -> None:
+    def _book(self, conn: sqlite3.Connection, call_sid: str | None, ts: float,
+              row: tuple[Any, ...], lines: Sequence[BillLine], cost: float) -> None:
+        """The usage row, then its lines (which refer to it)."""
         if call_sid is not None:
             self._touch(conn, call_sid, ts)
-        conn.execute(
+            # Booked after the call's end was written (a request read on for its usage):
+            # the call's total grows with it.
+            conn.execute("UPDATE calls SET cost_usd = cost_usd + ? WHERE call_sid = ? "
+                         "AND ended_at IS NOT NULL", (cost, call_sid))
+        cursor = conn.execute(
             "INSERT INTO usage (call_sid, ts, provider, kind, model, audio_seconds, "
             "input_tokens, cached_input_tokens, output_tokens, characters, cost_usd, "
             "estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        insert_lines(conn, int(cursor.lastrowid or 0), lines)
 
     async def action_recorded(self, call_sid: str | None, actor: str, action: str,
                               args: dict[str, Any] | None = None, ok: bool = True,
@@ -212,7 +236,7 @@ class CallHistory:
         """Close this engine's calls that never got `call_ended` (the engine died).
 
         Run once at startup, before taking calls. Each is ended at its last write, with
-        `end_reason` "ended_unexpectedly" and the cost of its recorded usage.
+        `end_reason` "ended_unexpectedly" and the cost of its recorded lines.
         """
         cutoff = self.clock() if now is None else now
 
@@ -224,8 +248,8 @@ class CallHistory:
                 conn.execute(
                     "UPDATE calls SET ended_at = last_activity_at, "
                     "duration_s = max(0, last_activity_at - started_at), end_reason = ?, "
-                    "state = 'ended', cost_usd = (SELECT coalesce(sum(cost_usd), 0) "
-                    "FROM usage WHERE usage.call_sid = calls.call_sid) WHERE call_sid = ?",
+                    "state = 'ended', cost_usd = (SELECT coalesce(sum(amount), 0) "
+                    "FROM cost_lines l WHERE l.call_sid = calls.call_sid) WHERE call_sid = ?",
                     (END_REASON_UNEXPECTED, sid))
             return sids
 
@@ -261,13 +285,18 @@ class CallHistory:
 
         return await self._writer.submit(job)
 
+    async def bill(self, call_sid: str) -> list[BillLine]:
+        """One call's itemised bill, oldest line first (late bookings included)."""
+        return await self._writer.submit(
+            lambda conn: read_lines(conn, "call_sid = ?", (call_sid,)))
+
     async def daily_costs(self, since: date) -> dict[date, float]:
-        """USD per UTC day from the usage rows, to seed `SpendLedger.restore_day_totals`."""
+        """USD per UTC day from the cost lines, to seed the ledger's day totals."""
         start = datetime(since.year, since.month, since.day, tzinfo=UTC).timestamp()
 
         def job(conn: sqlite3.Connection) -> dict[date, float]:
             rows = conn.execute(
-                "SELECT date(ts, 'unixepoch') AS day, sum(cost_usd) FROM usage "
+                "SELECT date(ts, 'unixepoch') AS day, sum(amount) FROM cost_lines "
                 "WHERE ts >= ? GROUP BY day", (start,)).fetchall()
             # Rounded to nano-dollars: REAL sums carry float noise far below a cent.
             return {date.fromisoformat(day): round(float(total), 9) for day, total in rows}

@@ -1,44 +1,49 @@
-"""The business report from the call history: volume, cost, speed, escalations, savings.
+"""The business report from the call history: volume, the itemised cost, speed,
+escalations, the monthly projection and the OpenAI Realtime comparison.
 
-Read-only over the SQLite history. Costs come from the `usage` rows (the itemized
-ledger), so the per-kind breakdown always adds up to the total; a call with a cost but no
-usage rows counts as "unitemized". The Realtime comparison reprices each call's turns
-(caller and agent audio lengths) with the configured Realtime prices, the same rule as
-the live ledger (`RealtimeEstimator`), and compares it with our AI cost (STT + LLM +
-TTS); the phone leg is paid either way and is left out of the comparison.
+Read-only over the SQLite history. Money comes from the cost lines (bill.py), so the
+split into speech-to-text, agent, voice, phone and media-stream always adds up to the
+total; a call with a cost but no lines counts as "unitemized". The window holds the
+calls that started in it, with all their lines (late ones too), and the spend outside
+any call booked in it. Per call-minute figures divide by the calls' talk time.
+
+The monthly projection is the average daily spend over the last `PROJECTION_DAYS` days
+(fewer when the window or the history is shorter; at least an hour) times the days of
+the month the window ends in. The Realtime comparison reprices each call's turns (caller
+and agent audio lengths) with the configured Realtime prices, the live ledger's rule
+(`RealtimeEstimator`), against our AI cost (speech-to-text + agent + voice); Twilio's
+phone and media-stream minutes are paid either way and stay out of it.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import calendar
 import re
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from engine.config import PricesConfig
 from engine.log import get_logger
 from engine.money.realtime import realtime_conversation_cost
+from engine.record.bill import AI_ITEMS, ITEMS, BillLine, read_lines
 from engine.record.database import END_REASON_UNEXPECTED, HistoryError, connect
 from engine.record.metrics import percentile
+from engine.record.report_output import render
 
 log = get_logger(__name__)
 
-# An average month (365.25 / 12 days), for the monthly projection.
-DAYS_PER_MONTH = 30.4375
-AI_KINDS = ("stt", "llm", "tts")
-KIND_LABELS = {"phone": "Phone line (Twilio)", "stt": "Speech recognition",
-               "llm": "Language model", "tts": "Voice (text-to-speech)",
-               "unitemized": "Unitemized"}
+PROJECTION_DAYS = 7
+UNITEMIZED = "unitemized"
 
 ReportFormat = Literal["table", "json", "csv"]
 
 _SINCE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([wdhm])\s*$", re.IGNORECASE)
 _SINCE_UNITS = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes"}
+_REALTIME_KEYS = ("realtime_audio_in", "realtime_audio_cached_in", "realtime_audio_out",
+                  "realtime_caller_tokens_per_minute", "realtime_agent_tokens_per_minute")
 
 
 def parse_since(text: str) -> timedelta:
@@ -53,6 +58,15 @@ def parse_since(text: str) -> timedelta:
     return timedelta(**{_SINCE_UNITS[match.group(2).lower()]: amount})
 
 
+@dataclass(slots=True, frozen=True)
+class CostSplit:
+    """One row of the cost table: in all, per call and per call-minute (USD)."""
+
+    usd: float
+    per_call_usd: float | None
+    per_minute_usd: float | None
+
+
 @dataclass(slots=True)
 class Report:
     period_start: datetime
@@ -62,22 +76,39 @@ class Report:
     calls_ended_unexpectedly: int = 0
     total_minutes: float = 0.0
     avg_duration_s: float | None = None
-    total_cost_usd: float = 0.0
+    total_cost_usd: float = 0.0  # all in: AI, phone and media streams
     cost_per_call_usd: float | None = None
     cost_per_minute_usd: float | None = None
+    ai_cost_usd: float = 0.0  # speech-to-text + agent + voice
+    ai_cost_per_call_usd: float | None = None
+    ai_cost_per_minute_usd: float | None = None
+    # Every item of ITEMS (and "unitemized" when some call has a cost without lines).
+    cost_by_item: dict[str, CostSplit] = field(default_factory=dict)
+    estimated_usd: float = 0.0  # in lines whose quantity the provider did not report
+    estimated_lines: int = 0
+    unpriced_lines: int = 0  # counted at $0: no price for their model
+    unpriced_models: list[str] = field(default_factory=list)  # "provider model"
     monthly_projection_usd: float = 0.0
+    projection_days: float = 0.0  # the days the daily average is taken over
+    projection_daily_usd: float = 0.0
+    projection_month_days: int = 0  # the days of the month the window ends in
     turns: int = 0
     avg_voice_to_voice_s: float | None = None
     p95_voice_to_voice_s: float | None = None
     escalations: int = 0
     escalation_rate: float | None = None  # fraction of calls, 0..1
-    cached_turns: int = 0
-    cache_hit_rate: float | None = None  # fraction of turns answered from cache, 0..1
-    ai_cost_usd: float = 0.0  # STT + LLM + TTS
+    cached_turns: int = 0  # answer and every sentence of it from the caches
+    cache_hit_rate: float | None = None  # fraction of turns, 0..1
+    agent_requests: int = 0
+    answer_cache_hits: int = 0  # agent requests answered from the answer cache
+    voice_requests: int = 0
+    audio_cache_hits: int = 0  # sentences replayed from the audio cache
     realtime_equivalent_usd: float = 0.0
+    realtime_per_minute_usd: float | None = None
     realtime_saving_usd: float | None = None
     realtime_saving_pct: float | None = None  # percent, 0..100 (negative: Realtime cheaper)
-    cost_by_kind: dict[str, float] = field(default_factory=dict)
+    realtime_assumptions: dict[str, float] = field(default_factory=dict)  # prices.realtime_*
+    lines: list[BillLine] = field(default_factory=list)
 
 
 def _ts(moment: datetime) -> float:
@@ -92,42 +123,33 @@ def build_report(db_path: str | Path, since: timedelta, now: datetime | None = N
     now = now or datetime.now(UTC)
     prices = prices or PricesConfig()
     start = now - since
-    start_ts, end_ts = _ts(start), _ts(now)
     path = Path(db_path)
     try:
         conn = connect(path, create=False)
     except sqlite3.Error as exc:
         raise HistoryError(f"cannot open history {path}: {exc}") from exc
     try:
-        return _build(conn, Report(period_start=start, period_end=now), start_ts, end_ts,
-                      prices)
+        return _build(conn, Report(period_start=start, period_end=now), prices)
     except sqlite3.Error as exc:
         raise HistoryError(f"cannot read history {path}: {exc}") from exc
     finally:
         conn.close()
 
 
-def _build(conn: sqlite3.Connection, report: Report, start_ts: float, end_ts: float,
-           prices: PricesConfig) -> Report:
+def _build(conn: sqlite3.Connection, report: Report, prices: PricesConfig) -> Report:
+    start_ts, end_ts = _ts(report.period_start), _ts(report.period_end)
     calls = conn.execute(
         "SELECT call_sid, started_at, ended_at, last_activity_at, duration_s, end_reason, "
         "cost_usd, escalated FROM calls WHERE started_at >= ? AND started_at <= ? "
         "ORDER BY started_at", (start_ts, end_ts)).fetchall()
-    report.calls = len(calls)
+    report.lines = read_lines(
+        conn, "call_sid IN (SELECT call_sid FROM calls WHERE started_at >= ? AND "
+        "started_at <= ?) OR (call_sid IS NULL AND ts >= ? AND ts <= ?)",
+        (start_ts, end_ts, start_ts, end_ts))
+    itemized = {line.call_sid for line in report.lines}
+    unitemized = 0.0
     durations: list[float] = []
-    itemized: dict[str, float] = {}
-    by_kind: dict[str, float] = {}
-    for sid, kind, total in conn.execute(
-            "SELECT u.call_sid, u.kind, sum(u.cost_usd) FROM usage u JOIN calls c "
-            "ON c.call_sid = u.call_sid WHERE c.started_at >= ? AND c.started_at <= ? "
-            "GROUP BY u.call_sid, u.kind", (start_ts, end_ts)):
-        itemized[sid] = itemized.get(sid, 0.0) + total
-        by_kind[kind] = by_kind.get(kind, 0.0) + total
-    # Spend outside any call (e.g. warm-up) counts by when it happened.
-    for kind, total in conn.execute(
-            "SELECT kind, sum(cost_usd) FROM usage WHERE call_sid IS NULL AND ts >= ? "
-            "AND ts <= ? GROUP BY kind", (start_ts, end_ts)):
-        by_kind[kind] = by_kind.get(kind, 0.0) + total
+    report.calls = len(calls)
     for sid, started, ended, last, duration, end_reason, cost, escalated in calls:
         if ended is None:
             report.calls_in_progress += 1
@@ -137,33 +159,74 @@ def _build(conn: sqlite3.Connection, report: Report, start_ts: float, end_ts: fl
         durations.append(duration or 0.0)
         report.escalations += int(bool(escalated))
         if sid not in itemized and cost:
-            by_kind["unitemized"] = by_kind.get("unitemized", 0.0) + cost
-
-    # Rounded to nano-dollars: REAL sums carry float noise far below a cent.
-    report.cost_by_kind = {k: round(v, 9) for k, v in sorted(by_kind.items())}
-    report.total_cost_usd = round(sum(by_kind.values()), 9)
-    report.ai_cost_usd = round(sum(by_kind.get(k, 0.0) for k in AI_KINDS), 9)
+            unitemized += cost
     report.total_minutes = sum(durations) / 60.0
     if report.calls:
         report.avg_duration_s = sum(durations) / report.calls
-        report.cost_per_call_usd = report.total_cost_usd / report.calls
         report.escalation_rate = report.escalations / report.calls
-    if report.total_minutes > 0:
-        report.cost_per_minute_usd = report.total_cost_usd / report.total_minutes
-    report.monthly_projection_usd = _projection(conn, report.total_cost_usd, start_ts, end_ts)
+    _costs(report, unitemized)
+    _projection(conn, report, start_ts, end_ts)
     _turn_figures(conn, report, start_ts, end_ts, prices)
     return report
 
 
-def _projection(conn: sqlite3.Connection, total: float, start_ts: float,
-                end_ts: float) -> float:
-    """Cost per day over the window, times an average month. When the history began
-    inside the window, only the days since then count (floored at one hour)."""
-    first = conn.execute("SELECT min(started_at) FROM calls").fetchone()[0]
-    if first is None or total <= 0:
-        return 0.0
-    span_s = max(end_ts - max(start_ts, first), 3600.0)
-    return total / (span_s / 86400.0) * DAYS_PER_MONTH
+def _split(report: Report, usd: float) -> CostSplit:
+    # Rounded to nano-dollars: REAL sums carry float noise far below a cent.
+    usd = round(usd, 9)
+    minutes = report.total_minutes
+    return CostSplit(usd, usd / report.calls if report.calls else None,
+                     usd / minutes if minutes > 0 else None)
+
+
+def _costs(report: Report, unitemized: float) -> None:
+    """The split by item, the totals, and what is estimated or unpriced."""
+    by_item = dict.fromkeys(ITEMS, 0.0)
+    unpriced: set[str] = set()
+    for line in report.lines:
+        by_item[line.item] = by_item.get(line.item, 0.0) + line.amount
+        if line.estimated:
+            report.estimated_lines += 1
+            report.estimated_usd += line.amount
+        if line.unpriced:
+            report.unpriced_lines += 1
+            unpriced.add(f"{line.provider} {line.model}")
+    if unitemized:
+        by_item[UNITEMIZED] = unitemized
+    report.cost_by_item = {item: _split(report, usd) for item, usd in by_item.items()}
+    everything = _split(report, sum(by_item.values()))
+    report.total_cost_usd = everything.usd
+    report.cost_per_call_usd, report.cost_per_minute_usd = (everything.per_call_usd,
+                                                            everything.per_minute_usd)
+    ai = _split(report, sum(by_item[item] for item in AI_ITEMS))
+    report.ai_cost_usd = ai.usd
+    report.ai_cost_per_call_usd, report.ai_cost_per_minute_usd = (ai.per_call_usd,
+                                                                  ai.per_minute_usd)
+    report.estimated_usd = round(report.estimated_usd, 9)
+    report.unpriced_models = sorted(unpriced)
+    for item, hits, requests in (("agent", "answer_cache_hits", "agent_requests"),
+                                 ("voice", "audio_cache_hits", "voice_requests")):
+        bookings = {line.usage_id: line.cached for line in report.lines if line.item == item}
+        setattr(report, requests, len(bookings))
+        setattr(report, hits, sum(bookings.values()))
+
+
+def _projection(conn: sqlite3.Connection, report: Report, start_ts: float,
+                end_ts: float) -> None:
+    """The last days' average daily spend times the days of the month."""
+    first = conn.execute("SELECT min(t) FROM (SELECT min(started_at) AS t FROM calls "
+                         "UNION ALL SELECT min(ts) FROM cost_lines)").fetchone()[0]
+    end = report.period_end.astimezone(UTC)
+    report.projection_month_days = calendar.monthrange(end.year, end.month)[1]
+    if first is None:
+        return
+    since = max(end_ts - PROJECTION_DAYS * 86400.0, start_ts, first)
+    span_s = max(end_ts - since, 3600.0)
+    spent = conn.execute("SELECT coalesce(sum(amount), 0) FROM cost_lines WHERE ts >= ? "
+                         "AND ts <= ?", (since, end_ts)).fetchone()[0]
+    report.projection_days = span_s / 86400.0
+    report.projection_daily_usd = round(spent / report.projection_days, 9)
+    report.monthly_projection_usd = round(
+        report.projection_daily_usd * report.projection_month_days, 9)
 
 
 def _turn_figures(conn: sqlite3.Connection, report: Report, start_ts: float, end_ts: float,
@@ -184,116 +247,18 @@ def _turn_figures(conn: sqlite3.Connection, report: Report, start_ts: float, end
     per_call: dict[str, list[tuple[float, float]]] = {}
     for sid, _cached, _v2v, caller_s, agent_s in rows:
         per_call.setdefault(sid, []).append((caller_s, agent_s))
+    report.realtime_assumptions = {key: getattr(prices, key) for key in _REALTIME_KEYS}
     report.realtime_equivalent_usd = sum(realtime_conversation_cost(turns, prices)
                                          for turns in per_call.values())
+    if report.total_minutes > 0:
+        report.realtime_per_minute_usd = report.realtime_equivalent_usd / report.total_minutes
     if report.realtime_equivalent_usd > 0:
         report.realtime_saving_usd = report.realtime_equivalent_usd - report.ai_cost_usd
         report.realtime_saving_pct = (report.realtime_saving_usd
                                       / report.realtime_equivalent_usd * 100.0)
 
 
-# --- rendering ----------------------------------------------------------------------
-
-
 def render_report(report: Report, format: ReportFormat = "table") -> str:
-    if format == "table":
-        return _render_table(report)
-    if format == "json":
-        return json.dumps(_as_dict(report), indent=2) + "\n"
-    if format == "csv":
-        return _render_csv(report)
-    raise ValueError(f"unknown report format {format!r}: use table, json or csv")
-
-
-def _as_dict(report: Report) -> dict[str, Any]:
-    data = asdict(report)
-    data["period_start"] = report.period_start.isoformat()
-    data["period_end"] = report.period_end.isoformat()
-    return data
-
-
-def _render_csv(report: Report) -> str:
-    data = _as_dict(report)
-    by_kind = data.pop("cost_by_kind")
-    for kind in sorted(set(by_kind) | {"phone", *AI_KINDS}):
-        data[f"cost_{kind}_usd"] = by_kind.get(kind, 0.0)
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(data), lineterminator="\n")
-    writer.writeheader()
-    writer.writerow({k: "" if v is None else v for k, v in data.items()})
-    return out.getvalue()
-
-
-def _usd(value: float | None) -> str:
-    if value is None:
-        return "-"
-    # Per-call and per-minute figures are fractions of a cent: show them in full.
-    return f"${value:,.2f}" if abs(value) >= 1 or value == 0 else f"${value:.4f}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
-
-
-def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} s"
-
-
-def _duration(value: float | None) -> str:
-    if value is None:
-        return "-"
-    minutes, seconds = divmod(round(value), 60)
-    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-
-
-def _period(report: Report) -> str:
-    span = report.period_end - report.period_start
-    days = span.total_seconds() / 86400
-    if days >= 1 and days == int(days):
-        label = f"last {int(days)} day{'s' if days != 1 else ''}"
-    else:
-        label = f"last {span.total_seconds() / 3600:g} hours"
-    fmt = "%Y-%m-%d %H:%M"
-    return (f"{label} ({report.period_start.astimezone(UTC).strftime(fmt)} to "
-            f"{report.period_end.astimezone(UTC).strftime(fmt)} UTC)")
-
-
-def _render_table(r: Report) -> str:
-    rows: list[tuple[str, str] | str] = ["Calls"]
-    rows += [("Calls answered", f"{r.calls:,}"),
-             ("Talk time", f"{r.total_minutes:,.1f} min"),
-             ("Average call length", _duration(r.avg_duration_s)),
-             ("Handed to a person", f"{r.escalations:,} ({_pct(r.escalation_rate)})")]
-    if r.calls_ended_unexpectedly:
-        rows.append(("Ended unexpectedly", f"{r.calls_ended_unexpectedly:,}"))
-    if r.calls_in_progress:
-        rows.append(("Still in progress", f"{r.calls_in_progress:,}"))
-    rows += ["Cost",
-             ("Total cost", _usd(r.total_cost_usd)),
-             ("Cost per call", _usd(r.cost_per_call_usd)),
-             ("Cost per minute", _usd(r.cost_per_minute_usd)),
-             ("Projected monthly bill", _usd(r.monthly_projection_usd))]
-    rows += [(f"  {KIND_LABELS.get(kind, kind)}", _usd(usd))
-             for kind, usd in r.cost_by_kind.items()]
-    rows += ["Speed and quality",
-             ("Average response time", _secs(r.avg_voice_to_voice_s)),
-             ("95% of responses within", _secs(r.p95_voice_to_voice_s)),
-             ("Answered from cache", f"{_pct(r.cache_hit_rate)} of {r.turns:,} turns")]
-    rows += ["Compared with the OpenAI Realtime API",
-             ("Realtime API would have cost", _usd(r.realtime_equivalent_usd)),
-             ("Our speech + AI cost", _usd(r.ai_cost_usd))]
-    if r.realtime_saving_pct is not None and r.realtime_saving_usd is not None:
-        rows.append(("Saving", f"{_usd(r.realtime_saving_usd)} ({r.realtime_saving_pct:.1f}%)"))
-    else:
-        rows.append(("Saving", "- (no turns to compare)"))
-    width = max(len(row[0]) for row in rows if isinstance(row, tuple)) + 3
-    lines = [f"Switchboard report: {_period(r)}", ""]
-    for row in rows:
-        if isinstance(row, str):
-            lines += ["", row] if len(lines) > 2 else [row]
-        else:
-            lines.append(f"  {row[0]:<{width}}{row[1]}")
-    lines.append("")
-    lines.append("Phone time is billed per started minute; the Realtime comparison "
-                 "leaves out the phone line, paid either way.")
-    return "\n".join(lines) + "\n"
+    """The report as text: a table for people, or JSON (the figures and every line) or
+    CSV (one row per line) for a spreadsheet."""
+    return render(report, format)

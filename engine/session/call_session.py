@@ -11,19 +11,27 @@ The session owns no wire. The edge attaches each media stream as an `AudioOut` p
 an `EndStream`, and the session acts on the live call through the `CallControl` port
 (`session/ports.py`). It is the unit of failure containment: everything one call does
 runs in tasks it owns, and an exception there ends this call only.
+
+It is also the call's bill: every task it spawns carries the call's usage sink
+(`engine.providers.booking`), so whatever a provider request costs is booked on this call
+(`book`), even when the request finishes after the call has moved on or ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
+
 from engine.config import Config
 from engine.log import get_logger
-from engine.providers.base import ProviderError, TextToSpeech
+from engine.providers.base import ProviderError, TextToSpeech, Usage
+from engine.providers.booking import bill_to, bind_sink
 from engine.session.ports import AudioOut, CallControl, ControlResult, EndStream, SessionObserver
 from engine.session.speaking import Voice
 from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransition
@@ -31,6 +39,10 @@ from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransit
 __all__ = ["CallSession", "Conversation", "SessionObserver", "StreamStats"]
 
 log = get_logger(__name__)
+
+# How long `end` waits for the call's cancelled tasks to finish their `finally` blocks
+# (the cut reply records its turn there) before it reports the end.
+END_GRACE_S = 2.0
 
 
 class Conversation(Protocol):
@@ -50,7 +62,15 @@ class Conversation(Protocol):
 
     def interrupt(self, reason: str) -> None: ...  # cut the agent off now
 
+    def cost_cap_reached(self) -> None: ...  # close the call at the next safe point
+
     async def aclose(self) -> None: ...
+
+
+def twilio_say_usage(text: str) -> Usage:
+    """Twilio speaking `text` itself (<Say>: a transfer announcement, the last-resort
+    voice): billed by Twilio per character."""
+    return Usage(provider="twilio", kind="tts", model="say", characters=len(text))
 
 
 @dataclass(slots=True)
@@ -74,8 +94,8 @@ class CallSession:
         self.from_number = from_number
         self.to_number = to_number
         self.state = CallState.CONNECTED
-        self.created_at = time.time()
-        self.stream_started_at: float | None = None
+        self.created_at = time.time()  # the webhook: Twilio answered, the phone bill starts
+        self.stream_started_at: float | None = None  # the media stream now attached
         self.ended_at: float | None = None
         self.end_reason: str | None = None
         self.hangup_reason: str | None = None  # set while the engine hangs up
@@ -100,9 +120,27 @@ class CallSession:
         return self.state is CallState.ENDED
 
     def duration_s(self, now: float | None = None) -> float:
-        start = self.stream_started_at or self.created_at
+        """Seconds since Twilio answered (the voice webhook): what the phone bill counts."""
         end = self.ended_at or (now if now is not None else time.time())
-        return max(0.0, end - start)
+        return max(0.0, end - self.created_at)
+
+    def stream_duration_s(self, now: float | None = None) -> float:
+        """Seconds the media stream now attached has run (0 without one)."""
+        if self.stream_started_at is None:
+            return 0.0
+        end = self.ended_at or (now if now is not None else time.time())
+        return max(0.0, end - self.stream_started_at)
+
+    def book(self, usage: Usage) -> None:
+        """Put one usage on this call's bill (also after the call ended: a request read on
+        in the background still costs money)."""
+        if self.observer is not None:
+            self.observer.usage(self, usage)
+
+    def _enter_call(self) -> None:
+        """Run in a task's context: its requests bill this call, its log lines name it."""
+        bind_sink(self.book)
+        structlog.contextvars.bind_contextvars(call_sid=self.call_sid)
 
     def transition(self, new: CallState, reason: str) -> None:
         old = self.state
@@ -137,11 +175,13 @@ class CallSession:
         self.stream_sid = stream_sid
         self.voice.attach(audio_out)
         self._end_stream = end_stream
+        self.stream_started_at = time.time()
         self.awaiting_stream = False
         self.log.info("call.stream_reattached", stream_sid=stream_sid)
 
     def stream_lost_while_awaiting(self) -> None:
         """Twilio ended the old stream to play our <Say>; give the new one a while."""
+        self._stream_ended()
         self.voice.detach()
         loop = asyncio.get_running_loop()
         loop.call_later(60.0, self._reconnect_deadline)
@@ -151,9 +191,22 @@ class CallSession:
             self.log.warning("call.no_new_stream", detail="Twilio did not reconnect after <Say>")
             self.spawn(self.end("media stream did not come back"), "end")
 
+    def _stream_ended(self) -> None:
+        """The attached media stream is over: Twilio bills its minutes on their own."""
+        if self.stream_started_at is None or self.stream_sid is None:
+            return
+        duration = self.stream_duration_s()
+        self.stream_started_at = None
+        if self.observer is not None:
+            self.observer.stream_ended(self, self.stream_sid, duration)
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run work owned by this call; its failure is logged and contained here."""
-        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_sid}:{name}")
+        """Run work owned by this call (billed to it); its failure is logged and contained
+        here."""
+        context = contextvars.copy_context()
+        context.run(self._enter_call)
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_sid}:{name}",
+                                                      context=context)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -183,14 +236,20 @@ class CallSession:
             self._cap_timer.cancel()
         self.voice.close()
         current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
+        cancelled = [task for task in self._tasks if task is not current]
+        for task in cancelled:
+            task.cancel()
         if self.conversation is not None:
             try:
                 await self.conversation.aclose()
             except Exception:
                 self.log.exception("call.conversation_close_failed")
+        if cancelled:
+            # Their `finally` blocks still report (the cut reply's turn): before the end.
+            _, late = await asyncio.wait(cancelled, timeout=END_GRACE_S)
+            if late:
+                self.log.warning("call.tasks_still_running", tasks=len(late))
+        self._stream_ended()
         self._ended.set()
         player = self.voice.player
         self.log.info("call.ended", reason=reason, duration_s=round(self.duration_s(), 2),
@@ -238,6 +297,7 @@ class CallSession:
             self.log.warning("call.say_fallback_failed", error=result.error)
         else:
             self.log.warning("call.say_fallback", chars=len(text))
+            self.book(twilio_say_usage(text))
             if self.observer is not None:
                 self.observer.transcript(self, "agent", text, True,
                                          line_id=f"{self.call_sid}-say{time.monotonic_ns()}")
@@ -264,6 +324,8 @@ class CallSession:
         else:
             self.escalated = True
             self.log.info("call.transferred", number=number, reason=reason)
+            if announcement:
+                self.book(twilio_say_usage(announcement))
         return result
 
     async def hang_up(self, reason: str) -> ControlResult:
@@ -306,22 +368,31 @@ class CallSession:
             if self.conversation is not None:
                 self.conversation.interrupt("supervisor line")  # also stops its reply
             await voice.clear()  # cleared before the new line is queued
-        await voice.say(text, speaker)
+        with bill_to(self.book):  # runs in the supervisor's task, not one of the call's
+            await voice.say(text, speaker)
 
-    # -- the duration cap ---------------------------------------------------------------
+    # -- the caps -----------------------------------------------------------------------
+
+    def cost_cap_reached(self) -> None:
+        """The ledger says this call has cost its cap (told as the booking lands): the
+        conversation closes it at its next safe point."""
+        if not self.ended and self.conversation is not None:
+            self.conversation.cost_cap_reached()
 
     def _duration_cap_reached(self) -> None:
         if self.state in (CallState.AI, CallState.HUMAN_TAKEOVER):
             self.log.info("call.duration_cap", max_s=self.config.engine.max_call_seconds)
-            self.spawn(self._say_goodbye_and_hang_up(), "duration_cap")
+            self.spawn(self.say_goodbye_and_hang_up(self.config.engine.goodbye,
+                                                    "duration cap reached"), "duration_cap")
 
-    async def _say_goodbye_and_hang_up(self) -> None:
+    async def say_goodbye_and_hang_up(self, line: str, reason: str) -> None:
+        """Stop the conversation, cut what plays, say `line` in the session's voice, then
+        hang up (also when the line cannot be said)."""
         if self.conversation is not None:
             self.conversation.set_listening(False)
         await self.voice.clear()
         try:
-            await asyncio.wait_for(self.voice.speak(self.config.engine.goodbye, speaker="system"),
-                                   timeout=20.0)
+            await asyncio.wait_for(self.voice.speak(line, speaker="system"), timeout=20.0)
         except (ProviderError, ConnectionError, TimeoutError) as exc:
             self.log.warning("call.goodbye_failed", error=str(exc))
-        await self.hang_up("duration cap reached")
+        await self.hang_up(reason)

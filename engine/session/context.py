@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.log import get_logger
-from engine.providers.base import Agent, ChatMessage, ProviderError, Usage
+from engine.providers.base import Agent, ChatMessage, ProviderError
 
 log = get_logger(__name__)
 
@@ -62,10 +62,11 @@ class ConversationContext:
     def needs_summary(self) -> bool:
         return self.tokens() > self.max_tokens and len(self.turns) > self.keep_recent
 
-    async def summarize(self, agent: Agent) -> Usage | None:
-        """Fold the older turns into the summary. On failure, drop them (bounded anyway)."""
+    async def summarize(self, agent: Agent) -> None:
+        """Fold the older turns into the summary. On failure, drop them (bounded anyway).
+        The agent's chain books what the summary cost."""
         if not self.needs_summary():
-            return None
+            return
         older, recent = self.turns[:-self.keep_recent], self.turns[-self.keep_recent:]
         msgs: list[ChatMessage] = []
         if self.summary:
@@ -75,15 +76,14 @@ class ConversationContext:
             if turn.assistant:
                 msgs.append(ChatMessage("assistant", turn.assistant))
         try:
-            summary, usage = await agent.summarize(msgs)
+            summary, _ = await agent.summarize(msgs)
         except ProviderError as exc:
             self.log.warning("context.summary_failed", error=str(exc), dropped=len(older))
             self.turns = recent
-            return None
+            return
         # The summary itself must stay bounded: keep its most recent part.
         limit = self.max_tokens * 2
         self.summary = summary[-limit:]
         self.turns = recent
         self.summaries_made += 1
         self.log.info("context.summarized", folded_turns=len(older), tokens=self.tokens())
-        return usage

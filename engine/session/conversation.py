@@ -2,7 +2,7 @@
 named parts; `ConversationPipeline` is the session's `Conversation`.
 
 - `turn_taking.py`: the endpointer, barge-in, backchannels, utterance → transcript;
-- `policies.py`: unclear turns, handoff, the cost cap, the agent's verdicts;
+- `policies.py`: unclear turns, handoff, the cost cap's action, the agent's verdicts;
 - `replying.py`: the agent's answer, streamed sentence by sentence, and the turn record;
 - `speaking.py`: speech into the outbound queue, marks, what the caller heard;
 - `context.py`: what the agent is told, kept within a token budget.
@@ -14,7 +14,7 @@ Inbound frames do not pass through this module: the session hands them straight 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.config import Config
@@ -31,6 +31,19 @@ if TYPE_CHECKING:
     from engine.session.call_session import CallSession
 
 
+@dataclass(slots=True, frozen=True)
+class TurnChains:
+    """The chains one turn hears, answers and speaks with."""
+
+    stt: SpeechToText
+    agent: Agent
+    tts: TextToSpeech
+
+
+def _not_degraded() -> bool:
+    return False
+
+
 @dataclass(slots=True)
 class PipelineDeps:
     """What every call's pipeline shares (built once per engine)."""
@@ -41,6 +54,28 @@ class PipelineDeps:
     tts: TextToSpeech
     cache: ResponseCache
     matcher: FaqMatcher | None = None  # answer-cache keys for common questions
+    # The cheapest chains (providers.degraded_*), for new turns while `degraded()` says
+    # so (the budget is exhausted with budget.on_exhausted = "degrade").
+    cheapest: TurnChains | None = None
+    degraded: Callable[[], bool] = _not_degraded
+    usual: TurnChains = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.usual = TurnChains(self.stt, self.agent, self.tts)
+
+    def chains(self) -> TurnChains:
+        """The chains for a turn starting now."""
+        if self.cheapest is not None and self.degraded():
+            return self.cheapest
+        return self.usual
+
+    def all_chains(self) -> list[SpeechToText | Agent | TextToSpeech]:
+        """Every chain a turn may use, each once (the cheapest ones too)."""
+        found: list[SpeechToText | Agent | TextToSpeech] = [self.stt, self.agent, self.tts]
+        if self.cheapest is not None:
+            cheap = self.cheapest
+            found += [c for c in (cheap.stt, cheap.agent, cheap.tts) if c not in found]
+        return found
 
 
 class ConversationPipeline:
@@ -52,10 +87,10 @@ class ConversationPipeline:
         self.context = ConversationContext(prompt, cfg.policy.context_max_tokens,
                                            cfg.policy.context_keep_recent_turns,
                                            session.call_sid)
-        self.speaking = Speaking(session, deps.tts)
+        self.speaking = Speaking(session, deps.chains().tts)
         self.policies = Policies(session, cfg, self.speaking, self, cost_so_far)
         self.replying = Replying(session, deps, self.context, self.speaking, self.policies)
-        self.turns = TurnTaking(session, cfg, deps.stt, self.speaking, self.policies,
+        self.turns = TurnTaking(session, cfg, deps.chains, self.speaking, self.policies,
                                 self.replying)
         # The hot path: the session calls turn-taking directly, without a hop through here.
         self.on_audio = self.turns.on_audio
@@ -97,6 +132,9 @@ class ConversationPipeline:
     def interrupt(self, reason: str) -> None:
         """Stop generation and synthesis, and cut what the caller hears now."""
         self.speaking.interrupt(reason)
+
+    def cost_cap_reached(self) -> None:
+        self.policies.cost_cap_reached()
 
     async def aclose(self) -> None:
         self.mode = Mode.OFF

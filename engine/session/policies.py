@@ -1,15 +1,21 @@
-"""The policies of a conversation: when a caller turn gets no answer, and when the call
-goes to a person.
+"""The policies of a conversation: when a caller turn gets no answer, when the call goes
+to a person, and how a call that has cost its cap ends.
 
 A turn gets no agent answer when the transcript is unclear (the caller is asked again),
-when the caller asks for a person, or when the call has cost its cap (both hand the call
-off). After an answer, the agent's own verdict counts too: "could not answer" is one
-more misunderstanding, "handoff" hands off, "goodbye" hangs up. Repeated
-misunderstandings hand the call off as well.
+when the caller asks for a person (the call is handed off), or when the call has cost its
+cap. After an answer, the agent's own verdict counts too: "could not answer" is one more
+misunderstanding, "handoff" hands off, "goodbye" hangs up. Repeated misunderstandings hand
+the call off as well.
+
+The cost cap acts when a booking crosses it (`cost_cap_reached`, from the ledger), not
+at the next caller turn: the agent finishes the sentence it is saying (at once when
+idle), then the call is transferred to transfer.number, or, without one or when the
+transfer fails, hears `cost_cap_goodbye` and is hung up. It acts once: never a loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -43,6 +49,8 @@ class Policies:
         self.listening = listening
         self.cost_so_far = cost_so_far
         self.misunderstandings = 0
+        self.over_cap = False  # the call has cost its cap: it answers nothing more
+        self._closing: asyncio.Task[None] | None = None  # the cap's action, once
         self.log = log.bind(call_sid=session.call_sid)
 
     def unclear(self, transcript: Transcript) -> bool:
@@ -60,6 +68,10 @@ class Policies:
         """Whether the agent answers this caller turn. When not, the policy has acted
         already: the caller was asked again, or the call is being handed off."""
         policy = self.policy
+        cap = policy.call_cost_cap_usd
+        if self.over_cap or (cap > 0 and self.cost_so_far() >= cap):
+            self.cost_cap_reached()  # not acted on yet if a supervisor held the call
+            return False
         if unclear:
             self.log.info("turn.low_confidence", text=text,
                           avg_logprob=transcript.confidence.avg_logprob,
@@ -69,11 +81,31 @@ class Policies:
         if detect_intent(text) == "handoff":
             await self.handoff("caller asked for a person", policy.handoff_line)
             return False
-        cap = policy.call_cost_cap_usd
-        if cap > 0 and self.cost_so_far() >= cap:
-            await self.handoff("call cost cap reached", policy.cost_cap_line)
-            return False
         return True
+
+    # -- the cost cap ---------------------------------------------------------------------
+
+    def cost_cap_reached(self) -> None:
+        """The call has cost its cap. The agent says nothing new; the call is closed once
+        the sentence being spoken ends (at once when idle). Not while a supervisor holds
+        the call: the first turn after they hand it back acts."""
+        self.over_cap = True
+        if self.session.state is not CallState.AI or self._closing is not None:
+            return
+        self.log.info("turn.cost_cap", spent_usd=self.cost_so_far(),
+                      cap_usd=self.policy.call_cost_cap_usd)
+        self.speaking.finish_sentence()
+        self._closing = self.session.spawn(self._close_over_cap(), "cost_cap")
+
+    async def _close_over_cap(self) -> None:
+        await self.speaking.wind_down(timeout_s=30.0)
+        if self.session.state is not CallState.AI:  # a supervisor or the caller came first
+            self._closing = None
+            return
+        reason = "call cost cap reached"
+        if self.transfer_number and await self.handoff(reason, self.policy.cost_cap_line):
+            return
+        await self.session.say_goodbye_and_hang_up(self.policy.cost_cap_goodbye, reason)
 
     async def misunderstood(self, why: str) -> None:
         """Ask the caller again, or hand off after too many misunderstandings in a row."""
@@ -91,6 +123,8 @@ class Policies:
     async def after_answer(self, action: AgentAction) -> bool:
         """Act on the agent's verdict on its own answer; False when the call was handed
         off for it (nothing more to do in this turn)."""
+        if self.over_cap:  # the cap's action closes the call
+            return False
         if action == "unknown":
             self.misunderstandings += 1
             if self.misunderstandings >= self.policy.max_misunderstandings:
@@ -104,11 +138,12 @@ class Policies:
             await self.session.hang_up("caller said goodbye")
         return True
 
-    async def handoff(self, reason: str, line: str) -> None:
-        """Say a short line, then transfer the call to the human queue."""
+    async def handoff(self, reason: str, line: str) -> bool:
+        """Say a short line, then transfer the call to the human queue. True when the call
+        left the agent (transferred, or the caller hung up first)."""
         session = self.session
         if session.state is not CallState.AI:
-            return
+            return False
         obs = session.observer
         self.log.info("turn.handoff", reason=reason)
         if obs is not None:
@@ -126,7 +161,9 @@ class Policies:
         if not number:
             self.log.warning("turn.handoff_impossible", detail="transfer.number is not set")
             self.listening.mode = previous
-            return
+            return False
         result = await session.transfer(number, reason)
         if not result.ok and not result.already_ended:
             self.listening.mode = previous
+            return False
+        return True

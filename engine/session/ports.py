@@ -86,6 +86,9 @@ class SessionObserver(Protocol):
 
     def stream_started(self, session: CallSession) -> None: ...
 
+    def stream_ended(self, session: CallSession, stream_sid: str, duration_s: float) -> None:
+        """A media stream of the call is over (the call goes on after a <Say>, or ends)."""
+
     def state_changed(self, session: CallSession, old: CallState, new: CallState,
                       reason: str) -> None: ...
 
@@ -97,6 +100,7 @@ class SessionObserver(Protocol):
     def transcript(self, session: CallSession, speaker: str, text: str, final: bool,
                    **extra: Any) -> None: ...
 
-    def usage(self, session: CallSession | None, usage: Usage) -> None: ...
+    def usage(self, session: CallSession | None, usage: Usage) -> None:
+        """Book what the call spent (`CallSession.book`: the only way in)."""
 
     def call_ended(self, session: CallSession, reason: str) -> None: ...

@@ -13,11 +13,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.log import get_logger
-from engine.providers.base import AgentDone, AgentEvent, ProviderError, TextDelta
+from engine.providers.base import (
+    Agent,
+    AgentDone,
+    AgentEvent,
+    ProviderError,
+    TextDelta,
+    Usage,
+)
 from engine.session.context import ConversationContext
 from engine.session.records import TurnRecord
 from engine.session.sentences import SentenceAggregator
@@ -29,6 +37,9 @@ if TYPE_CHECKING:
     from engine.session.policies import Policies
 
 log = get_logger(__name__)
+
+# Usage.provider of an answer served from the answer cache (free: no agent request).
+ANSWER_CACHE = "answer_cache"
 
 
 @dataclass(slots=True)
@@ -58,10 +69,11 @@ class Replying:
         self.policies = policies
         self.log = log.bind(call_sid=session.call_sid)
 
-    async def reply(self, record: TurnRecord, speech_end: float) -> None:
-        """Answer the caller's turn; `speech_end` is when the caller stopped speaking."""
+    async def reply(self, record: TurnRecord, speech_end: float, agent: Agent) -> None:
+        """Answer the caller's turn with `agent` (the turn's chain); `speech_end` is when
+        the caller stopped speaking."""
         answer = _Answer(record, f"{self.session.call_sid}-a{record.idx}")
-        stream = self._agent_stream(record)
+        stream = self._agent_stream(record, agent)
         try:
             await self._speak_as_written(answer, stream)
             await self._finish_speaking(answer, speech_end)
@@ -75,28 +87,36 @@ class Replying:
             await stream.aclose()
             text = self._close_turn(answer)
         if answer.completed and answer.done is not None:
-            await self._after_reply(record, answer.done, text)
+            await self._after_reply(record, answer.done, text, agent)
 
-    async def _agent_stream(self, record: TurnRecord) -> AsyncGenerator[AgentEvent, None]:
+    async def _agent_stream(self, record: TurnRecord,
+                            agent: Agent) -> AsyncGenerator[AgentEvent, None]:
         """The reply: from the answer cache when the question is a known one."""
         deps = self.deps
         key = None
-        if deps.matcher is not None and deps.agent.name != "faq":
+        if deps.matcher is not None and agent.name != "faq":
             match = deps.matcher.match(record.caller_text)
             if match is not None and match.entry.action == "answer":
                 key = f"faq:{match.entry.id}"
                 cached = await deps.cache.get_answer(key)
                 if cached:
                     record.cached = True
+                    # No agent request: a free line on the bill that says why.
+                    self.session.book(Usage(provider=ANSWER_CACHE, kind="llm",
+                                            model=agent.model, cached=True))
                     yield TextDelta(cached)
                     return
         started = time.monotonic()
-        async for event in deps.agent.respond(self.context.messages(record.caller_text)):
-            if isinstance(event, TextDelta) and record.timings.llm_first_token is None:
-                record.timings.llm_first_token = time.monotonic() - started
-            if isinstance(event, AgentDone) and key and event.cache_key is None:
-                event.cache_key = key
-            yield event
+        messages = self.context.messages(record.caller_text)
+        # Closed with this generator: a cut reply reaches the chain at once, which reads
+        # it on for its usage.
+        async with aclosing(agent.respond(messages)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta) and record.timings.llm_first_token is None:
+                    record.timings.llm_first_token = time.monotonic() - started
+                if isinstance(event, AgentDone) and key and event.cache_key is None:
+                    event.cache_key = key
+                yield event
 
     async def _speak_as_written(self, answer: _Answer,
                                 stream: AsyncGenerator[AgentEvent, None]) -> None:
@@ -118,13 +138,11 @@ class Replying:
                         obs.transcript(session, "agent",
                                        " ".join(s.text for s in answer.spoken), False,
                                        line_id=answer.line_id)
-            elif isinstance(event, AgentDone):
+            elif isinstance(event, AgentDone):  # its usage is booked by the agent's chain
                 answer.done = event
                 if answer.first_audio:
                     answer.record.timings.audio_lead_over_llm = \
                         time.monotonic() - answer.first_audio[0]
-                if obs is not None:
-                    obs.usage(session, event.usage)
         rest = aggregator.flush()
         if rest:
             if answer.sentence_wait is None:
@@ -169,17 +187,15 @@ class Replying:
             obs.turn_completed(session, record)
         return text
 
-    async def _after_reply(self, record: TurnRecord, done: AgentDone, text: str) -> None:
-        deps = self.deps
+    async def _after_reply(self, record: TurnRecord, done: AgentDone, text: str,
+                           agent: Agent) -> None:
         if done.cache_key and not record.cached and done.action == "answer" and text \
                 and not done.truncated:
-            await deps.cache.put_answer(done.cache_key, text)
+            await self.deps.cache.put_answer(done.cache_key, text)
         if not await self.policies.after_answer(done.action):
             return
         if self.context.needs_summary():
-            usage = await self.context.summarize(deps.agent)
-            if usage is not None and self.session.observer is not None:
-                self.session.observer.usage(self.session, usage)
+            await self.context.summarize(agent)
 
 
 def _record_latency(record: TurnRecord, speech_end: float, first_audio: list[float],

@@ -10,8 +10,9 @@ the answer was heard.
 - `Voice`, one per call (the session owns it): the outbound queue, marks, `clear`, and
   whole lines in the session's own voice (placeholder greeting, goodbye, supervisor).
 - `Speaking`, one per conversation: the agent's speech in flight (the task a barge-in
-  cuts), sentences with progress marks, what the caller heard, and Twilio's own <Say>
-  when every voice has failed.
+  cuts), sentences with progress marks, what the caller heard, Twilio's own <Say>
+  when every voice has failed, and winding down after the sentence being spoken (the
+  cost cap).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Coroutine
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -170,26 +172,24 @@ class Voice:
                          progress_marks: bool = False) -> None:
         """Stream `line.text` through `tts` straight into the outbound queue, counting
         into `line` as it goes (a caller catching ProviderError sees whether any audio
-        left), and report the usage. `first_audio`, when empty, receives (when, seconds
-        to the first audio). The line's own end mark is the caller's to queue."""
-        session = self.session
-        obs = session.observer
+        left). `first_audio`, when empty, receives (when, seconds to the first audio).
+        The line's own end mark is the caller's to queue. The chain books the usage."""
         started = time.monotonic()
-        async for event in tts.synthesize(line.text):
-            if isinstance(event, AudioChunk):
-                if not line.audio_bytes and first_audio is not None and not first_audio:
-                    now = time.monotonic()
-                    first_audio.extend((now, now - started))
-                line.audio_bytes += len(event.ulaw)
-                self.queue_audio(event.ulaw)
-                if progress_marks:
-                    last = line.progress[-1][1] if line.progress else 0
-                    if line.audio_bytes - last >= PROGRESS_MARK_BYTES:
-                        line.progress.append((self.queue_progress_mark(), line.audio_bytes))
-            elif isinstance(event, SynthesisDone):
-                line.from_cache = event.usage.provider.endswith(":cache")
-                if obs is not None:
-                    obs.usage(session, event.usage)
+        async with aclosing(tts.synthesize(line.text)) as events:
+            async for event in events:
+                if isinstance(event, AudioChunk):
+                    if not line.audio_bytes and first_audio is not None and not first_audio:
+                        now = time.monotonic()
+                        first_audio.extend((now, now - started))
+                    line.audio_bytes += len(event.ulaw)
+                    self.queue_audio(event.ulaw)
+                    if progress_marks:
+                        last = line.progress[-1][1] if line.progress else 0
+                        if line.audio_bytes - last >= PROGRESS_MARK_BYTES:
+                            line.progress.append((self.queue_progress_mark(),
+                                                  line.audio_bytes))
+                elif isinstance(event, SynthesisDone):
+                    line.from_cache = event.usage.cached
 
     async def say(self, text: str, speaker: str) -> Spoken:
         """One whole line in the session's voice, queued with its mark; it shows in the
@@ -227,6 +227,9 @@ class Speaking:
         # The task speaking for the agent now (a reply, a greeting, a "pardon?").
         self._task: asyncio.Task[Any] | None = None
         self.interrupted = False  # that speech was cut already: a barge-in cuts once
+        self._lines: list[Spoken] = []  # that speech's sentences queued so far
+        self._synthesizing = False  # a sentence of it is being synthesized now
+        self.closing = False  # winding down: no new sentence starts
 
     # -- the speech in flight -------------------------------------------------------------
 
@@ -236,11 +239,13 @@ class Speaking:
 
     def speak_in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         self.interrupted = False
+        self._lines = []
         self._task = self.session.spawn(coro, "reply")
 
     def speak_in_this_task(self) -> None:
         """The running task (a caller turn's) goes on to speak the answer."""
         self.interrupted = False
+        self._lines = []
         self._task = asyncio.current_task()
 
     def stop(self) -> None:
@@ -256,6 +261,36 @@ class Speaking:
         self.log.info("turn.barge_in", reason=reason)
         self.stop()
         self.session.spawn(self.voice.clear(), "clear")
+
+    def finish_sentence(self) -> None:
+        """Say nothing after the sentence being spoken (`wind_down` then stops)."""
+        self.closing = True
+
+    async def wind_down(self, timeout_s: float) -> None:
+        """Let the caller hear the sentence being spoken to its end (return at once when
+        the agent is idle or still thinking), then stop the speech in flight and drop
+        what is queued after that sentence. New lines may be said afterwards."""
+        self.closing = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._sentence_heard()
+        except TimeoutError:
+            self.log.warning("turn.wind_down_timeout", timeout_s=timeout_s)
+        self.stop()
+        await self.voice.clear()
+        self.closing = False
+
+    async def _sentence_heard(self) -> None:
+        voice = self.voice
+        while True:
+            playing = next((s for s in self._lines if not voice.mark_heard(s.mark)), None)
+            if playing is not None:
+                await voice.wait_mark(playing.mark)
+                return
+            if not self._synthesizing and not voice.is_playing():
+                return
+            # Its first sentence is still being synthesized: its mark follows its audio.
+            await asyncio.sleep(0.02)
 
     # -- sentences ----------------------------------------------------------------------
 
@@ -286,10 +321,14 @@ class Speaking:
         When every voice has failed (nothing synthesized yet), the sentence goes to
         `unsaid`, for Twilio's own <Say>; so do the sentences after it.
         """
+        if self.closing:  # winding down: the sentence being spoken was the last
+            return
         if unsaid:
             unsaid.append(text)
             return
         line = Spoken(text)
+        self._lines = spoken
+        self._synthesizing = True
         try:
             await self.voice.synthesize(line, self.tts, first_audio, progress_marks=True)
         except ProviderError as exc:
@@ -298,6 +337,8 @@ class Speaking:
             self.log.error("turn.tts_unavailable", error=str(exc))
             unsaid.append(text)
             return
+        finally:
+            self._synthesizing = False
         line.mark = self.voice.queue_mark("s")
         spoken.append(line)
 

@@ -14,19 +14,20 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from engine.audio.vad import Endpointer, EndpointerOptions, SpeechEnded, SpeechStarted
 from engine.config import Config
 from engine.log import get_logger
-from engine.providers.base import ProviderError, SpeechToText
+from engine.providers.base import ProviderError
 from engine.session.records import TurnRecord, TurnTimings
 from engine.session.states import CallState
 
 if TYPE_CHECKING:
     from engine.session.call_session import CallSession
+    from engine.session.conversation import TurnChains
     from engine.session.policies import Policies
     from engine.session.replying import Replying
     from engine.session.speaking import Speaking
@@ -43,10 +44,11 @@ class Mode(Enum):
 
 
 class TurnTaking:
-    def __init__(self, session: CallSession, config: Config, stt: SpeechToText,
-                 speaking: Speaking, policies: Policies, replying: Replying) -> None:
+    def __init__(self, session: CallSession, config: Config,
+                 chains: Callable[[], TurnChains], speaking: Speaking, policies: Policies,
+                 replying: Replying) -> None:
         self.session = session
-        self.stt = stt
+        self.chains = chains  # a turn's chains, chosen as it starts (the budget may degrade)
         self.speaking = speaking
         self.policies = policies
         self.replying = replying
@@ -113,9 +115,10 @@ class TurnTaking:
         session = self.session
         obs = session.observer
         line_id = f"{session.call_sid}-c{self.turn_index + 1}"
+        chains = self.chains()
         started = time.monotonic()
         try:
-            transcript = await self.stt.transcribe(ended.utterance_pcm16, 8000)
+            transcript = await chains.stt.transcribe(ended.utterance_pcm16, 8000)
         except ProviderError as exc:
             self.log.warning("turn.stt_failed", error=str(exc))
             if obs is not None:
@@ -123,9 +126,7 @@ class TurnTaking:
             if self.mode is Mode.AI and not self.speaking.agent_speaking():
                 await self.policies.misunderstood("speech recognition failed")
             return None
-        stt_s = time.monotonic() - started
-        if obs is not None:
-            obs.usage(session, transcript.usage)
+        stt_s = time.monotonic() - started  # booked by the chain, noise and backchannels too
         text = transcript.text.strip()
         unclear = self.policies.unclear(transcript)
         if not self._is_turn(text, unclear, line_id):
@@ -142,8 +143,10 @@ class TurnTaking:
         record = TurnRecord(idx=self.turn_index, caller_text=text,
                             caller_audio_s=ended.speech_ms / 1000,
                             timings=TurnTimings(stt=stt_s, endpointing=endpointing_s))
+        self.speaking.tts = chains.tts
         # When the caller actually stopped: the endpointer waited for the silence.
-        return self.replying.reply(record, speech_end=detected_at - endpointing_s)
+        return self.replying.reply(record, speech_end=detected_at - endpointing_s,
+                                   agent=chains.agent)
 
     def _is_turn(self, text: str, unclear: bool, line_id: str) -> bool:
         """Noise, an unclear sound or a backchannel over the agent is not a turn; other

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from engine.bus.events import SCHEMA_VERSION, CallState, Event, Speaker
+from engine.bus.events import SCHEMA_VERSION, BudgetState, CallState, Event, Speaker
 
 API_VERSION = 1
 
@@ -55,15 +55,23 @@ class CallSnapshot(_Frame):
     voice_to_voice_s: list[float] = Field(default_factory=list)  # recent turns, oldest first
     transcript: list[TranscriptEntry] = Field(default_factory=list)  # recent lines
     alerts: list[str] = Field(default_factory=list)  # alert kinds raised on this call
+    unpriced: bool = False  # part of cost_usd had no price (engine.allow_unpriced_models)
 
 
 class SpendTotals(_Frame):
+    """Spend today and this month (the fleet's when the budget is shared through Redis)."""
+
     today_usd: float = 0.0
     daily_budget_usd: float = 0.0
     month_to_date_usd: float = 0.0
     monthly_projection_usd: float = 0.0
     monthly_budget_usd: float = 0.0
     p95_voice_to_voice_s: float | None = None
+    # The budget's state and the limit that decides it ("" while ok); whose totals
+    # (events.BudgetStateChanged); later changes arrive as BudgetStateChanged events.
+    budget_state: BudgetState = "ok"
+    budget_limit: str = ""
+    budget_totals: str = "local"
 
 
 class Hello(_Frame):

@@ -42,6 +42,7 @@ class CallView:
     v2v: deque[float] = field(default_factory=lambda: deque(maxlen=30))
     transcript: dict[str, TranscriptEntry] = field(default_factory=dict)
     alerts: list[str] = field(default_factory=list)
+    unpriced: bool = False  # some of its cost had no price (counted as $0)
 
 
 class CallViews:
@@ -106,13 +107,18 @@ class CallViews:
             end_reason=view.end_reason, cost_usd=view.cost_usd,
             cost_cap_usd=cost_cap_usd, turns=view.turns,
             voice_to_voice_s=list(view.v2v), transcript=list(view.transcript.values()),
-            alerts=list(view.alerts)) for view in self._views.values()]
-        budget = self._config.budget
+            alerts=list(view.alerts), unpriced=view.unpriced)
+            for view in self._views.values()]
         ledger = self._ledger
+        budget = ledger.budget.reading()
         totals = SpendTotals(
-            today_usd=ledger.today_usd, daily_budget_usd=budget.daily_usd,
-            month_to_date_usd=ledger.month_to_date_usd,
+            today_usd=float(budget.daily.spent_usd),
+            daily_budget_usd=float(budget.daily.limit_usd),
+            month_to_date_usd=float(budget.monthly.spent_usd),
             monthly_projection_usd=ledger.monthly_projection_usd,
-            monthly_budget_usd=budget.monthly_usd,
-            p95_voice_to_voice_s=self._metrics.overall_p95("voice_to_voice"))
+            monthly_budget_usd=float(budget.monthly.limit_usd),
+            p95_voice_to_voice_s=self._metrics.overall_p95("voice_to_voice"),
+            budget_state=budget.state,
+            budget_limit="" if budget.state == "ok" else budget.driver.limit,
+            budget_totals=budget.totals)
         return Snapshot(server_time=now, calls=calls, totals=totals)

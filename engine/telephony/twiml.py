@@ -55,6 +55,14 @@ def transfer(announcement: str, number: str, caller_id: str = "",
     return str(response)
 
 
+def say_and_hang_up(text: str) -> str:
+    """<Say> then <Hangup/>: a call we do not take (the budget is exhausted)."""
+    response = VoiceResponse()
+    response.say(text)
+    response.hangup()
+    return str(response)
+
+
 def reject_busy() -> str:
     response = VoiceResponse()
     response.reject(reason="busy")

@@ -2,11 +2,16 @@
 
 Every request must carry a valid X-Twilio-Signature over the public URL; a missing or
 wrong one gets 403 and a warning line.
+
+A new call is connected to a media stream unless the engine's `CallGate` says otherwise
+(the budget is exhausted): then it is forwarded (<Dial> the human number) or refused
+(<Say> a short line, <Hangup/>), and no session is made for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, Protocol
 
 from aiohttp import web
 from multidict import MultiDict, MultiDictProxy
@@ -21,16 +26,38 @@ log = get_logger(__name__)
 
 _FINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
+# What the voice webhook does with a new call.
+Admission = Literal["connect", "forward", "refuse"]
+
+
+class CallGate(Protocol):
+    """Whether new calls are taken (the engine's budget decides)."""
+
+    def admission(self) -> Admission: ...
+
+    def call_turned_away(self, call_sid: str, answer: Admission) -> None:
+        """A new call was forwarded or refused with TwiML alone (no session)."""
+
+
+class _OpenGate:
+    def admission(self) -> Admission:
+        return "connect"
+
+    def call_turned_away(self, call_sid: str, answer: Admission) -> None:
+        return None
+
 
 class TwilioWebhooks:
     def __init__(self, config: Config, registry: CallRegistry, signatures: SignatureChecker,
                  accepting: Callable[[], bool] = lambda: True,
-                 count_bad: Callable[[str], None] | None = None) -> None:
+                 count_bad: Callable[[str], None] | None = None,
+                 gate: CallGate | None = None) -> None:
         self.config = config
         self.registry = registry
         self.signatures = signatures
         self._accepting = accepting
         self._count_bad = count_bad or (lambda reason: None)
+        self._gate = gate or _OpenGate()
 
     async def _signed_form(self, request: web.Request) -> MultiDictProxy[str]:
         if request.method == "GET":
@@ -64,6 +91,9 @@ class TwilioWebhooks:
         if not self._accepting():
             clog.warning("webhook.voice_rejected", reason="engine not accepting calls")
             return web.Response(text=twiml.reject_busy(), content_type=twiml.TWIML_CONTENT_TYPE)
+        answer = self._gate.admission()
+        if answer != "connect" and self.registry.get(call_sid) is None:
+            return self._turn_away(call_sid, answer)
         self.registry.create(call_sid, from_number, to_number)
         base = self.config.public_base_url()
         document = twiml.connect_stream(
@@ -71,6 +101,19 @@ class TwilioWebhooks:
             twiml.stream_parameters(call_sid, from_number, to_number))
         clog.info("webhook.voice", from_number=from_number, to_number=to_number,
                   status=form.get("CallStatus"), direction=form.get("Direction"))
+        return web.Response(text=document, content_type=twiml.TWIML_CONTENT_TYPE)
+
+    def _turn_away(self, call_sid: str, answer: Admission) -> web.Response:
+        transfer = self.config.transfer
+        if answer == "forward" and transfer.number:
+            document = twiml.transfer(transfer.announcement, transfer.number,
+                                      transfer.caller_id)
+        else:  # refuse (or forward with nowhere to forward to)
+            answer = "refuse"
+            document = twiml.say_and_hang_up(self.config.budget.refuse_message)
+        log.info("webhook.voice_turned_away", call_sid=call_sid, answer=answer,
+                 reason="budget exhausted")
+        self._gate.call_turned_away(call_sid, answer)
         return web.Response(text=document, content_type=twiml.TWIML_CONTENT_TYPE)
 
     async def call_status(self, request: web.Request) -> web.Response:

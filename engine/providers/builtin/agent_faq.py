@@ -88,6 +88,7 @@ class FaqAgent:
 
     name = "faq"
     model = "faq"
+    runs_locally = True  # a cut reply is closed, not read on (engine.providers.base)
 
     def __init__(self, faq: FaqConfig, matcher: FaqMatcher | None = None, *,
                  semantic: SemanticFaqStage | None = None,

@@ -7,12 +7,15 @@ A stream cut after some text arrived ends with `AgentDone(usage.estimated=True)`
 than an error: those deltas may already be on their way to the caller, the tokens are
 billed anyway, and the ledger should count them. A failure before the first delta raises
 `ProviderError`, so a fallback agent can answer instead.
+
+Reasoning models (the gpt-5 family) think before their first token unless asked not to:
+`reasoning_effort` carries the configured effort (the lowest, "none", by default) and the
+reply limit goes as `max_completion_tokens`. An empty effort sends the classic request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -32,7 +35,9 @@ from engine.providers.builtin.openai_common import (
     ENV,
     PROVIDER,
     OpenAISettings,
+    ReasoningEffort,
     api_key,
+    estimate_tokens,
     map_openai_error,
     openai,
 )
@@ -49,23 +54,20 @@ DEFAULT_SUMMARY_INSTRUCTION = (
 )
 
 
-def estimate_tokens(text: str) -> int:
-    """About four characters per token: used only when the server reports no usage."""
-    return math.ceil(len(text) / 4) if text else 0
-
-
 class OpenAIChatAgent:
     """Agent over `POST /chat/completions` (streamed)."""
 
     name = "openai"
 
-    def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini",
+    def __init__(self, api_key: str, base_url: str, model: str = "gpt-5.4-mini",
                  temperature: float = 0.3, max_tokens: int = 200, timeout_s: float = 8.0,
                  first_token_timeout_s: float = 3.0, max_retries: int = 0,
-                 summary_instruction: str = DEFAULT_SUMMARY_INSTRUCTION) -> None:
+                 summary_instruction: str = DEFAULT_SUMMARY_INSTRUCTION,
+                 reasoning_effort: ReasoningEffort = "none") -> None:
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.reasoning_effort = reasoning_effort
         self.first_token_timeout_s = first_token_timeout_s
         self.summary_instruction = summary_instruction
         # One client for the process: its connection pool keeps TLS connections warm.
@@ -76,6 +78,15 @@ class OpenAIChatAgent:
     def _messages(messages: list[ChatMessage]) -> list[ChatCompletionMessageParam]:
         out: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
         return out
+
+    def _request_options(self) -> dict[str, Any]:
+        """The reply limit, and the reasoning effort when one is set. Reasoning models
+        refuse `max_tokens` (they take `max_completion_tokens`); without an effort the
+        classic request goes out, as other models and compatible servers expect."""
+        if not self.reasoning_effort:
+            return {"max_tokens": self.max_tokens}
+        return {"reasoning_effort": self.reasoning_effort,
+                "max_completion_tokens": self.max_tokens}
 
     def _estimated_usage(self, messages: list[ChatMessage], reply: str) -> Usage:
         prompt = 3 + sum(4 + estimate_tokens(m.content) for m in messages)
@@ -106,8 +117,8 @@ class OpenAIChatAgent:
                 async with asyncio.timeout(self.first_token_timeout_s):
                     stream = await self._client.chat.completions.create(
                         model=self.model, messages=self._messages(messages),
-                        temperature=self.temperature, max_tokens=self.max_tokens,
-                        stream=True, stream_options={"include_usage": True})
+                        temperature=self.temperature, stream=True,
+                        stream_options={"include_usage": True}, **self._request_options())
                     iterator = stream.__aiter__()
                     while not pending:
                         chunk = await iterator.__anext__()
@@ -157,7 +168,7 @@ class OpenAIChatAgent:
         try:
             completion = await self._client.chat.completions.create(
                 model=self.model, messages=self._messages(request),
-                temperature=self.temperature, max_tokens=self.max_tokens)
+                temperature=self.temperature, **self._request_options())
         except openai.OpenAIError as exc:
             err = map_openai_error(exc)
             log.warning("llm_summarize_failed", provider=PROVIDER, model=self.model,
@@ -188,8 +199,12 @@ def build(settings: OpenAISettings, config: Config) -> OpenAIChatAgent:
         api_key(settings), settings.base_url, model=settings.llm_model,
         temperature=settings.llm_temperature, max_tokens=settings.llm_max_tokens,
         timeout_s=settings.timeout_s,
-        first_token_timeout_s=config.providers.llm_first_token_timeout_s,
-        max_retries=settings.max_retries, summary_instruction=config.policy.summary_instruction)
+        # The chain stops waiting at its first-token timeout, then reads the request on
+        # for its usage (engine.providers.drains): the request itself lives for both.
+        first_token_timeout_s=(config.providers.llm_first_token_timeout_s
+                               + config.providers.drain_timeout_s),
+        max_retries=settings.max_retries, summary_instruction=config.policy.summary_instruction,
+        reasoning_effort=settings.llm_reasoning_effort)
 
 
 SPEC = register(ProviderSpec(name=PROVIDER, kind="agent", settings=OpenAISettings, build=build,

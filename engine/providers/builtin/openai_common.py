@@ -1,5 +1,5 @@
 """What the three OpenAI providers share: the `[providers.openai]` table, its environment
-variables, the API key check and the SDK's error mapping.
+variables, the API key check, the SDK's error mapping and the token estimate.
 
 Speech-to-text (stt_openai.py), the agent (llm_openai.py) and text-to-speech
 (tts_openai.py) each register under the name "openai" with this one settings model, so
@@ -8,9 +8,10 @@ config.toml has one OpenAI table whatever the chains use.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 
 from engine.providers.base import ProviderError
 from engine.providers.registry import ProviderSettings, lazy_import, require_secret
@@ -25,6 +26,8 @@ else:  # the SDK loads when a provider first uses it, not when discovery imports
 
 PROVIDER = "openai"  # the registry name, the table, and Usage.provider
 ENV = {"OPENAI_API_KEY": "api_key", "OPENAI_BASE_URL": "base_url"}
+# The SDK's reasoning efforts (types/shared/reasoning_effort.py); "" = not sent.
+ReasoningEffort = Literal["", "none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 class OpenAISettings(ProviderSettings):
@@ -32,16 +35,26 @@ class OpenAISettings(ProviderSettings):
     base_url: str = "https://api.openai.com/v1"  # any OpenAI-compatible server
     timeout_s: float = 8.0
     max_retries: int = 0  # a phone turn cannot wait for retries; fallbacks handle failure
-    llm_model: str = "gpt-4o-mini"
+    llm_model: str = "gpt-5.4-mini"
+    # The lowest effort for voice (first-token latency); "" sends no `reasoning_effort`
+    # (a model that does not reason, or a compatible server that rejects it).
+    llm_reasoning_effort: ReasoningEffort = "none"
     llm_temperature: float = 0.3
     llm_max_tokens: int = 200
-    stt_model: str = "gpt-4o-mini-transcribe"
+    stt_model: str = "gpt-transcribe"
     stt_base_url: str = ""  # e.g. a self-hosted faster-whisper server; empty = base_url
     stt_language: str = ""  # ISO-639-1 hint; empty = let the model detect
     tts_model: str = "gpt-4o-mini-tts"
     tts_voice: str = "alloy"
     tts_base_url: str = ""
     tts_instructions: str = ""
+    # Audio tokens per minute of speech, to estimate the voice's token bill (it reports none).
+    tts_audio_tokens_per_minute: float = Field(default=1250.0, gt=0, allow_inf_nan=False)
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token: used only when the server reports no usage."""
+    return math.ceil(len(text) / 4) if text else 0
 
 
 def api_key(settings: OpenAISettings) -> str:

@@ -57,6 +57,7 @@ class LocalWhisperSTT:
     """SpeechToText with a local Whisper model."""
 
     name = PROVIDER
+    runs_locally = True  # an abandoned request is not waited for (engine.providers.base)
 
     def __init__(self, model: str = BUNDLED, device: str = "cpu", compute_type: str = "int8",
                  cpu_threads: int = 2, workers: int = 1, beam_size: int = 1) -> None:

@@ -38,9 +38,9 @@ _LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 class OpenAITranscriber:
     """SpeechToText over `POST /audio/transcriptions`."""
 
-    name = "openai_stt"
+    name = PROVIDER  # the registry name: Usage, estimates and prices all say "openai"
 
-    def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini-transcribe",
+    def __init__(self, api_key: str, base_url: str, model: str = "gpt-transcribe",
                  timeout_s: float = 4.0, max_retries: int = 0,
                  language: str | None = None) -> None:
         self.model = model
@@ -109,13 +109,16 @@ class OpenAITranscriber:
 
 def build(settings: OpenAISettings, config: Config) -> OpenAITranscriber:
     return OpenAITranscriber(api_key(settings), settings.stt_base_url or settings.base_url,
-                             model=settings.stt_model, timeout_s=config.providers.stt_timeout_s,
+                             model=settings.stt_model,
+                             # The chain's timeout, then reading on for the usage.
+                             timeout_s=(config.providers.stt_timeout_s
+                                        + config.providers.drain_timeout_s),
                              max_retries=settings.max_retries,
                              language=settings.stt_language or None)
 
 
-# Token-billed models report tokens; the others (and servers that report none) are billed
-# by the minute of audio.
+# The gpt-4o transcribers are billed per token (and report them), gpt-transcribe and
+# whisper-1 per minute of audio: each model's catalog entry names its unit.
 SPEC = register(ProviderSpec(name=PROVIDER, kind="stt", settings=OpenAISettings, build=build,
                              env=ENV, billing=(Billing(BillingUnit.AUDIO_TOKENS),
                                                Billing(BillingUnit.AUDIO_MINUTE))))

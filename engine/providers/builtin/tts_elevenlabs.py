@@ -167,7 +167,9 @@ def build(settings: ElevenLabsSettings, config: Config) -> ElevenLabsTTS:
                          model_id=settings.model_id,
                          optimize_streaming_latency=settings.optimize_streaming_latency,
                          timeout_s=settings.timeout_s,
-                         first_audio_timeout_s=config.providers.tts_first_audio_timeout_s)
+                         # The chain's first-audio timeout, then reading on for the usage.
+                         first_audio_timeout_s=(config.providers.tts_first_audio_timeout_s
+                                                + config.providers.drain_timeout_s))
 
 
 SPEC = register(ProviderSpec(name=PROVIDER, kind="tts", settings=ElevenLabsSettings,

@@ -41,6 +41,7 @@ class EspeakTTS:
 
     name = "espeak"
     model = MODEL
+    runs_locally = True  # a cut sentence is closed, not read on (engine.providers.base)
 
     def __init__(self, voice: str = "en-us", rate_wpm: int = 175, chunk_ms: int = 100,
                  engine: EspeakEngine | None = None) -> None:
@@ -89,7 +90,7 @@ def build(settings: EspeakSettings, config: Config) -> EspeakTTS:
     return EspeakTTS(voice=settings.voice, rate_wpm=settings.rate_wpm)
 
 
-# Free on our own CPU, unless prices.tts_per_thousand_chars names a price for it.
+# Free on our own CPU, unless a [[prices.models]] entry prices it per 1K characters.
 SPEC = register(ProviderSpec(name="espeak", kind="tts", settings=EspeakSettings, build=build,
                              billing=(Billing(BillingUnit.CHARACTERS),
                                       Billing(BillingUnit.FREE))))

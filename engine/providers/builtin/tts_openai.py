@@ -3,12 +3,18 @@
 OpenAI streams `pcm` as raw 24 kHz 16-bit mono; each network chunk is resampled to
 8 kHz and mu-law encoded as it arrives, so the first audio goes out without waiting for
 the whole clip.
+
+`gpt-4o-mini-tts` is billed per token, text in and audio out, and the endpoint reports
+neither: the usage carries estimates, flagged as such (text tokens from the characters,
+audio tokens from the length of the audio received at `audio_tokens_per_minute`), and the
+characters, for a model billed per character (tts-1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncGenerator
 
@@ -31,6 +37,7 @@ from engine.providers.builtin.openai_common import (
     PROVIDER,
     OpenAISettings,
     api_key,
+    estimate_tokens,
     httpx2,
     map_openai_error,
     openai,
@@ -40,6 +47,7 @@ from engine.providers.registry import Billing, BillingUnit, ProviderSpec, regist
 log = get_logger(__name__)
 
 SOURCE_RATE = 24000  # OpenAI `pcm`: 24 kHz, 16-bit little-endian, mono
+SOURCE_BYTES_PER_MINUTE = SOURCE_RATE * 2 * 60
 TARGET_RATE = 8000
 
 
@@ -68,16 +76,18 @@ class Pcm24kToUlaw:
 class OpenAITTS:
     """TextToSpeech over `POST /audio/speech` with `response_format="pcm"`."""
 
-    name = "openai_tts"
+    name = PROVIDER  # the registry name: Usage, estimates and prices all say "openai"
 
     def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini-tts",
                  voice: str = "alloy", timeout_s: float = 8.0,
                  first_audio_timeout_s: float = 2.0, max_retries: int = 0,
-                 instructions: str | None = None) -> None:
+                 instructions: str | None = None,
+                 audio_tokens_per_minute: float = 1250.0) -> None:
         self.model = model
         self.voice = voice
         self.first_audio_timeout_s = first_audio_timeout_s
         self.instructions = instructions
+        self.audio_tokens_per_minute = audio_tokens_per_minute
         self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url,
                                           timeout=timeout_s, max_retries=max_retries)
 
@@ -110,24 +120,34 @@ class OpenAITTS:
                             status=err.status, retryable=err.retryable, error=str(err))
                 raise err from exc
             first_audio_s = time.monotonic() - started
+            received = len(first)
             ulaw = converter.feed(first)
             if ulaw:
                 yield AudioChunk(ulaw)
             try:
                 async for data in chunks:
+                    received += len(data)
                     ulaw = converter.feed(data)
                     if ulaw:
                         yield AudioChunk(ulaw)
             except (openai.OpenAIError, httpx2.HTTPError) as exc:
-                # Audio already went out: end the clip here; the characters are billed anyway.
+                # Audio already went out: end the clip here; the request is billed anyway.
                 log.warning("tts_stream_cut", provider=PROVIDER, model=self.model,
                             error=str(map_openai_error(exc)))
             tail = converter.flush()
             if tail:
                 yield AudioChunk(tail)
-        usage = Usage(provider=PROVIDER, kind="tts", model=self.model, characters=len(text))
-        yield SynthesisDone(usage=usage, timing=Timing(first_byte_s=first_audio_s,
-                                                       total_s=time.monotonic() - started))
+        yield SynthesisDone(usage=self._usage(text, received),
+                            timing=Timing(first_byte_s=first_audio_s,
+                                          total_s=time.monotonic() - started))
+
+    def _usage(self, text: str, pcm_bytes: int) -> Usage:
+        """What the request is billed for, estimated (see the module doc)."""
+        minutes = pcm_bytes / SOURCE_BYTES_PER_MINUTE
+        return Usage(provider=PROVIDER, kind="tts", model=self.model, characters=len(text),
+                     input_tokens=estimate_tokens(text),
+                     output_tokens=math.ceil(minutes * self.audio_tokens_per_minute),
+                     estimated=True)
 
     async def warm_up(self) -> None:
         """Nothing to load; the first request opens the connection."""
@@ -140,10 +160,15 @@ def build(settings: OpenAISettings, config: Config) -> OpenAITTS:
     return OpenAITTS(api_key(settings), settings.tts_base_url or settings.base_url,
                      model=settings.tts_model, voice=settings.tts_voice,
                      timeout_s=settings.timeout_s,
-                     first_audio_timeout_s=config.providers.tts_first_audio_timeout_s,
+                     # The chain's first-audio timeout, then reading on for the usage.
+                     first_audio_timeout_s=(config.providers.tts_first_audio_timeout_s
+                                            + config.providers.drain_timeout_s),
                      max_retries=settings.max_retries,
-                     instructions=settings.tts_instructions or None)
+                     instructions=settings.tts_instructions or None,
+                     audio_tokens_per_minute=settings.tts_audio_tokens_per_minute)
 
 
+# gpt-4o-mini-tts per token (text in, audio out); tts-1 and tts-1-hd per character.
 SPEC = register(ProviderSpec(name=PROVIDER, kind="tts", settings=OpenAISettings, build=build,
-                             env=ENV, billing=(Billing(BillingUnit.CHARACTERS),)))
+                             env=ENV, billing=(Billing(BillingUnit.AUDIO_TOKENS),
+                                               Billing(BillingUnit.CHARACTERS))))

@@ -34,6 +34,8 @@ _BYE_PHRASES = (("hang", "up"), ("that", "is", "all"), ("that", "is", "it"),
 # "by" is how ASR often writes a short "bye": only trusted at the end of a short sign-off.
 _SIGN_OFF_LEAD = frozenset({"ok", "okay", "thanks", "thank", "you", "good", "alright",
                             "right", "great", "cheers", "bye"})
+# Words a sign-off carries without being about anything ("okay, never mind, goodbye").
+_SIGN_OFF_FILLER = frozenset({"#bye", "never", "mind", "nevermind", "anyway", "anyways"})
 
 
 def _contains(words: Sequence[str], phrase: Sequence[str]) -> int:
@@ -83,7 +85,7 @@ def detect_intent(text: str) -> Intent | None:
             return "handoff"
     # A sign-off is an utterance about nothing else: "that's it, I want to cancel my
     # subscription" is a complaint, not a goodbye.
-    if len([t for t in content_tokens(text) if t != "#bye"]) > 1:
+    if len([t for t in content_tokens(text) if t not in _SIGN_OFF_FILLER]) > 1:
         return None
     if any(w in _BYE_WORDS for w in words):
         return "goodbye"
