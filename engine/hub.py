@@ -248,18 +248,14 @@ class OpsHub:
         order they are made, so everything booked before the end precedes the end."""
         assert self.history is not None
         if usage is not None:
-            lines = self.ledger.prices.cost_lines(usage)
-            self._bg(self.history.usage_recorded(sid, usage, lines))
-        elif sid is not None and entry.cost_usd and entry.kind in _TWILIO_MINUTES:
+            self._bg(self.history.usage_recorded(sid, usage, list(entry.lines)))
+        elif sid is not None and entry.minutes and entry.kind in _TWILIO_MINUTES:
             kind: TwilioMinutes = "phone" if entry.kind == "phone" else "media_stream"
             prices = self.config.prices
             rate = dec(prices.twilio_per_minute if kind == "phone"
                        else prices.twilio_media_streams_per_minute)
-            # The ledger's entry carries the new minutes' cost only: the minutes are that
-            # cost at the rate (so minutes at a $0 rate leave no line).
-            minutes = int((dec(entry.cost_usd) / rate).to_integral_value())
-            self._bg(self.history.minutes_recorded(sid, kind, entry.model, minutes, rate,
-                                                   call_seconds))
+            self._bg(self.history.minutes_recorded(sid, kind, entry.model, entry.minutes,
+                                                   rate, call_seconds))
 
     def _cap_alert(self, session: CallSession | None, alert: CapAlert) -> None:
         reached = alert.kind == "call_cap"

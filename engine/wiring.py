@@ -50,7 +50,7 @@ class Providers:
     def all(self) -> list[SpeechToText | Agent | TextToSpeech]:
         return [*self.stt, *self.agents, *self.tts]
 
-    def by_kind(self) -> list[tuple[Kind, object]]:
+    def by_kind(self) -> list[tuple[Kind, SpeechToText | Agent | TextToSpeech]]:
         """Every provider with the chain it serves in, in chain order."""
         return [*(("stt", p) for p in self.stt), *(("agent", p) for p in self.agents),
                 *(("tts", p) for p in self.tts)]

@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--since", default="30d",
                         help="window: 30d, 12h, 90m, 2w (default 30d)")
     report.add_argument("--format", choices=["table", "json", "csv"], default="table",
-                        help="output format (default table)")
+                        help="table (default); json: the figures and every cost line; "
+                             "csv: one row per cost line")
     report.set_defaults(func=cmd_report)
 
     console = command("console", "the supervisor console (Textual); its options: "

@@ -280,6 +280,7 @@ async def test_the_end_waits_for_the_cut_reply_and_late_usage_reopens_nothing() 
 
 class _Voice:
     """A voice that answers every line with a little audio and reports its characters."""
+    runs_locally = False
 
     name = "voice"
     model = "voice-1"
@@ -289,6 +290,9 @@ class _Voice:
         yield AudioChunk(b"\xff" * 160)
         yield SynthesisDone(Usage("voice", "tts", self.model, characters=len(text)),
                             Timing(0.0, 0.0))
+
+    def estimate_usage(self, text: str) -> Usage:
+        return Usage(self.name, "tts", self.model, characters=len(text), estimated=True)
 
     async def warm_up(self) -> None:
         pass

@@ -90,6 +90,7 @@ def _usage(name: str, kind: Any) -> Usage:
 
 
 class ScriptedAgent:
+    runs_locally = False
     def __init__(self, name: str, scripts: list[list[Any]]) -> None:
         self.name = name
         self.model = "test-model"
@@ -116,6 +117,7 @@ class ScriptedAgent:
 
 
 class ScriptedTTS:
+    runs_locally = False
     def __init__(self, name: str, scripts: list[list[Any]], voice: str = "v") -> None:
         self.name = name
         self.model = "test-voice-model"
@@ -131,6 +133,9 @@ class ScriptedTTS:
         self.streams.append(stream)
         return stream
 
+    def estimate_usage(self, text: str) -> Usage:
+        return Usage(self.name, "tts", self.model, characters=len(text), estimated=True)
+
     async def warm_up(self) -> None:
         pass
 
@@ -139,6 +144,8 @@ class ScriptedTTS:
 
 
 class ScriptedSTT:
+    runs_locally = False
+
     def __init__(self, name: str, outcomes: list[Any]) -> None:
         self.name = name
         self.model = "test-stt-model"

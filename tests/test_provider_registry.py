@@ -59,6 +59,7 @@ class ToneSettings(ProviderSettings):
 
 
 class ToneTTS:
+    runs_locally = False
     name = NAME
     voice = "flat"
 
@@ -73,6 +74,9 @@ class ToneTTS:
         elapsed = time.monotonic() - started
         yield SynthesisDone(Usage(NAME, "tts", self.model, characters=len(text)),
                             Timing(elapsed, elapsed))
+
+    def estimate_usage(self, text: str) -> Usage:
+        return Usage(self.name, "tts", self.model, characters=len(text), estimated=True)
 
     async def warm_up(self) -> None:
         return None

@@ -117,6 +117,7 @@ def redis_server() -> Iterator[RedisServer]:
 
 class CountingTTS:
     """Yields `chunks` then SynthesisDone; `fail_after` raises after that many chunks."""
+    runs_locally = False
 
     def __init__(self, chunks: list[bytes], fail_after: int | None = None,
                  name: str = "eleven", voice: str = "rachel") -> None:
@@ -135,6 +136,9 @@ class CountingTTS:
             yield AudioChunk(chunk)
         yield SynthesisDone(Usage(self.name, "tts", self.model, characters=len(text)),
                             Timing(0.1, 0.3))
+
+    def estimate_usage(self, text: str) -> Usage:
+        return Usage(self.name, "tts", self.model, characters=len(text), estimated=True)
 
     async def warm_up(self) -> None:
         pass

@@ -321,3 +321,18 @@ async def test_openai_tts_token_rate_is_configured_and_a_cut_stream_counts_what_
     sent = len(server.last_audio_sent)
     assert 0 < sent < len(TEXT) * server.speech_seconds_per_char * 48000  # cut halfway
     assert done.usage.output_tokens == expected_tokens(TEXT, sent, 600.0)[1]
+
+
+async def test_a_voice_billed_per_token_estimates_tokens_for_a_request_that_never_reported(
+) -> None:
+    # A cut or abandoned sentence: the chain books the provider's own estimate, which must
+    # be in the model's unit (tokens), or the catalog could not price it.
+    async with OpenAIStandin() as server:
+        tts = make_openai(server.base_url)
+        usage = tts.estimate_usage(TEXT)
+        await tts.aclose()
+    assert usage.estimated and usage.input_tokens == math.ceil(len(TEXT) / 4)
+    seconds = len(TEXT) / 15.0
+    assert usage.output_tokens == math.ceil(seconds / 60 * 1250.0)
+    cost, priced = PriceTable(PricesConfig()).cost_decimal(usage)
+    assert priced and cost > 0

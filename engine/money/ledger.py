@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Literal
@@ -19,7 +19,7 @@ from typing import Literal
 from engine.config import BudgetConfig, PricesConfig
 from engine.log import get_logger
 from engine.money.budget import Budget
-from engine.money.prices import ZERO, PriceTable, dec, utc_now
+from engine.money.prices import ZERO, CostLine, PriceTable, dec, total_of, utc_now
 from engine.money.realtime import RealtimeEstimator
 from engine.money.spend_totals import LocalSpendTotals, Period
 from engine.providers.base import Usage
@@ -45,6 +45,9 @@ class LedgerEntry:
     # True once: on the entry that first brings the total to the cap's warning share
     # (and not to the cap itself).
     crossed_warning: bool = False
+    # The bill's lines of a provider call, as priced; the minutes a Twilio entry booked.
+    lines: tuple[CostLine, ...] = ()
+    minutes: int = 0
 
 
 class CallLedger:
@@ -69,9 +72,10 @@ class CallLedger:
         self.entries = 0
 
     def add(self, usage: Usage) -> LedgerEntry:
-        cost, priced = self.prices.cost_decimal(usage)
-        return self._book(usage.kind, usage.provider, usage.model, cost, priced,
-                          usage.estimated)
+        lines = tuple(self.prices.cost_lines(usage))
+        cost, priced = total_of(lines)
+        return replace(self._book(usage.kind, usage.provider, usage.model, cost, priced,
+                                  usage.estimated), lines=lines)
 
     def add_phone(self, duration_s: float) -> LedgerEntry:
         """The Twilio leg so far: Twilio bills each minute as it starts, so the minutes
@@ -80,7 +84,7 @@ class CallLedger:
         new = max(0, minutes - self.phone_minutes)
         self.phone_minutes = max(minutes, self.phone_minutes)
         cost = self.prices.phone_cost_decimal(new * 60.0)
-        return self._book("phone", "twilio", "voice", cost, True, False)
+        return replace(self._book("phone", "twilio", "voice", cost, True, False), minutes=new)
 
     def add_media_stream(self, stream_sid: str, duration_s: float) -> LedgerEntry:
         """One Media Streams stream so far: Twilio bills each started minute of a stream
@@ -89,8 +93,9 @@ class CallLedger:
         booked = self._stream_minutes.get(stream_sid, 0)
         self._stream_minutes[stream_sid] = max(minutes, booked)
         rate = dec(self.prices.config.twilio_media_streams_per_minute)
-        return self._book("media_stream", "twilio", "media_stream",
-                          max(0, minutes - booked) * rate, True, False)
+        new = max(0, minutes - booked)
+        return replace(self._book("media_stream", "twilio", "media_stream", new * rate, True,
+                                  False), minutes=new)
 
     def add_turn(self, caller_audio_s: float, agent_audio_s: float) -> float:
         """Feed one turn to the Realtime comparison; returns that turn's Realtime cost."""
@@ -215,14 +220,15 @@ class SpendLedger:
 
     def _record_outside(self, call_sid: str | None, usage: Usage) -> SpendUpdate:
         """Spend outside any live call: under no call, or after its call ended."""
-        cost, priced = self.prices.cost_decimal(usage)
+        lines = tuple(self.prices.cost_lines(usage))
+        cost, priced = total_of(lines)
         total = cost
         if call_sid is not None:
             total = self._ended[call_sid] = self._ended[call_sid] + cost
             log.info("usage after the call ended", call_sid=call_sid, kind=usage.kind,
                      provider=usage.provider, cost_usd=float(cost))
         entry = LedgerEntry(call_sid, usage.kind, usage.provider, usage.model, float(cost),
-                            float(total), False, priced, usage.estimated)
+                            float(total), False, priced, usage.estimated, lines=lines)
         self._book_day(cost)
         return SpendUpdate(entry)
 
@@ -265,7 +271,7 @@ class SpendLedger:
         cost = self.prices.phone_cost_decimal(1.0)
         self._book_day(cost)
         return SpendUpdate(LedgerEntry(call_sid, "phone", "twilio", "voice", float(cost),
-                                       float(cost), False))
+                                       float(cost), False, minutes=1))
 
     def _after_call_entry(self, ledger: CallLedger, entry: LedgerEntry) -> list[CapAlert]:
         self._book_day(ledger.last_cost)

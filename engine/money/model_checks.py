@@ -21,8 +21,11 @@ from datetime import date
 from engine.config import Config, ConfigError
 from engine.log import get_logger
 from engine.money.prices import PriceTable, utc_now
+from engine.providers.base import Agent, SpeechToText, TextToSpeech
 from engine.providers.billing import BillingUnit
 from engine.providers.registry import USAGE_KIND, Kind, registry
+
+Provider = SpeechToText | Agent | TextToSpeech
 
 log = get_logger(__name__)
 
@@ -36,22 +39,22 @@ class ConfiguredModel:
     model: str
 
 
-def configured_models(built: Iterable[tuple[Kind, object]]) -> list[ConfiguredModel]:
+def configured_models(built: Iterable[tuple[Kind, Provider]]) -> list[ConfiguredModel]:
     """Each built provider's model under its registry name, once (in chain order)."""
     found: list[ConfiguredModel] = []
     for kind, provider in built:
         spec = registry.spec_of(kind, provider)
         if spec is None:  # made outside the registry (a test double): nothing to check
             log.info("prices.provider_not_checked", kind=kind,
-                     provider=getattr(provider, "name", type(provider).__name__))
+                     provider=provider.name)
             continue
-        configured = ConfiguredModel(kind, spec.name, str(getattr(provider, "model", "")))
+        configured = ConfiguredModel(kind, spec.name, provider.model)
         if configured not in found:
             found.append(configured)
     return found
 
 
-def check_configured_models(config: Config, built: Iterable[tuple[Kind, object]],
+def check_configured_models(config: Config, built: Iterable[tuple[Kind, Provider]],
                             today: date | None = None) -> None:
     """Raise ConfigError for every configured model the catalog refuses; warn the rest."""
     table = PriceTable(config.prices)

@@ -27,7 +27,7 @@ minutes (a 61 s call costs two minutes).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -88,6 +88,15 @@ class CostLine:
     amount: Decimal  # quantity * unit_price, USD
     estimated: bool = False  # the provider did not report the quantity: we estimated it
     unpriced: bool = False  # no price for this model: counted at $0
+
+
+def total_of(lines: Iterable[CostLine]) -> tuple[Decimal, bool]:
+    """(the lines' amount, whether every line had a price)."""
+    total, priced = ZERO, True
+    for line in lines:
+        total += line.amount
+        priced = priced and not line.unpriced
+    return total, priced
 
 
 class PriceTable:
@@ -151,9 +160,7 @@ class PriceTable:
 
     def cost_decimal(self, usage: Usage) -> tuple[Decimal, bool]:
         """(cost, priced): priced is False when no price was found (cost counted as 0)."""
-        lines = self.cost_lines(usage)
-        return (sum((line.amount for line in lines), ZERO),
-                not any(line.unpriced for line in lines))
+        return total_of(self.cost_lines(usage))
 
     def cost(self, usage: Usage) -> float:
         """USD for one provider call (0.0 for an unpriced model, see `unpriced_models`)."""

@@ -14,8 +14,8 @@ Billing: a provider reports its usage in its result or last event, and books not
 itself (the chains do, `engine.providers.chain`). A request the caller stops waiting for
 is read on in the background until that report arrives, so a provider must not cut its
 own request short of the chain's deadline plus `providers.drain_timeout_s`. A provider
-that runs on our own CPU sets `runs_locally = True` (optional, not in the Protocols): its
-abandoned requests are closed at once instead, saving the work.
+that runs on our own CPU says `runs_locally = True`: its abandoned requests are closed at
+once instead, saving the work (a cloud provider says False).
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class Transcript:
 @runtime_checkable
 class SpeechToText(Protocol):
     name: str
+    runs_locally: bool  # on our own CPU: an abandoned request is closed, not read on
 
     @property
     def model(self) -> str:
@@ -167,6 +168,7 @@ AgentEvent = TextDelta | AgentDone
 @runtime_checkable
 class Agent(Protocol):
     name: str
+    runs_locally: bool  # on our own CPU: an abandoned request is closed, not read on
 
     @property
     def model(self) -> str: ...
@@ -214,6 +216,7 @@ SynthesisEvent = AudioChunk | SynthesisDone
 @runtime_checkable
 class TextToSpeech(Protocol):
     name: str
+    runs_locally: bool  # on our own CPU: an abandoned request is closed, not read on
 
     @property
     def model(self) -> str:
@@ -229,6 +232,12 @@ class TextToSpeech(Protocol):
         Closing the iterator early (barge-in) must stop the work promptly.
         Raises ProviderError before the first chunk when the provider fails.
         """
+        ...
+
+    def estimate_usage(self, text: str) -> Usage:
+        """What a request for `text` is billed, in the provider's own unit, when it never
+        reports (a cut or abandoned request): characters, or tokens for a voice billed
+        per token."""
         ...
 
     async def warm_up(self) -> None:

@@ -37,16 +37,12 @@ class CachingTTS:
         self.cache = cache
         self.name = inner.name
         self.voice = inner.voice
+        self.runs_locally = inner.runs_locally  # as the voice it caches
         self._cache_provider = f"{inner.name}/{inner.model}" if inner.model else inner.name
 
     @property
     def model(self) -> str:
         return self.inner.model
-
-    @property
-    def runs_locally(self) -> bool:
-        """As the voice it caches (see `engine.providers.base`)."""
-        return bool(getattr(self.inner, "runs_locally", False))
 
     async def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
         cacheable = bool(text.strip())
@@ -75,6 +71,9 @@ class CachingTTS:
                 yield event
         finally:
             await stream.aclose()
+
+    def estimate_usage(self, text: str) -> Usage:
+        return self.inner.estimate_usage(text)
 
     async def warm_up(self) -> None:
         await self.inner.warm_up()

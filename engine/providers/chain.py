@@ -68,6 +68,7 @@ class Member(Protocol):
     """What a chain needs of every member, whatever its kind."""
 
     name: str
+    runs_locally: bool
 
     @property
     def model(self) -> str: ...
@@ -128,7 +129,7 @@ class Chain(Generic[P]):
         """A request nobody waits for any more goes to the drains, to be read on for its
         usage; one on our own CPU (`runs_locally`) is closed and booked as estimated."""
         self.drains.adopt(request, usage_of, estimate, partial(self.book, sink, provider),
-                          provider.name, read_on=not getattr(provider, "runs_locally", False))
+                          provider.name, read_on=not provider.runs_locally)
 
     def emit(self, event: FallbackEvent) -> None:
         if self.on_event is None:
@@ -226,7 +227,7 @@ class OneShot(Generic[P, T]):
     def usage_of(self, result: T) -> Usage:
         raise NotImplementedError
 
-    def estimate(self, names: UsageNames) -> Usage:
+    def estimate(self, provider: P, names: UsageNames) -> Usage:
         """What the request bills when its provider never reports (flagged estimated)."""
         raise NotImplementedError
 
@@ -258,7 +259,7 @@ async def first_success(chain: Chain[P], timeout_s: float, request: OneShot[P, T
         finally:
             if not settled:
                 chain.abandon(sink, provider, call, request.usage_of,
-                              partial(request.estimate, chain.usage_names(provider)))
+                              partial(request.estimate, provider, chain.usage_names(provider)))
     raise walk.exhausted()
 
 
@@ -280,7 +281,7 @@ class Streamed(Generic[P, E]):
     def check_first(self, provider: P, first: E) -> None:
         """Raise to refuse a first event that cannot serve (it counts as a failure)."""
 
-    def estimate(self, names: UsageNames, emitted: list[E]) -> Usage:
+    def estimate(self, provider: P, names: UsageNames, emitted: list[E]) -> Usage:
         """What the request bills when its provider never reports (flagged estimated)."""
         raise NotImplementedError
 
@@ -347,7 +348,8 @@ class _Attempt(Generic[P, E]):
     def cut(self, walk: Walk[P], breaker: CircuitBreaker, error: Exception) -> E:
         """The provider failed mid-stream: the stream's end, with its usage estimated."""
         walk.failed_mid_stream(self.provider, breaker, error)
-        usage = self.request.estimate(self.chain.usage_names(self.provider), self.emitted)
+        usage = self.request.estimate(self.provider, self.chain.usage_names(self.provider),
+                                      self.emitted)
         self.book(usage)
         return self.request.truncated(usage, self.first_byte_s, time.monotonic() - self.started)
 
@@ -357,8 +359,8 @@ class _Attempt(Generic[P, E]):
             return
         chain = self.chain
         chain.abandon(self.sink, self.provider, self.reader, _usage_of,
-                      partial(self.request.estimate, chain.usage_names(self.provider),
-                              self.emitted))
+                      partial(self.request.estimate, self.provider,
+                              chain.usage_names(self.provider), self.emitted))
 
 
 async def stream_first_served(chain: Chain[P], timeout_s: float,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from engine.providers.base import (
@@ -93,6 +93,9 @@ class _Fallback(Generic[P]):
         self._chain: Chain[P] = Chain(kind, providers, breaker_failures, breaker_reset_s,
                                         on_event, clock, drain_timeout_s)
         self.name = self._chain.name
+        # Each member's requests are handled by the chain itself; a chain of local
+        # providers is local too.
+        self.runs_locally = all(p.runs_locally for p in providers)
 
     @property
     def active_provider(self) -> str | None:
@@ -138,7 +141,7 @@ class _Transcription(OneShot[SpeechToText, Transcript]):
     def usage_of(self, result: Transcript) -> Usage:
         return result.usage
 
-    def estimate(self, names: UsageNames) -> Usage:
+    def estimate(self, provider: SpeechToText, names: UsageNames) -> Usage:
         # Speech-to-text bills the audio sent, whatever came back.
         return Usage(provider=names[0], kind="stt", model=names[1],
                      audio_seconds=len(self.pcm16) / 2 / self.sample_rate, estimated=True)
@@ -188,7 +191,8 @@ class _Reply(Streamed[Agent, AgentEvent]):
     def has_output(self, event: AgentEvent) -> bool:
         return isinstance(event, TextDelta) and bool(event.text)
 
-    def estimate(self, names: UsageNames, emitted: list[AgentEvent]) -> Usage:
+    def estimate(self, provider: Agent, names: UsageNames, emitted: list[AgentEvent]
+                 ) -> Usage:
         produced = "".join(e.text for e in emitted if isinstance(e, TextDelta))
         return Usage(provider=names[0], kind="llm", model=names[1],
                      input_tokens=_prompt_estimate(self.messages),
@@ -208,7 +212,7 @@ class _Summary(OneShot[Agent, tuple[str, Usage]]):
     def usage_of(self, result: tuple[str, Usage]) -> Usage:
         return result[1]
 
-    def estimate(self, names: UsageNames) -> Usage:
+    def estimate(self, provider: Agent, names: UsageNames) -> Usage:
         return Usage(provider=names[0], kind="llm", model=names[1],
                      input_tokens=_prompt_estimate(self.messages), estimated=True)
 
@@ -256,10 +260,12 @@ class _Synthesis(Streamed[TextToSpeech, SynthesisEvent]):
             # Silence for real text: the caller would hear nothing.
             raise ProviderError(provider.name, "no audio for non-empty text")
 
-    def estimate(self, names: UsageNames, emitted: list[SynthesisEvent]) -> Usage:
-        # TTS vendors bill the request's characters whether or not the audio arrived.
-        return Usage(provider=names[0], kind="tts", model=names[1],
-                     characters=len(self.text), estimated=True)
+    def estimate(self, provider: TextToSpeech, names: UsageNames,
+                 emitted: list[SynthesisEvent]) -> Usage:
+        # Vendors bill the request whether or not the audio arrived; the provider knows its
+        # unit (characters, or tokens for a voice billed per token).
+        return replace(provider.estimate_usage(self.text), provider=names[0], model=names[1],
+                       estimated=True)
 
     def truncated(self, usage: Usage, first_byte_s: float, total_s: float) -> SynthesisEvent:
         return TruncatedSynthesisDone(usage=usage, timing=Timing(first_byte_s, total_s))
@@ -284,6 +290,9 @@ class FallbackTTS(_Fallback[TextToSpeech]):
     @property
     def voice(self) -> str:
         return self._chain.current.voice
+
+    def estimate_usage(self, text: str) -> Usage:
+        return self._chain.current.estimate_usage(text)
 
     def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
         return stream_first_served(self._chain, self.first_audio_timeout_s,

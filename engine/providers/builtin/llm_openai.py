@@ -58,6 +58,7 @@ class OpenAIChatAgent:
     """Agent over `POST /chat/completions` (streamed)."""
 
     name = "openai"
+    runs_locally = False  # a cut request is read on for its usage (engine.providers.drains)
 
     def __init__(self, api_key: str, base_url: str, model: str = "gpt-5.4-mini",
                  temperature: float = 0.3, max_tokens: int = 200, timeout_s: float = 8.0,

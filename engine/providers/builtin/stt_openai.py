@@ -39,6 +39,7 @@ class OpenAITranscriber:
     """SpeechToText over `POST /audio/transcriptions`."""
 
     name = PROVIDER  # the registry name: Usage, estimates and prices all say "openai"
+    runs_locally = False  # a cut request is read on for its usage (engine.providers.drains)
 
     def __init__(self, api_key: str, base_url: str, model: str = "gpt-transcribe",
                  timeout_s: float = 4.0, max_retries: int = 0,

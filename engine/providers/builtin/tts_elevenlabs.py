@@ -94,6 +94,7 @@ class ElevenLabsTTS:
     """TextToSpeech over `POST /v1/text-to-speech/{voice_id}/stream`."""
 
     name = "elevenlabs"
+    runs_locally = False  # a cut request is read on for its usage (engine.providers.drains)
 
     def __init__(self, api_key: str, voice_id: str, base_url: str = "https://api.elevenlabs.io",
                  model_id: str = "eleven_flash_v2_5", optimize_streaming_latency: int = 3,
@@ -153,6 +154,11 @@ class ElevenLabsTTS:
         usage = Usage(provider=PROVIDER, kind="tts", model=self.model, characters=characters)
         yield SynthesisDone(usage=usage, timing=Timing(first_byte_s=first_audio_s,
                                                        total_s=time.monotonic() - started))
+
+    def estimate_usage(self, text: str) -> Usage:
+        """Billed by characters (a cut sentence's, when nothing reported them)."""
+        return Usage(provider=self.name, kind="tts", model=self.model, characters=len(text),
+                     estimated=True)
 
     async def warm_up(self) -> None:
         """Nothing to load; the first request opens the connection."""

@@ -73,6 +73,11 @@ class EspeakTTS:
             timing=Timing(first_byte_s=first_byte_s, total_s=time.perf_counter() - started),
         )
 
+    def estimate_usage(self, text: str) -> Usage:
+        """Billed by characters (a cut sentence's, when nothing reported them)."""
+        return Usage(provider=self.name, kind="tts", model=self.model, characters=len(text),
+                     estimated=True)
+
     async def warm_up(self) -> None:
         """Nothing to load: the library initializes on the first sentence (milliseconds)."""
 

@@ -48,6 +48,8 @@ log = get_logger(__name__)
 
 SOURCE_RATE = 24000  # OpenAI `pcm`: 24 kHz, 16-bit little-endian, mono
 SOURCE_BYTES_PER_MINUTE = SOURCE_RATE * 2 * 60
+# Ordinary speech, for estimating the audio of a request that never reported it.
+SPOKEN_CHARACTERS_PER_SECOND = 15.0
 TARGET_RATE = 8000
 
 
@@ -77,6 +79,7 @@ class OpenAITTS:
     """TextToSpeech over `POST /audio/speech` with `response_format="pcm"`."""
 
     name = PROVIDER  # the registry name: Usage, estimates and prices all say "openai"
+    runs_locally = False  # a cut request is read on for its usage (engine.providers.drains)
 
     def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini-tts",
                  voice: str = "alloy", timeout_s: float = 8.0,
@@ -148,6 +151,12 @@ class OpenAITTS:
                      input_tokens=estimate_tokens(text),
                      output_tokens=math.ceil(minutes * self.audio_tokens_per_minute),
                      estimated=True)
+
+    def estimate_usage(self, text: str) -> Usage:
+        """Tokens, as billed: the text's, and the audio's at a speaking rate of
+        ~15 characters a second (the audio never arrived to be measured)."""
+        seconds = len(text) / SPOKEN_CHARACTERS_PER_SECOND
+        return self._usage(text, round(seconds * SOURCE_BYTES_PER_MINUTE / 60))
 
     async def warm_up(self) -> None:
         """Nothing to load; the first request opens the connection."""

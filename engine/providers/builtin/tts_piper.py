@@ -96,6 +96,11 @@ class PiperTTS:
         shift = f",{pitch_semitones:+g}st" if pitch_semitones else ""
         self.voice = f"{self.model}@{length_scale:g},{noise_scale:g},{noise_w_scale:g}{shift}"
 
+    def estimate_usage(self, text: str) -> Usage:
+        """Billed by characters (a cut sentence's, when nothing reported them)."""
+        return Usage(provider=self.name, kind="tts", model=self.model, characters=len(text),
+                     estimated=True)
+
     async def warm_up(self) -> None:
         """Verify and load the voice (once per process); raises ProviderError."""
         await self._voice()
