@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,14 +47,23 @@ sys.path.insert(0, str(ROOT))
 from load_run import (  # noqa: E402
     check_ready,
     free_port,
+    pin_processes,
     place_calls,
+    renice,
     report,
     run_if_worker,
     worker_command,
     worker_output,
 )
 from probes import LoopLag, cpu_seconds, loadavg, rss_mb  # noqa: E402
-from turn_figures import first_sentence_tokens, lag_summary, summarize_level  # noqa: E402
+from turn_figures import (  # noqa: E402
+    first_sentence_tokens,
+    lag_summary,
+    print_table,
+    relative_stalls,
+    summarize_level,
+    underrun_causes,
+)
 
 if TYPE_CHECKING:
     from engine.sim.standins.server import StandinServer
@@ -63,9 +73,9 @@ ACCOUNT_SID = "AC" + "d5" * 16
 OPENAI_KEY = "sk-bench-turns"
 ELEVENLABS_KEY = "xi-bench-turns"
 QUESTION = "What time do you open on Saturday?"
-# Three sentences: speech can start after the first while the LLM still streams.
-REPLY = ("We open at nine in the morning on Saturday. We close at four that afternoon. "
-         "Is there anything else I can help with?")
+# Two sentences, about 3 s of speech (issue 12's reference reply): the voice starts on
+# the first words while the LLM still streams.
+REPLY = "We open at nine in the morning on Saturday. We close at four that afternoon."
 
 
 # -- the caller side (one worker process) --------------------------------------------------
@@ -86,18 +96,29 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
         steps += [Step(say=spec["question"]), Step(pause=spec["pause_s"])]
     scenario = Scenario(name="bench-turns", wait_for_greeting=True, hangup_at_end=True,
                         steps=steps[:-1])
-    results, lag_ms = await place_calls(
-        spec["start_times"],
-        lambda http: SimulatedCaller(spec["url"], AUTH_TOKEN, ACCOUNT_SID, speech=voice,
-                                     post_status=False, session=http,
-                                     speech_cache=speech_cache),
-        scenario)
+    callers: dict[str, SimulatedCaller] = {}
+
+    def make_caller(http: aiohttp.ClientSession) -> SimulatedCaller:
+        caller = SimulatedCaller(spec["url"], AUTH_TOKEN, ACCOUNT_SID, speech=voice,
+                                 post_status=False, session=http, speech_cache=speech_cache)
+        callers[caller.call_sid] = caller
+        return caller
+
+    lag = LoopLag()
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    results, lag_ms = await place_calls(spec["start_times"], make_caller, scenario, lag=lag)
     return {
         "calls": [{"call_sid": r.call_sid, "ended_by": r.ended_by, "error": r.error,
+                   "underruns": r.underruns,
+                   "underrun_at": callers[r.call_sid].twilio.underrun_at,
                    "lines": [{"ended_at": ln.ended_at, "reply_latency_s": ln.reply_latency_s}
                              for ln in r.lines]} for r in results],
         "speech_s": len(next(iter(speech_cache.values()))) / 8000,
         "loop_lag_ms": lag_ms,
+        "stall_times": [at for at, _ in lag.stalls],
+        # This caller process's own CPU over its calls: when it nears a core, the callers'
+        # playout (and so their underrun count) is late, not the engine.
+        "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - wall0,
     }
 
 
@@ -111,6 +132,16 @@ def nominal_provider_s(args: argparse.Namespace) -> float:
     return (args.stt_ms + args.llm_ms + (tokens - 1) * args.token_ms + args.tts_ms) / 1000
 
 
+def turn_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The [turns] settings the options change (the rest: the engine's defaults)."""
+    turns: dict[str, Any] = {}
+    if args.endpoint_ms is not None:
+        turns["endpoint_silence_ms"] = args.endpoint_ms
+    if args.no_semantic:
+        turns["semantic_endpointing"] = False
+    return turns
+
+
 def open_log(path: Path) -> IO[str]:
     return path.open("w")  # a few lines at start-up: no need to leave the loop
 
@@ -121,12 +152,13 @@ def engine_command(args: argparse.Namespace, port: int, calls: int, urls: dict[s
            "--console-port", str(free_port()), "--auth-token", AUTH_TOKEN,
            "--stt-url", urls["stt"], "--llm-url", urls["llm"], "--tts-url", urls["tts"],
            "--openai-key", OPENAI_KEY, "--elevenlabs-key", ELEVENLABS_KEY,
-           "--data-dir", str(tmp / f"data-{calls}")]
+           "--data-dir", str(tmp / f"data-{calls}"), "--stt-chain", args.stt_chain,
+           "--turns-json", json.dumps(turn_overrides(args))]
     if args.cprofile:
         cmd += ["--cprofile", f"{args.cprofile}.{calls}"]
     if args.watch_stalls:
         cmd += ["--watch-stalls"]
-    return cmd
+    return [*cmd, "--event-loop", args.event_loop]
 
 
 async def call_level(args: argparse.Namespace, calls: int, url: str, tmp: Path,
@@ -144,16 +176,37 @@ async def call_level(args: argparse.Namespace, calls: int, url: str, tmp: Path,
                 "rate_wpm": args.rate_wpm}
         workers.append(await asyncio.create_subprocess_exec(
             *worker_command(__file__, tmp, f"w{calls}-{k}", spec)))
+        if args.pin:  # off the engine's core, like this process
+            pin_processes(engine_pid, [workers[-1].pid])
+        renice([workers[-1].pid], args.nice)
+    await asyncio.sleep(max(0.0, t0 - time.monotonic() - 0.1))
+    # The engine's lag and GC figures cover the calls only (not its start-up collection).
+    async with aiohttp.ClientSession() as http, http.post(url + "/bench/reset") as resp:
+        await resp.read()
     await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+    census = asyncio.create_task(gc_census(args, url, tmp, calls)) if args.gc_census else None
     cpu0, wall0, load0 = cpu_seconds(engine_pid), time.monotonic(), loadavg()
+    own0 = cpu_seconds(os.getpid())  # this process: the stand-ins
     timeout = args.ramp + turns_per_call * 25 + 60
     codes = await asyncio.wait_for(asyncio.gather(*(w.wait() for w in workers)), timeout)
     cpu1, wall1, load1 = cpu_seconds(engine_pid), time.monotonic(), loadavg()
+    if census is not None:
+        census.cancel()
+    own1 = cpu_seconds(os.getpid())
     rss = rss_mb(engine_pid)
     if any(codes):
         raise RuntimeError(f"caller process exited with {codes}")
     return {"turns_per_call": turns_per_call, "cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0,
-            "rss_mb": rss, "loadavg": (load0, load1)}
+            "rss_mb": rss, "loadavg": (load0, load1), "t0": wall0,
+            "standin_cpu_pct": round((own1 - own0) / (wall1 - wall0) * 100, 1)}
+
+
+async def gc_census(args: argparse.Namespace, url: str, tmp: Path, calls: int) -> None:
+    """Debug (--gc-census): what the engine's collector tracks, once the ramp is over
+    and every call is in its turns; written to the temp dir (see --keep)."""
+    await asyncio.sleep(args.ramp + 5.0)
+    async with aiohttp.ClientSession() as http, http.get(url + "/bench/gc-census") as resp:
+        (tmp / f"gc-census-{calls}.json").write_text(json.dumps(await resp.json(), indent=1))
 
 
 async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
@@ -169,6 +222,8 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
     try:
         assert engine.stdout is not None
         check_ready(await asyncio.wait_for(engine.stdout.readline(), 60), log_path)
+        pinned = args.pin and pin_processes(engine.pid, [])
+        renice([engine.pid, os.getpid()], args.nice)
         level = await call_level(args, calls, url, tmp, engine.pid, workers)
         await asyncio.sleep(0.5)  # the last turns' events
         async with aiohttp.ClientSession() as http, http.get(url + "/bench/turns") as resp:
@@ -189,7 +244,17 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
              "ramp_s": args.ramp if calls > 1 else 0.0,
              "engine_loop_lag_ms": body["loop_lag"], "engine_gc": body["gc"],
              "engine_rss_mb": round(level["rss_mb"], 1),
-             "loadavg_start": level["loadavg"][0], "loadavg_end": level["loadavg"][1]}
+             "loadavg_start": level["loadavg"][0], "loadavg_end": level["loadavg"][1],
+             "engine_pinned_to_one_core": pinned,
+             "engine_event_loop": body.get("event_loop"),
+             "engine_pacer": body.get("pacer", {}),
+             "started_monotonic": round(level["t0"], 3),
+             "standin_cpu_pct_of_core": level["standin_cpu_pct"],
+             "caller_cpu_pct_of_core": [round(o["cpu_s"] / o["wall_s"] * 100, 1)
+                                        for o in outs if o.get("wall_s")],
+             "underruns_after_stall": underrun_causes(
+                 outs, body["loop_lag"].pop("stall_times", []), level["t0"])}
+    relative_stalls(extra, level["t0"])
     return summarize_level(calls, body["turns"], outs, level["cpu_s"], level["wall_s"],
                            nominal_provider_s(args), extra)
 
@@ -215,6 +280,7 @@ async def start_standins(args: argparse.Namespace) -> tuple[StandinServer, ...]:
     tts.latency_s = args.tts_ms / 1000
     tts.token_interval_s = args.tts_chunk_ms / 1000
     tts.seconds_per_char = args.tts_seconds_per_char
+    tts.stream_realtime_factor = args.tts_realtime_factor
     for server in (stt, llm, tts):
         await server.start()
     return stt, llm, tts
@@ -253,58 +319,16 @@ async def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "providers": {"stt_ms": args.stt_ms, "llm_first_token_ms": args.llm_ms,
                       "llm_token_interval_ms": args.token_ms, "tts_first_audio_ms": args.tts_ms,
                       "tts_chunk_interval_ms": args.tts_chunk_ms,
-                      "reply_words": len(REPLY.split()), "reply_sentences": 3,
+                      "reply_words": len(REPLY.split()), "reply_sentences": REPLY.count(". ") + 1,
                       "first_sentence_tokens": first_sentence_tokens(REPLY),
                       "nominal_to_first_audio_ms": round(nominal_provider_s(args) * 1000, 1)},
-        "target": {"engine_overhead_p95_ms_at_max_calls": 10.0},
+        "target": {"engine_overhead_p95_ms_at_max_calls": 10.0,
+                   "voice_to_voice_p95_ms_at_1": 750.0,
+                   "voice_to_voice_p95_ms_at_max_within": 100.0},
+        "config": {"stt_chain": args.stt_chain, "turns": turn_overrides(args),
+                   "pinned": args.pin, "nice": args.nice},
         "levels": levels,
     }
-
-
-def fmt(p: dict[str, Any]) -> str:
-    if not p.get("n"):
-        return "-"
-    return f"{p['p50']:>7} {p['p95']:>7} {p['p99']:>7}"
-
-
-def print_table(r: dict[str, Any]) -> None:
-    p = r["providers"]
-    print(f"stand-ins: STT {p['stt_ms']} ms, LLM first token {p['llm_first_token_ms']} ms then "
-          f"every {p['llm_token_interval_ms']} ms ({p['reply_words']} words, "
-          f"{p['reply_sentences']} sentences), TTS first audio {p['tts_first_audio_ms']} ms")
-    for lv in r["levels"]:
-        print()
-        print(f"== {lv['calls']} concurrent call(s): {lv['turns']} turns "
-              f"({lv['turns_per_call']} per call, {lv['lines_unanswered']} unanswered, "
-              f"{lv['calls_failed']} calls failed), loadavg {lv['loadavg_start']} -> "
-              f"{lv['loadavg_end']}")
-        print(f"{'stage (ms)':<34} {'p50':>7} {'p95':>7} {'p99':>7}")
-        labels = {"endpointing": "endpointing (trailing silence)", "stt": "STT",
-                  "llm_first_token": "LLM first token",
-                  "tts_first_audio": "TTS first audio",
-                  "llm_to_first_sentence": "LLM first token -> first sentence",
-                  "engine_overhead": "engine overhead",
-                  "voice_to_voice": "voice-to-voice (engine)",
-                  "beyond_nominal": "v2v - endpointing - nominal"}
-        for key, label in labels.items():
-            print(f"{label:<34} {fmt(lv['stages_ms'][key])}")
-        print(f"{'reply latency (at caller)':<34} {fmt(lv['caller_reply_latency_ms'])}")
-        lead = lv["audio_before_llm_end"]
-        print(f"{'first audio before LLM last token':<34} share {lead['share']}, "
-              f"lead p50 {lead['lead_ms']['p50']} ms")
-        print(f"{'engine CPU':<34} {lv['engine_cpu_pct_of_core']} % of a core, "
-              f"{lv['engine_cpu_ms_per_turn']} ms per turn, "
-              f"{lv['engine_cpu_ms_per_call_s']} ms per call-second")
-        ll = lv["engine_loop_lag_ms"]
-        print(f"{'engine loop lag p50/p99/max':<34} {ll.get('p50_ms')} / {ll.get('p99_ms')} / "
-              f"{ll.get('max_ms')} ms")
-        sl, cl = lv["standin_loop_lag_ms"], lv["caller_loop_lag_ms"]
-        print(f"{'stand-in / caller loop lag p99/max':<34} {sl.get('p99')} / {sl.get('max')} ms, "
-              f"{cl.get('p99')} / {cl.get('max')} ms")
-        gc = lv["engine_gc"]
-        print(f"{'engine GC gen2 pauses':<34} {gc.get('gen2', {})}")
-        if lv["failures"]:
-            print("failures:", "; ".join(lv["failures"]))
 
 
 def parse_levels(text: str) -> list[int]:
@@ -333,22 +357,42 @@ def main() -> int:
                         help="calls start spread over this (s): about one turn cycle")
     parser.add_argument("--processes", type=int, default=1, help="caller processes")
     parser.add_argument("--stt-ms", type=float, default=150.0)
-    parser.add_argument("--llm-ms", type=float, default=200.0, help="LLM first token")
-    parser.add_argument("--token-ms", type=float, default=25.0, help="LLM token interval")
+    parser.add_argument("--llm-ms", type=float, default=300.0, help="LLM first token")
+    parser.add_argument("--token-ms", type=float, default=20.0,
+                        help="LLM token interval (20 ms: 50 tokens/s)")
     parser.add_argument("--tts-ms", type=float, default=100.0, help="TTS first audio")
     parser.add_argument("--tts-chunk-ms", type=float, default=20.0,
                         help="TTS interval between 100 ms audio chunks (5x real time)")
     parser.add_argument("--tts-seconds-per-char", type=float, default=0.04,
-                        help="length of the synthesized answer (shorter: more turns per run)")
+                        help="length of the synthesized answer (0.04: the reply is ~3 s)")
+    parser.add_argument("--tts-realtime-factor", type=float, default=5.0,
+                        help="streamed TTS audio arrives this much faster than it plays")
+    parser.add_argument("--stt-chain", default="openai_realtime,openai",
+                        help="providers.stt (openai: batch transcription only)")
+    parser.add_argument("--endpoint-ms", type=int, default=None,
+                        help="turns.endpoint_silence_ms (default: the engine's)")
+    parser.add_argument("--no-semantic", action="store_true",
+                        help="turns.semantic_endpointing = false")
+    parser.add_argument("--pin", action="store_true",
+                        help="the engine alone on CPU 0, callers and stand-ins on the rest")
+    parser.add_argument("--nice", type=int, default=None,
+                        help="niceness of every bench process (e.g. -10 as root, against "
+                             "other work on a shared machine)")
     parser.add_argument("--voice", default="en-us+m3",
                         help="caller's espeak voice, where the neural voice is not installed")
     parser.add_argument("--rate-wpm", type=int, default=165,
                         help="that espeak voice's speaking rate")
     parser.add_argument("--cprofile", default=None,
                         help="profile the engine into PATH.<calls> per level")
+    parser.add_argument("--event-loop", choices=("engine", "asyncio"), default="engine",
+                        help="the engine's event loop: engine = what `switchboard serve` "
+                             "runs (uvloop where installed); asyncio = the standard one")
     parser.add_argument("--watch-stalls", action="store_true",
                         help="debug: the engine records its stack and CPU use in loop stalls")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (engine logs)")
+    parser.add_argument("--gc-census", action="store_true",
+                        help="debug: what the engine's collector tracks after the ramp "
+                             "(gc-census-N.json in the temp dir; with --keep)")
     parser.add_argument("--json-only", action="store_true")
     args = parser.parse_args()
     if args.turns < 1 or args.turns_at_1 < 1:

@@ -6,8 +6,9 @@ Run by bench/bench_turns.py (not usually by hand):
       --tts-url http://127.0.0.1:P3 --openai-key K --elevenlabs-key K2
 
 The engine is built by `engine.wiring.build_engine` exactly as `switchboard` builds it,
-with STT = OpenAI transcription, agent = OpenAI chat, TTS = ElevenLabs streaming, each
-pointed at a stand-in server of fixed latency in another process. It is alone in its
+with STT = OpenAI realtime transcription (batch transcription behind it), agent = OpenAI
+chat, TTS = ElevenLabs with the text streamed in, each pointed at a stand-in server of
+fixed latency in another process (`--stt-chain`, `--turns-json` change them). It is alone in its
 process so that its CPU time is the engine's only. It reads its own event bus and keeps
 every `TurnLatency` event; the bench-only routes hand them out:
 
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import inspect
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ from probes import GcPauses, LoopLag, StallWatchdog
 from engine.app import Engine
 from engine.bus.events import TurnLatency
 from engine.config import Config
+from engine.serve import loop_name
 from engine.wiring import build_engine
 
 ACCOUNT_SID = "AC" + "c4" * 16
@@ -79,10 +83,18 @@ class TurnCollector:
     def body(self) -> dict[str, Any]:
         return {"turns": self.turns, "loop_lag": self.lag.summary(), "gc": self.gc.summary(),
                 "stall_reports": self.watchdog.reports[-40:] if self.watchdog else [],
-                "calls_total": self.engine.calls_total, "monotonic": time.monotonic()}
+                "calls_total": self.engine.calls_total, "monotonic": time.monotonic(),
+                "event_loop": loop_name(asyncio.get_running_loop()),
+                "pacer": {"ticks": self.engine.pacer.ticks,
+                          "late_ticks": self.engine.pacer.late_ticks}}
 
     async def turns_route(self, request: web.Request) -> web.Response:
         return web.json_response(self.body())
+
+    async def census_route(self, request: web.Request) -> web.Response:
+        """Debug (--gc-census): the collector's tracked objects by type and by module,
+        the most common first: what a full collection has to traverse."""
+        return web.json_response(gc_census())
 
     async def reset_route(self, request: web.Request) -> web.Response:
         self.turns.clear()
@@ -91,15 +103,52 @@ class TurnCollector:
         return web.json_response({"reset": True})
 
 
+def gc_census(top: int = 40) -> dict[str, Any]:
+    """The tracked objects by type and module, and the references a collection follows
+    from them by type (its work is about objects plus references)."""
+    by_type: Counter[str] = Counter()
+    by_module: Counter[str] = Counter()
+    refs: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        kind = type(obj)
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        by_type[name] += 1
+        by_module[kind.__module__.split(".")[0]] += 1
+        refs[name] += len(gc.get_referents(obj))
+    return {"tracked": sum(by_type.values()), "frozen": gc.get_freeze_count(),
+            "references": sum(refs.values()), "by_type": by_type.most_common(top),
+            "by_module": by_module.most_common(15), "references_by_type": refs.most_common(25),
+            "garbage": garbage_census(top)}
+
+
+def garbage_census(top: int) -> dict[str, Any]:
+    """One full collection that keeps what it finds (gc.DEBUG_SAVEALL): the cyclic
+    garbage by type, i.e. what only a collection frees, and how long it took."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    started = time.perf_counter()
+    try:
+        gc.collect()
+    finally:
+        gc.set_debug(0)
+    took_ms = (time.perf_counter() - started) * 1000
+    by_type = Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.garbage)
+    found = len(gc.garbage)
+    gc.garbage.clear()
+    return {"objects": found, "collect_ms": round(took_ms, 1),
+            "by_type": by_type.most_common(top)}
+
+
 def turns_config(args: argparse.Namespace) -> Config:
     return bench_config(
         args, ACCOUNT_SID,
         providers={
-            "stt": ["openai"], "agent": ["openai"], "tts": ["elevenlabs"],
+            "stt": args.stt_chain.split(","), "agent": ["openai"], "tts": ["elevenlabs"],
             "openai": {"api_key": args.openai_key, "base_url": args.llm_url,
                        "stt_base_url": args.stt_url},
+            "openai_realtime": {"base_url": args.stt_url},
             "elevenlabs": {"api_key": args.elevenlabs_key, "base_url": args.tts_url},
         },
+        turns=json.loads(args.turns_json),
         # Every turn must reach the providers: no answer/voice cache, no cost-cap handoff.
         cache={"backend": "off"},
         policy={"call_cost_cap_usd": 0.0},
@@ -116,6 +165,7 @@ async def serve(args: argparse.Namespace) -> None:
     app = engine.build_app()
     app.router.add_get("/bench/turns", collector.turns_route)
     app.router.add_post("/bench/reset", collector.reset_route)
+    app.router.add_get("/bench/gc-census", collector.census_route)
     async with serving(app, args.port):
         await collector.start()
         await ready_until_signal(args.port)
@@ -132,6 +182,9 @@ def main() -> int:
     parser.add_argument("--openai-key", required=True)
     parser.add_argument("--elevenlabs-key", required=True)
     parser.add_argument("--history", action="store_true", help="keep the SQLite call history")
+    parser.add_argument("--stt-chain", default="openai_realtime,openai",
+                        help="providers.stt, comma separated")
+    parser.add_argument("--turns-json", default="{}", help="[turns] overrides, as JSON")
     return run_engine_process(serve, parser.parse_args())
 
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import cProfile
 import json
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from engine.config import Config
 from engine.log import configure_logging
+from engine.serve import LOOP_ENV, run
 
 Serve = Callable[[argparse.Namespace], Coroutine[Any, Any, None]]
 
@@ -31,8 +33,11 @@ def engine_parser(description: str, data_dir: str) -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=data_dir)
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--watch-stalls", action="store_true",
-                        help="record the loop's stack and CPU use during stalls over 40 ms")
+                        help="record the loop's stack and CPU use during stalls over 20 ms")
     parser.add_argument("--cprofile", default=None, help="write cProfile stats to this path")
+    parser.add_argument("--event-loop", choices=("engine", "asyncio"), default="engine",
+                        help="engine: the loop `switchboard serve` runs (uvloop where "
+                             "installed); asyncio: the standard loop, to compare")
     return parser
 
 
@@ -80,14 +85,16 @@ async def ready_until_signal(port: int) -> None:
 def run_engine_process(serve: Serve, args: argparse.Namespace) -> int:
     """Configure logging, then `serve(args)` — under cProfile when --cprofile is given."""
     configure_logging(args.log_level, "json")
+    if args.event_loop == "asyncio":  # else the engine's choice: uvloop where installed
+        os.environ[LOOP_ENV] = "asyncio"
     main = serve(args)
     if not args.cprofile:
-        asyncio.run(main)
+        run(main)
         return 0
     profiler = cProfile.Profile()
     profiler.enable()
     try:
-        asyncio.run(main)
+        run(main)
     finally:
         profiler.disable()
         profiler.dump_stats(args.cprofile)

@@ -4,12 +4,14 @@ Each is a coordinator that starts an engine process and caller processes (the sa
 script, run as `SCRIPT --worker SPEC OUT`), measures, and prints a table and a JSON line.
 A caller process places one SimulatedCaller per start time in its spec (one clock,
 CLOCK_MONOTONIC, for every process on the machine) and writes what they got to OUT.
+The engine can be pinned to a core of its own and every process reniced.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
@@ -41,6 +43,34 @@ def check_ready(line: str | bytes, log_path: Path) -> None:
         raise RuntimeError(f"engine did not start: {line!r}; see {log_path}")
 
 
+# -- CPUs and priorities ---------------------------------------------------------------
+
+
+def renice(pids: list[int], niceness: int | None) -> None:
+    """--nice: every process of the bench at this niceness (below 0 needs root), so other
+    work on a shared machine takes less of their CPUs."""
+    if niceness is not None:
+        for pid in pids:
+            os.setpriority(os.PRIO_PROCESS, pid, niceness)
+
+
+# The CPUs this bench may use, read once: pinning narrows this process's own affinity,
+# and a later level must still pin its engine to the first of all of them.
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def pin_processes(engine_pid: int, others: list[int]) -> bool:
+    """The engine alone on the first CPU, everything else on the rest (when there are
+    two or more): the engine's CPU and latency are one core's."""
+    cpus = CPUS
+    if len(cpus) < 2:
+        return False
+    os.sched_setaffinity(engine_pid, {cpus[0]})
+    for pid in [os.getpid(), *others]:
+        os.sched_setaffinity(pid, set(cpus[1:]))
+    return True
+
+
 # -- caller processes ----------------------------------------------------------------------
 
 
@@ -70,13 +100,14 @@ def run_if_worker(worker_main: WorkerMain) -> bool:
 async def place_calls(start_times: list[float],
                       make_caller: Callable[[aiohttp.ClientSession], SimulatedCaller],
                       scenario: Scenario, hang_up_at: float | None = None,
+                      lag: LoopLag | None = None,
                       ) -> tuple[list[CallResult], list[float]]:
     """Start one caller per start time (monotonic), each on a socket of its own; with
     `hang_up_at`, every caller hangs up then. Returns their results and the lag samples
-    of this process's event loop (ms) over the run."""
+    of this process's event loop (ms) over the run (`lag`'s, when given: its stalls)."""
     import aiohttp
 
-    lag = LoopLag()
+    lag = lag or LoopLag()
     lag_task = lag.start()
     callers: list[SimulatedCaller] = []
     runs: list[asyncio.Task[CallResult]] = []

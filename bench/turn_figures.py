@@ -1,7 +1,8 @@
 """The turns bench's figures for one level: percentiles of every stage the engine timed
 (from its TurnLatency events), what lies beyond the stand-ins' nominal latency, how often
-speech started before the LLM finished, and what the callers measured. What each figure
-means is in bench/README.md."""
+speech started before the LLM finished, and what the callers measured; which loop stall
+came before each underrun; and the table it prints. What each figure means is in
+bench/README.md."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def lag_summary(samples_ms: list[float]) -> dict[str, float]:
 
 def first_sentence_tokens(reply: str) -> int:
     """Streamed tokens (as the LLM stand-in cuts them) before the engine has a sentence."""
-    from engine.session.sentences import SentenceAggregator
+    from engine.providers.sentences import SentenceAggregator
 
     aggregator = SentenceAggregator()
     tokens = _TOKEN_RE.findall(reply)
@@ -71,6 +72,8 @@ def summarize_level(calls: int, turns: list[dict[str, Any]], outs: list[dict[str
     return {
         "calls": calls, "turns": n_turns, "lines_said": sum(len(c["lines"]) for c in results),
         "lines_unanswered": unanswered, "calls_failed": len(failed),
+        "underruns": sum(c.get("underruns", 0) for c in results),
+        "calls_with_underruns": sum(1 for c in results if c.get("underruns", 0)),
         "failures": sorted({f"{c['ended_by']}: {c['error']}" for c in failed})[:5],
         "stages_ms": stages,
         "audio_before_llm_end": {
@@ -86,3 +89,93 @@ def summarize_level(calls: int, turns: list[dict[str, Any]], outs: list[dict[str
         "caller_loop_lag_ms": lag_summary(lag),
         **extra,
     }
+
+
+def underrun_causes(outs: list[dict[str, Any]], engine_stalls: list[float],
+                    t0: float) -> dict[str, Any]:
+    """Each underrun by the loop stall (over 20 ms) that ended shortly before its audio
+    came again: the engine's, the caller process's own (then it is the bench's, not the
+    engine's), both, or none seen (a stall the 50 ms lag probe missed, or another cause);
+    and when they came (s since the first call, to 0.1 s: count)."""
+    causes: dict[str, Any] = {"engine": 0, "caller": 0, "both": 0, "none_seen": 0}
+    when: dict[float, int] = {}
+    for out in outs:
+        own = out.get("stall_times", [])
+        for call in out["calls"]:
+            for at in call.get("underrun_at", []):
+                engine = any(at - 0.5 <= s <= at + 0.05 for s in engine_stalls)
+                caller = any(at - 0.5 <= s <= at + 0.05 for s in own)
+                key = ("both" if caller else "engine") if engine else \
+                    ("caller" if caller else "none_seen")
+                causes[key] += 1
+                second = round(at - t0, 1)
+                when[second] = when.get(second, 0) + 1
+    causes["at_s"] = sorted(when.items())[:30]
+    return causes
+
+
+def relative_stalls(extra: dict[str, Any], t0: float) -> None:
+    """Loop stalls and GC pauses as seconds since the first call (one clock for all
+    processes): whether they came with the ramp or in the steady state."""
+    lag, gc = extra["engine_loop_lag_ms"], extra["engine_gc"]
+    lag["stalls"] = [(round(at - t0, 2), ms) for at, ms in lag.get("stalls", [])]
+    gc["longest"] = [(gen, round(at - t0, 2), *rest) for gen, at, *rest in gc.get("longest", [])]
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+def fmt(p: dict[str, Any]) -> str:
+    if not p.get("n"):
+        return "-"
+    return f"{p['p50']:>7} {p['p95']:>7} {p['p99']:>7}"
+
+
+def print_table(r: dict[str, Any]) -> None:
+    p = r["providers"]
+    print(f"stand-ins: STT {p['stt_ms']} ms, LLM first token {p['llm_first_token_ms']} ms then "
+          f"every {p['llm_token_interval_ms']} ms ({p['reply_words']} words, "
+          f"{p['reply_sentences']} sentences), TTS first audio {p['tts_first_audio_ms']} ms")
+    for lv in r["levels"]:
+        print()
+        print(f"== {lv['calls']} concurrent call(s): {lv['turns']} turns "
+              f"({lv['turns_per_call']} per call, {lv['lines_unanswered']} unanswered, "
+              f"{lv['calls_failed']} calls failed, {lv['underruns']} underruns in "
+              f"{lv['calls_with_underruns']} calls), loadavg {lv['loadavg_start']} -> "
+              f"{lv['loadavg_end']}")
+        print(f"{'stage (ms)':<34} {'p50':>7} {'p95':>7} {'p99':>7}")
+        labels = {"endpointing": "endpointing (trailing silence)", "stt": "STT",
+                  "llm_first_token": "LLM first token",
+                  "tts_first_audio": "TTS first audio",
+                  "llm_to_first_sentence": "LLM first token -> first sentence",
+                  "engine_overhead": "engine overhead",
+                  "voice_to_voice": "voice-to-voice (engine)",
+                  "beyond_nominal": "v2v - endpointing - nominal"}
+        for key, label in labels.items():
+            print(f"{label:<34} {fmt(lv['stages_ms'][key])}")
+        print(f"{'reply latency (at caller)':<34} {fmt(lv['caller_reply_latency_ms'])}")
+        lead = lv["audio_before_llm_end"]
+        print(f"{'first audio before LLM last token':<34} share {lead['share']}, "
+              f"lead p50 {lead['lead_ms']['p50']} ms")
+        print(f"{'engine CPU':<34} {lv['engine_cpu_pct_of_core']} % of a core "
+              f"({lv['engine_event_loop']} loop), "
+              f"{lv['engine_cpu_ms_per_turn']} ms per turn, "
+              f"{lv['engine_cpu_ms_per_call_s']} ms per call-second")
+        ll = lv["engine_loop_lag_ms"]
+        print(f"{'engine loop lag p50/p99/max':<34} {ll.get('p50_ms')} / {ll.get('p99_ms')} / "
+              f"{ll.get('max_ms')} ms")
+        sl, cl = lv["standin_loop_lag_ms"], lv["caller_loop_lag_ms"]
+        print(f"{'stand-in / caller loop lag p99/max':<34} {sl.get('p99')} / {sl.get('max')} ms, "
+              f"{cl.get('p99')} / {cl.get('max')} ms")
+        print(f"{'stand-in / caller CPU % of a core':<34} {lv['standin_cpu_pct_of_core']} / "
+              f"{' + '.join(map(str, lv['caller_cpu_pct_of_core']))}")
+        print(f"{'underruns after a stall of':<34} {lv['underruns_after_stall']}")
+        pacer = lv["engine_pacer"]
+        print(f"{'engine pacer ticks / late':<34} {pacer.get('ticks')} / "
+              f"{pacer.get('late_ticks')}")
+        gc = lv["engine_gc"]
+        print(f"{'engine GC gen2 pauses':<34} {gc.get('gen2', {})}")
+        print(f"{'engine GC gen0 / gen1 max ms':<34} {gc.get('gen0', {}).get('max_ms')} / "
+              f"{gc.get('gen1', {}).get('max_ms')}")
+        if lv["failures"]:
+            print("failures:", "; ".join(lv["failures"]))

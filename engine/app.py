@@ -14,7 +14,7 @@ The engine builds the telephony side of the session's ports: the Twilio REST cal
 from __future__ import annotations
 
 import asyncio
-import gc
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,15 +26,22 @@ from engine.config import Config
 from engine.hub import OpsHub
 from engine.log import get_logger
 from engine.providers.base import TextToSpeech
+from engine.record.database import HistoryError
 from engine.session.call_session import CallSession, Conversation
 from engine.session.registry import CallRegistry
+from engine.telephony.collector import FullCollections
+from engine.telephony.malformed_http import log_malformed_http_as_warnings
 from engine.telephony.media_stream import MediaStreamHandler
 from engine.telephony.outbound import Pacer
 from engine.telephony.rest import TwilioCallControl
 from engine.telephony.signature import SignatureChecker
-from engine.telephony.webhooks import TwilioWebhooks
+from engine.telephony.stream_token import StreamTokens
+from engine.telephony.webhooks import MAX_BODY_BYTES, TwilioWebhooks
 
 log = get_logger(__name__)
+
+# A webhook waits this long at most for the history to say whether its call has ended.
+HISTORY_LOOKUP_TIMEOUT_S = 2.0
 
 ConversationFactory = Callable[[CallSession], Conversation | None]
 
@@ -95,18 +102,21 @@ class Engine:
         self.signatures = SignatureChecker(tw.auth_token.get_secret_value(),
                                            config.public_base_url(),
                                            enabled=not config.engine.allow_unsigned_requests)
+        self.stream_tokens = StreamTokens.from_config(config)
         self.pacer = Pacer(lead_s=config.engine.outbound_lead_ms / 1000)
+        self.collections = FullCollections(self.pacer)
         self.control: TwilioCallControl | None = None
-        self.registry = CallRegistry(self._new_session, config.engine.ended_call_retention_s)
+        self.registry = CallRegistry(self._new_session, config.engine.ended_call_retention_s,
+                                     ended_on_record=self._ended_in_history)
         self.hub.registry = self.registry
         self.bad_messages: dict[str, int] = {}
         self.calls_total = 0
         self.accepting = True
         self.webhooks = TwilioWebhooks(config, self.registry, self.signatures,
-                                       accepting=lambda: self.accepting,
+                                       self.stream_tokens, accepting=lambda: self.accepting,
                                        count_bad=self.count_bad, gate=self.hub)
         self.media = MediaStreamHandler(config, self.registry, self.pacer, self.signatures,
-                                        count_bad=self.count_bad)
+                                        self.stream_tokens, count_bad=self.count_bad)
         self.deps: Any = None  # the pipeline's shared providers, when one is wired
         self.supervisor_api: Any = None  # the console API, when one is wired
         self.on_started: list[Callable[[], Awaitable[None]]] = []
@@ -122,6 +132,22 @@ class Engine:
         session.conversation = self.conversation_factory(session)
         self.calls_total += 1
         return session
+
+    async def _ended_in_history(self, call_sid: str) -> bool:
+        """Whether the history has this call as ended (older than the registry keeps).
+        An unreadable history lets the call through: a live caller is never turned away
+        for it, and recent calls are still known in memory."""
+        history = self.hub.history
+        if history is None:
+            return False
+        try:
+            stored = await asyncio.wait_for(history.get_call(call_sid),
+                                            HISTORY_LOOKUP_TIMEOUT_S)
+        except (TimeoutError, sqlite3.Error, HistoryError) as exc:
+            log.warning("engine.history_lookup_failed", call_sid=call_sid,
+                        error=str(exc) or type(exc).__name__)
+            return False
+        return stored is not None and stored.ended_at is not None
 
     def count_bad(self, reason: str) -> None:
         self.bad_messages[reason] = self.bad_messages.get(reason, 0) + 1
@@ -145,6 +171,7 @@ class Engine:
                     if not health.healthy:
                         degraded.append(f"{health.kind} provider {health.name} failing")
         budget = self._budget_health(degraded)
+        record = await self.hub.record_health(degraded)  # history and bus, each on its own
         body = {
             "status": "degraded" if degraded else "ok",
             "degraded": degraded,
@@ -157,6 +184,7 @@ class Engine:
             "bad_messages": self.bad_messages,
             "providers": providers,
             "budget": budget,
+            **record,
         }
         return web.json_response(body)
 
@@ -184,7 +212,8 @@ class Engine:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        log_malformed_http_as_warnings()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/twilio/voice", self.webhooks.voice)
         app.router.add_get("/twilio/voice", self.webhooks.voice)  # webhooks set to GET
@@ -197,7 +226,7 @@ class Engine:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
-        self.control = TwilioCallControl.from_config(self.config)
+        self.control = TwilioCallControl.from_config(self.config, self.stream_tokens)
         if not self.signatures.enabled:
             for _ in range(3):
                 log.warning("engine.SIGNATURE_CHECKS_DISABLED",
@@ -210,10 +239,9 @@ class Engine:
             log.error("engine.no_auth_token",
                       detail="TWILIO_AUTH_TOKEN is not set: every webhook and media stream "
                              "will be refused (403) until it is")
-        # Start-up objects live as long as the process: keep them out of the collector,
-        # so a full collection at 200 calls does not stall the pacer (measured ~60 ms).
-        gc.collect()
-        gc.freeze()
+        # Start-up objects are frozen, and full collections wait for the pacer's safe
+        # point (telephony/collector.py): at 250 calls one stalls the loop for ~45 ms.
+        self.collections.start()
         self.pacer.start()
         await self.hub.start()
         for hook in self.on_started:
@@ -238,6 +266,7 @@ class Engine:
             await hook()
         await self.hub.drain()
         await self.pacer.stop()
+        self.collections.stop()
         if self.control is not None:
             await self.control.aclose()
         await self.tts.aclose()

@@ -29,10 +29,11 @@ from engine.money.ledger import CapAlert, LedgerEntry, SpendLedger, SpendUpdate
 from engine.money.prices import dec, utc_now
 from engine.providers.base import Usage
 from engine.record.bill import TwilioMinutes
+from engine.record.health import bus_section, history_section
 from engine.record.history import CallHistory
 from engine.record.metrics import EngineMetrics
 from engine.session.records import TurnRecord
-from engine.supervision.api_schema import Command, Hello, Reply, Snapshot, TranscriptEntry
+from engine.supervision.api_schema import Hello, Snapshot, TranscriptEntry
 from engine.supervision.commands import SupervisorCommands
 from engine.supervision.views import CallViews
 from engine.telephony.webhooks import Admission
@@ -68,6 +69,7 @@ class OpsHub:
         self.commands = SupervisorCommands(config, metrics, history, self.publish, self._bg)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._publish_failures = 0
+        metrics.watch_record(history.stats if history is not None else None, bus.health)
         self.escalations = 0
         self.budget = ledger.budget
         self.budget.on_change = self._budget_changed
@@ -131,6 +133,12 @@ class OpsHub:
             if self._publish_failures in (1, 10, 100) or self._publish_failures % 1000 == 0:
                 log.warning("ops.publish_failed", error=str(exc), failures=self._publish_failures,
                             call_sid=event.call_sid or None)
+
+    async def record_health(self, degraded: list[str]) -> dict[str, Any]:
+        """/healthz's "history" and "bus" sections; what is wrong goes to `degraded`."""
+        history = self.history.stats() if self.history is not None else None
+        return {"history": history_section(history, degraded),
+                "bus": bus_section(await self.bus.check(), degraded)}
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Wait for background publishes and history writes (shutdown, tests)."""
@@ -374,6 +382,3 @@ class OpsHub:
 
     def snapshot(self) -> Snapshot:
         return self.views.snapshot()
-
-    async def execute(self, command: Command, actor: str) -> Reply:
-        return await self.commands.execute(command, actor)

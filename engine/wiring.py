@@ -28,6 +28,7 @@ from engine.providers.fallback import FallbackAgent, FallbackSTT, FallbackTTS
 from engine.providers.faq.matcher import FaqMatcher
 from engine.providers.registry import Kind, ProviderUnavailable, registry
 from engine.providers.response_cache import ResponseCache, make_response_cache
+from engine.record.data_dir import prepare_data_dir
 from engine.record.history import CallHistory
 from engine.session.call_session import CallSession
 from engine.session.conversation import ConversationPipeline, PipelineDeps, TurnChains
@@ -145,7 +146,8 @@ def _chains(config: Config, providers: Providers, cache: ResponseCache,
                           summarize_timeout_s=p.llm_summarize_timeout_s,
                           **breaker)  # type: ignore[arg-type]
     # Each voice is cached under the provider that produced it (not the chain).
-    tts = FallbackTTS([CachingTTS(t, cache) for t in providers.tts],
+    tts = FallbackTTS([CachingTTS(t, cache, config.turns.first_clause_words)
+                       for t in providers.tts],
                       first_audio_timeout_s=p.tts_first_audio_timeout_s,
                       **breaker)  # type: ignore[arg-type]
     return TurnChains(stt, agent, tts)
@@ -179,9 +181,10 @@ async def build_engine(config: Config, *, history: bool = True,
     except ConfigError:
         await _close(owned)
         raise
+    prepare_data_dir(config.data_path())  # private: 0700, its files 0600
     store = await _open_history(config) if history else None
     hub = OpsHub.from_config(config, store)
-    if store is not None:  # the budget starts from what the history says was spent
+    if store is not None:  # the budget starts from what the history and its journal spent
         since = (datetime.now(UTC) - timedelta(days=40)).date()
         hub.budget.totals.seed(await store.daily_costs(since))
     for provider in providers.all() + (built.all() if built else []):
@@ -217,10 +220,12 @@ async def build_engine(config: Config, *, history: bool = True,
 
 
 async def _open_history(config: Config) -> CallHistory:
+    """The history in the data directory, its journal replayed (writes a full disk
+    refused before) and the calls a dead engine left open closed."""
     data = config.data_path()
-    data.mkdir(parents=True, exist_ok=True)
-    # A stable id across restarts, so a restarted engine recovers its own calls.
-    stable_id = f"{socket.gethostname()}:{config.engine.port}"
+    # A stable id across restarts, so a restarted engine recovers its own calls (and
+    # replays its own journal).
+    stable_id = config.engine.engine_id or f"{socket.gethostname()}:{config.engine.port}"
     store = CallHistory(data / "history.sqlite3", engine_id=stable_id)
     await store.open()
     recovered = await store.recover_unfinished()

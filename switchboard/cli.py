@@ -1,4 +1,4 @@
-"""`switchboard` command line: serve, call, demo, console, report.
+"""`switchboard` command line: serve, call, demo, console, report, tokens.
 
 The global options (`--config`, `--log-level`) are accepted before or after the
 subcommand, as the README writes them both ways.
@@ -11,10 +11,16 @@ import asyncio
 import importlib.metadata
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.config import Config, ConfigError, load_config
 from engine.log import configure_logging, get_logger
+
+if TYPE_CHECKING:
+    from engine.supervision.token_store import NamedTokenStore
+    from engine.supervision.tokens import Role
 
 log = get_logger(__name__)
 
@@ -37,7 +43,8 @@ def _load(args: argparse.Namespace) -> Config:
     config = load_config(_config_path(args.config))
     if args.log_level:
         config.logging.level = args.log_level
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(config.logging.level, config.logging.format,
+                      redact=config.logging.redact)
     return config
 
 
@@ -170,6 +177,77 @@ def _has_option(argv: list[str], *names: str) -> bool:
     return any(arg == name or arg.startswith(name + "=") for arg in argv for name in names)
 
 
+# -- tokens --------------------------------------------------------------------------------
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """Named supervisor tokens in the config's data dir; a running engine follows at once."""
+    from engine.supervision.token_store import NamedTokenStore
+    from engine.supervision.tokens import TokenError
+
+    config = _load(args)
+    store = NamedTokenStore.for_config(config)
+    try:
+        if args.action == "add":
+            return _tokens_add(store, args.name, "readonly" if args.readonly else "full")
+        if args.action == "revoke":
+            return _tokens_revoke(store, config, args.name)
+        return _tokens_list(store, config)
+    except (TokenError, OSError) as exc:
+        print(f"switchboard tokens: {exc}", file=sys.stderr)
+        return 1
+
+
+def _tokens_add(store: NamedTokenStore, name: str, role: Role) -> int:
+    token = store.add(name, role)
+    print(token)  # alone on stdout, for `> file`; the rest goes to stderr
+    print(f"added {name} ({role}). This is the only time the token is shown: give it to "
+          f"{name}, who connects with `switchboard console --token-file FILE` (a file only "
+          "they can read) or $SWITCHBOARD_CONSOLE_TOKEN. Their commands are audited as "
+          f"{name!r}.", file=sys.stderr)
+    return 0
+
+
+def _tokens_revoke(store: NamedTokenStore, config: Config, name: str) -> int:
+    from engine.supervision.tokens import existing_tokens
+
+    console = existing_tokens(config)
+    for entry in console.entries() if console is not None else ():
+        if entry.name == name.casefold():
+            print(f"switchboard tokens: {entry.name!r} is a console token, not a named one; "
+                  f"it comes from {entry.source}: to replace it, change that setting or "
+                  "delete that file (the engine then makes a new one), and restart the "
+                  "engine", file=sys.stderr)
+            return 1
+    gone = store.revoke(name)
+    if gone is None:
+        print(f"switchboard tokens: no token named {name!r} (`switchboard tokens list`)",
+              file=sys.stderr)
+        return 1
+    print(f"revoked {gone.name} ({gone.role}): a running engine refuses it from now on and "
+          "closes the consoles using it")
+    return 0
+
+
+def _tokens_list(store: NamedTokenStore, config: Config) -> int:
+    from engine.supervision.tokens import existing_tokens, token_file_path
+
+    console = existing_tokens(config)
+    entries = [*(console.entries() if console is not None else ()), *store.entries()]
+    rows = [("NAME", "ROLE", "CREATED (UTC)", "SOURCE")]
+    for entry in entries:
+        created = ("-" if entry.created_at is None else
+                   datetime.fromtimestamp(entry.created_at, UTC).strftime("%Y-%m-%d %H:%M"))
+        rows.append((entry.name, entry.role, created, entry.source))
+    name_width = max(len(row[0]) for row in rows)
+    for name, role, created, source in rows:
+        print(f"{name:<{name_width}}  {role:<8}  {created:<16}  {source}")
+    if console is None:
+        print(f"(no console token yet: the engine generates {token_file_path(config)} at its "
+              "first start)", file=sys.stderr)
+    return 0
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -244,6 +322,26 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("console_args", nargs=argparse.REMAINDER,
                          help="the console's own options")
     console.set_defaults(func=cmd_console)
+
+    tokens = command("tokens", "named supervisor tokens: add NAME [--readonly], list, "
+                               "revoke NAME (the audit trail names who acted)")
+    actions = tokens.add_subparsers(dest="action", required=True, metavar="ACTION",
+                                    help="add, list or revoke")
+    add = actions.add_parser("add", help="add a token and print it (only this once)",
+                             description="Add a token for one supervisor and print it.")
+    add.add_argument("name", metavar="NAME", help="who holds it: 1 to 32 letters, digits, "
+                                                  "'.', '_' or '-'")
+    add.add_argument("--readonly", action="store_true",
+                     help="a token that can watch calls but not act on them")
+    listing = actions.add_parser("list", help="names, roles, when added (never the tokens)",
+                                 description="List the tokens that open the supervisor API.")
+    revoke = actions.add_parser("revoke", help="revoke a token at once",
+                                description="Revoke a named token: new connections are "
+                                            "refused at once, live ones closed.")
+    revoke.add_argument("name", metavar="NAME", help="the token's name")
+    for sub_parser in (add, listing, revoke):
+        _add_global_options(sub_parser, argparse.SUPPRESS)
+    tokens.set_defaults(func=cmd_tokens)
     return parser
 
 

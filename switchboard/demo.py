@@ -27,6 +27,7 @@ from engine.app import Engine
 from engine.config import Config
 from engine.log import configure_logging, get_logger
 from engine.providers.builtin.tts_espeak import espeak_settings
+from engine.record.data_dir import prepare_data_dir, private_file
 from engine.sim.caller import CallResult, SimulatedCaller
 from engine.sim.caller_voice import caller_voice
 from engine.sim.scenario import Scenario, bundled_scenarios_dir
@@ -118,10 +119,12 @@ class _LogFile:
 
     def __init__(self, cfg: Config) -> None:
         self.path = cfg.data_path() / "demo-engine.log"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_data_dir(self.path.parent)
+        private_file(self.path)  # log lines name calls: only the owner reads them
         # Opened once before anything runs; closed by `close` at the end.
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-        configure_logging(cfg.logging.level, "json", stream=self._file)
+        configure_logging(cfg.logging.level, "json", stream=self._file,
+                          redact=cfg.logging.redact)
         self._handler = logging.StreamHandler(self._file)
         logging.getLogger().addHandler(self._handler)
 

@@ -287,29 +287,27 @@ async def test_redis_reader_survives_a_server_restart(redis_server: RedisServer)
         for i in range(5):
             await bus.publish(stamper.stamp(line(i)))
         got = await take(sub, 5)
-        reading = asyncio.create_task(take(sub, 6, within_s=20))
+        reading = asyncio.create_task(take(sub, 7, within_s=20))
         redis_server.stop()
-        with pytest.raises(BusPublishError):
-            await bus.publish(stamper.stamp(line(100)))  # lost: the server is down
-        await asyncio.sleep(0.5)  # the reader backs off and retries meanwhile
+        # Published while the server is down: kept in the buffer, sent when it is back.
+        waiting = asyncio.create_task(bus.publish(stamper.stamp(line(100))))
+        await asyncio.sleep(0.5)  # the reader and the flusher back off and retry meanwhile
+        assert not waiting.done() and bus.health().buffered == 1
+        assert not bus.health().reachable
         redis_server.start()
+        await asyncio.wait_for(waiting, 10)
         for i in range(5, 10):
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    await bus.publish(stamper.stamp(line(i)))
-                    break
-                except BusPublishError:  # still in the publish backoff window
-                    assert time.monotonic() < deadline
-                    await asyncio.sleep(0.1)
+            await bus.publish(stamper.stamp(line(i)))
         after = await reading
     finally:
         await bus.aclose()
     assert texts(got) == [f"line {i}" for i in range(5)]
     gaps = [ev for _, ev in after if isinstance(ev, BusGap)]
-    # The restarted server lost the stream: the reader says so, then reads the new one.
+    # The restarted server lost the stream: the reader says so, then reads the new one,
+    # which starts with the event that waited for it.
     assert len(gaps) == 1 and gaps[0].reason in ("stream_reset", "trimmed", "seq_jump")
-    assert texts(after) == [f"line {i}" for i in range(5, 10)]
+    assert texts(after) == ["line 100"] + [f"line {i}" for i in range(5, 10)]
+    assert bus.health().dropped == 0
 
 
 @pytest.mark.redis
@@ -393,24 +391,32 @@ async def test_redis_idle_reader_outlives_the_socket_timeout(redis_url: str) -> 
     assert not [e for e in logs if e["event"] == "bus.reader_error"]
 
 
-async def test_redis_publish_fails_fast_when_unreachable() -> None:
+async def test_redis_publish_waits_in_a_bounded_buffer_when_unreachable() -> None:
     # Port 1 on localhost: connection refused, no server needed.
-    bus = RedisEventBus("redis://127.0.0.1:1/0", backoff_base_s=1.0)
+    bus = RedisEventBus("redis://127.0.0.1:1/0", backoff_base_s=1.0, buffer_max=2)
     try:
         with capture_logs() as logs:
+            waiting = [asyncio.create_task(bus.publish(line(i))) for i in range(2)]
+            await asyncio.sleep(0.2)
+            assert not any(task.done() for task in waiting)  # buffered, not lost
             start = time.perf_counter()
-            with pytest.raises(BusPublishError):
-                await bus.publish(line(0))
-            assert time.perf_counter() - start < 3.0
-            start = time.perf_counter()
-            with pytest.raises(BusPublishError):  # inside the backoff: no network at all
-                await bus.publish(line(1))
-            assert time.perf_counter() - start < 0.05
+            with pytest.raises(BusPublishError, match="buffer full"):  # beyond the bound
+                await bus.publish(line(2))
+            assert time.perf_counter() - start < 0.05  # at once, no network wait
+            health = bus.health()
+            assert not health.reachable and health.buffered == 2 and health.dropped == 1
+        # One line per failed round trip (not per event), one for the drops.
         assert [e["event"] for e in logs].count("bus.publish_failed") == 1
+        assert [e["event"] for e in logs].count("bus.events_dropped") == 1
         with pytest.raises(BusError, match="unreachable"):
             await bus.latest_id()
     finally:
         await bus.aclose()
+    # Closed while Redis was still away: what waited is dropped, counted, and told.
+    for task in waiting:
+        with pytest.raises(BusError):
+            await task
+    assert bus.health().dropped == 3
 
 
 def test_redis_rejects_bad_cursors() -> None:

@@ -13,8 +13,8 @@ from engine.providers.booking import bill_to
 from engine.providers.builtin.agent_faq import FaqAgent
 from engine.providers.builtin.llm_openai import OpenAIChatAgent
 from engine.providers.fallback import FallbackAgent
+from engine.providers.sentences import SentenceAggregator
 from engine.session.context import ConversationContext
-from engine.session.sentences import SentenceAggregator
 from engine.sim.standins.openai_api import OpenAIStandin
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -156,9 +156,10 @@ async def test_take_over_makes_the_caller_hear_the_supervisor(tmp_path: Path) ->
         assert history is not None
         stored = await history.actions(caller.call_sid)
     actions = [(a.actor, a.action, a.ok) for a in stored]
-    assert ("dana/full", "take_over", True) in actions
-    assert ("dana/full", "say", True) in actions
-    assert ("dana/full", "hand_back", False) in actions
+    # The token's owner acted ("console": the configured token); the header only claims.
+    assert ("console", "take_over", True) in actions
+    assert ("console", "say", True) in actions
+    assert ("console", "hand_back", False) in actions
 
 
 async def test_readonly_console_watches_but_cannot_act(tmp_path: Path) -> None:
@@ -218,7 +219,10 @@ async def test_ledger_equals_price_table_applied_to_reported_usage(tmp_path: Pat
     # What the vendors bill by their own logs, priced by the configured list prices.
     expected = sum((table.cost_decimal(u)[0] for u in openai.bill() + eleven.bill()),
                    Decimal(0))
-    chars = sum(len(r.json["text"]) for r in eleven.requests if r.json)
+    # Characters the voice was sent: whole sentences over HTTP, the reply's text as it was
+    # written over the input stream.
+    chars = sum(len(r.json["text"]) for r in eleven.requests if r.json) + sum(
+        session.characters for session in eleven.stream_inputs if not session.refused)
     minutes = -(-int(result.duration_s * 1000) // 60000)  # Twilio bills started minutes
     ended = [e for e in events.events if isinstance(e, CallEnded)]
     # The phone leg and the media stream, each per started minute.
@@ -321,8 +325,11 @@ async def test_kill_9_mid_call_leaves_a_history_report_can_read(tmp_path: Path) 
 
 
 async def test_metrics_and_health_endpoints(tmp_path: Path) -> None:
-    async with running_engine(tmp_path, make_engine=supervised_engine,
-                              **ops_sections()) as run:
+    sections = ops_sections()
+    # Not a test of deadlines: a busy machine must not make the local voice miss its
+    # first-audio deadline (it would fall back, and /healthz rightly say so).
+    sections["providers"] = {"tts_first_audio_timeout_s": 10.0, "stt_timeout_s": 10.0}
+    async with running_engine(tmp_path, make_engine=supervised_engine, **sections) as run:
         result = await run.caller().run(Scenario(name="q", steps=[
             Step(say="Where are you located?")]))
         assert result.error is None
@@ -335,4 +342,4 @@ async def test_metrics_and_health_endpoints(tmp_path: Path) -> None:
     assert "switchboard_stage_latency_seconds_bucket" in text
     assert 'stage="voice_to_voice"' in text
     assert "switchboard_calls_total 1.0" in text
-    assert health["status"] == "ok" and health["calls_total"] == 1
+    assert health["status"] == "ok" and health["calls_total"] == 1, health["degraded"]

@@ -43,6 +43,7 @@ from engine.supervision.api_schema import (
     Snapshot,
     TranscriptEntry,
 )
+from engine.supervision.backend import Actor, CommandRunner
 from engine.supervision.connection import CLOSE_TOO_SLOW, READONLY_REFUSAL
 from engine.supervision.server import SupervisorApi
 from engine.supervision.tokens import ConsoleTokens, TokenError, load_or_create_tokens
@@ -72,7 +73,8 @@ class CallTable:
         self.bus = bus
         self.stamper = EventStamper(engine_id)
         self.calls: dict[str, CallSnapshot] = {}
-        self.executed: list[tuple[Command, str]] = []
+        self.executed: list[tuple[Command, Actor]] = []
+        self.refused: list[tuple[Command, Actor, str]] = []  # by the API, before running
         self.delay_s: dict[str, float] = {}  # per command name: a slow REST call
         self.crash_on: set[str] = set()  # call sids whose commands raise
         self.snapshot_error: Exception | None = None
@@ -101,7 +103,15 @@ class CallTable:
         return Hello(engine_id=self.engine_id, transfer_destinations=[("Sales", "+15550100")],
                      default_transfer_number="+15550199")
 
-    async def execute(self, command: Command, actor: str) -> Reply:
+    @property
+    def commands(self) -> CommandRunner:
+        return self
+
+    def refuse(self, command: Command, actor: Actor, error: str) -> Reply:
+        self.refused.append((command, actor, error))
+        return Reply(id=command.id, ok=False, error=error)
+
+    async def execute(self, command: Command, actor: Actor) -> Reply:
         self.executed.append((command, actor))
         if command.call_sid in self.crash_on:
             raise RuntimeError("backend exploded")
@@ -118,11 +128,11 @@ class CallTable:
         else:
             new = NEXT_STATE[command.command]
             if new is not None:
-                old, call.state = call.state, new
+                old, call.state = call.state, CallState(new)
                 await self.bus.publish(self.stamper.stamp(StateChanged(
                     call_sid=call.call_sid, old=old, new=new, reason=command.command)))
         await self.bus.publish(self.stamper.stamp(CommandAudit(
-            call_sid=command.call_sid, actor=actor, command=command.command,
+            call_sid=command.call_sid, actor=actor.name, command=command.command,
             ok=not error, error=error)))
         return Reply(id=command.id, ok=not error, error=error or None)
 
@@ -276,9 +286,14 @@ async def test_readonly_token_watches_but_cannot_act() -> None:
                 assert (reply.ok, reply.error) == (False, READONLY_REFUSAL)
     assert backend.executed == []
     assert backend.calls["CA1"].state == "ai"
+    # Refused before running, and handed to the backend's runner to be audited: under the
+    # read-only console token's name.
+    assert [(c.command, a, error) for c, a, error in backend.refused] == [
+        ("take_over", Actor("console-readonly", "readonly"), READONLY_REFUSAL),
+        ("hang_up", Actor("console-readonly", "readonly"), READONLY_REFUSAL)]
     refused = [e for e in logs if e["event"] == "console_api.command_refused"]
     assert [e["command"] for e in refused] == ["take_over", "hang_up"]
-    assert all(e["actor"] == "supervisor/readonly" for e in refused)
+    assert all(e["actor"] == "console-readonly" for e in refused)
 
 
 # --- commands -------------------------------------------------------------------------
@@ -316,7 +331,9 @@ async def test_commands_reply_ok_or_say_why_and_are_audited() -> None:
     # Nothing changed on error.
     assert backend.calls["CA2"].state == "ai" and backend.calls["CA3"].state == "ended"
     assert backend.calls["CA1"].state == "transferring"
-    assert {actor for _, actor in backend.executed} == {"alicescript/full"}
+    # The token decides who acted; the header is kept, sanitized, as a claim only.
+    assert {actor for _, actor in backend.executed} == {
+        Actor("console", "full", claimed="alicescript")}
     assert [(a.command, a.ok) for a in audits] == [
         ("take_over", True), ("say", True), ("hang_up", False), ("take_over", False),
         ("hand_back", False), ("transfer", True)]
@@ -326,7 +343,7 @@ async def test_commands_reply_ok_or_say_why_and_are_audited() -> None:
         ("4", "CA3", False, "call already ended"), ("5", "CA2", False, "not allowed in this state"),
         ("6", "CA1", True, None)]
     assert lines[1]["args"] == {"text": "One moment please."}
-    assert all(e["actor"] == "alicescript/full" for e in lines)
+    assert all(e["actor"] == "console" for e in lines)
 
 
 async def test_commands_run_in_order_without_holding_up_events() -> None:

@@ -217,33 +217,47 @@ async def test_dtmf_reaches_the_session(tmp_path: Path) -> None:
 # -- bad input ---------------------------------------------------------------------------------
 
 
-class RawStream:
-    """A hand-driven Media Streams client, for sending what Twilio never should."""
+def stream_parameters(twiml: str) -> dict[str, str]:
+    """The <Parameter>s of the <Connect><Stream> in a TwiML answer."""
+    stream = ET.fromstring(twiml).find("./Connect/Stream")
+    assert stream is not None, twiml
+    return {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
 
-    def __init__(self, run: RunningEngine, call_sid: str) -> None:
+
+class RawStream:
+    """A hand-driven Media Streams client, for sending what Twilio never should. Its
+    `start` carries `token` (from the webhook's TwiML when it posts one) unless None."""
+
+    def __init__(self, run: RunningEngine, call_sid: str, token: str | None = None) -> None:
         self.run = run
         self.call_sid = call_sid
         self.stream_sid = "MZ" + call_sid[2:]
+        self.token = token
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.http = aiohttp.ClientSession()
 
     async def open(self, webhook: bool = True) -> aiohttp.ClientWebSocketResponse:
         if webhook:
             form = dict(VOICE_FORM, CallSid=self.call_sid)
-            await post_voice(self.run, twilio_signature(self.run.url + "/twilio/voice", form),
-                             form)
+            _, _, twiml = await post_voice(
+                self.run, twilio_signature(self.run.url + "/twilio/voice", form), form)
+            if self.token is None:
+                self.token = stream_parameters(twiml)["streamToken"]
         url = self.run.url.replace("http", "ws") + "/twilio/media"
         self.ws = await self.http.ws_connect(url, headers={
             "X-Twilio-Signature": sign(AUTH_TOKEN, self.run.config.media_stream_url())})
         return self.ws
 
-    def start_msg(self) -> str:
+    def start_msg(self, encoding: str = "audio/x-mulaw") -> str:
+        params = {"from": "+1555"}
+        if self.token is not None:
+            params["streamToken"] = self.token
         return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": self.stream_sid,
                            "start": {"streamSid": self.stream_sid, "callSid": self.call_sid,
                                      "accountSid": ACCOUNT_SID, "tracks": ["inbound"],
-                                     "mediaFormat": {"encoding": "audio/x-mulaw",
+                                     "mediaFormat": {"encoding": encoding,
                                                      "sampleRate": 8000, "channels": 1},
-                                     "customParameters": {"from": "+1555"}}})
+                                     "customParameters": params}})
 
     def media_msg(self, payload: bytes | str) -> str:
         b64 = payload if isinstance(payload, str) else b64encode(payload).decode()
@@ -261,6 +275,18 @@ async def wait_until(predicate, timeout: float = 3.0) -> None:  # type: ignore[n
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+async def started_stream(run: RunningEngine, call_sid: str
+                         ) -> tuple[RawStream, aiohttp.ClientWebSocketResponse, CallSession]:
+    """A call with its webhook and its stream started: the stream, its socket, the call."""
+    raw = RawStream(run, call_sid)
+    ws = await raw.open()
+    await ws.send_str(raw.start_msg())
+    session = run.engine.registry.get(raw.call_sid)
+    assert session is not None
+    await wait_until(lambda: session.stream_sid is not None)
+    return raw, ws, session
 
 
 async def test_bad_messages_are_counted_and_the_call_goes_on(tmp_path: Path) -> None:
@@ -353,16 +379,19 @@ async def test_oversized_websocket_message_closes_with_1009(tmp_path: Path) -> N
 async def test_stream_for_unknown_call_is_served_and_finished_call_refused(
         tmp_path: Path) -> None:
     async with running_engine(tmp_path) as run:
-        raw = RawStream(run, "CA" + "f" * 32)
+        # No webhook here (a restart, or another engine answered it), but the call's token.
+        call_sid = "CA" + "f" * 32
+        token = run.engine.stream_tokens.issue(call_sid, ACCOUNT_SID)
+        raw = RawStream(run, call_sid, token)
         ws = await raw.open(webhook=False)
         await ws.send_str(raw.start_msg())
         await wait_until(lambda: run.engine.registry.get(raw.call_sid) is not None)
-        assert run.engine.bad_messages.get("unknown_call") == 1
+        assert run.engine.bad_messages == {}
         await ws.close()
         await wait_until(lambda: run.engine.registry.is_ended(raw.call_sid))
         await raw.close()
         # A second stream for the same, now finished, call is refused.
-        again = RawStream(run, raw.call_sid)
+        again = RawStream(run, raw.call_sid, token)
         ws2 = await again.open(webhook=False)
         await ws2.send_str(again.start_msg())
         await ws2.receive(timeout=3)
@@ -372,12 +401,7 @@ async def test_stream_for_unknown_call_is_served_and_finished_call_refused(
 
 async def test_close_without_stop_ends_the_call(tmp_path: Path) -> None:
     async with running_engine(tmp_path) as run:
-        raw = RawStream(run, "CA" + "9" * 32)
-        ws = await raw.open()
-        await ws.send_str(raw.start_msg())
-        session = run.engine.registry.get(raw.call_sid)
-        assert session is not None
-        await wait_until(lambda: session.stream_sid is not None)
+        raw, ws, session = await started_stream(run, "CA" + "9" * 32)
         await ws.close()
         assert await session.wait_ended(3)
         assert session.end_reason == "stream closed without stop"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from decimal import Decimal
 
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from engine.audio.codec import ulaw_to_int16
 from engine.audio.resample import resample
@@ -18,6 +20,7 @@ from engine.providers.builtin.tts_openai import OpenAITTS, Pcm24kToUlaw
 from engine.providers.registry import registry
 from engine.sim.standins.elevenlabs_api import ElevenLabsStandin
 from engine.sim.standins.openai_api import OpenAIStandin
+from engine.sim.standins.server import StandinServer
 from tests.cloud_fixtures import (
     ELEVENLABS_KEY,
     OPENAI_KEY,
@@ -104,32 +107,6 @@ async def test_elevenlabs_wrong_key_message_comes_from_the_body() -> None:
     assert info.value.status == 401 and "Invalid API key" in str(info.value)
 
 
-async def test_elevenlabs_request_timeout_is_bounded() -> None:
-    async with ElevenLabsStandin() as server:
-        server.mode = "timeout"
-        tts = make_elevenlabs(server.base_url, timeout_s=0.5, first_audio_timeout_s=10.0)
-        watch = Stopwatch()
-        with pytest.raises(ProviderError) as info:
-            await collect(tts.synthesize(TEXT))
-        elapsed = watch.elapsed
-        await tts.aclose()
-    assert elapsed < 2 * 0.5
-    assert info.value.retryable and "timed out" in str(info.value)
-
-
-async def test_elevenlabs_first_audio_timeout_is_bounded() -> None:
-    async with ElevenLabsStandin() as server:
-        server.latency_s = 3.0
-        tts = make_elevenlabs(server.base_url, timeout_s=10.0, first_audio_timeout_s=0.3)
-        watch = Stopwatch()
-        with pytest.raises(ProviderError) as info:
-            await collect(tts.synthesize(TEXT))
-        elapsed = watch.elapsed
-        await tts.aclose()
-    assert elapsed < 2 * 0.3
-    assert info.value.retryable and "no audio" in str(info.value)
-
-
 async def test_elevenlabs_cut_stream_keeps_audio_received() -> None:
     async with ElevenLabsStandin() as server:
         server.mode = "cut"
@@ -174,6 +151,47 @@ async def test_empty_text_is_rejected_without_a_request() -> None:
             assert not info.value.retryable
             await tts.aclose()
     assert el_server.requests == [] and oa_server.requests == []
+
+
+# --- both voices: one first-audio deadline -----------------------------------------------
+
+VOICES = [pytest.param(ElevenLabsStandin, make_elevenlabs, id="elevenlabs"),
+          pytest.param(OpenAIStandin, make_openai, id="openai")]
+
+
+@pytest.mark.parametrize(("standin", "make"), VOICES)
+async def test_a_voice_request_timeout_is_bounded(
+        standin: type[StandinServer], make: Callable[..., TextToSpeech]) -> None:
+    async with standin() as server:
+        server.mode = "timeout"
+        tts = make(server.base_url, timeout_s=0.5, first_audio_timeout_s=10.0)
+        watch = Stopwatch()
+        with pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        elapsed = watch.elapsed
+        await tts.aclose()
+    assert elapsed < 2 * 0.5
+    assert info.value.retryable and "timed out" in str(info.value)
+
+
+@pytest.mark.parametrize(("standin", "make"), VOICES)
+async def test_a_voice_first_audio_timeout_is_bounded_and_reported_alike(
+        standin: type[StandinServer], make: Callable[..., TextToSpeech]) -> None:
+    async with standin() as server:
+        server.latency_s = 3.0
+        tts = make(server.base_url, timeout_s=10.0, first_audio_timeout_s=0.3)
+        watch = Stopwatch()
+        with capture_logs() as logs, pytest.raises(ProviderError) as info:
+            await collect(tts.synthesize(TEXT))
+        elapsed = watch.elapsed
+        await tts.aclose()
+    assert elapsed < 2 * 0.3
+    assert info.value.retryable and "no audio" in str(info.value)
+    assert str(info.value) == f"{tts.name}: timed out: no audio within 0.30s"
+    # One log line, the same for every voice (engine.providers.first_byte).
+    assert [entry for entry in logs if entry["event"] == "provider.first_byte_timeout"] == [
+        {"event": "provider.first_byte_timeout", "log_level": "warning",
+         "provider": tts.name, "kind": "tts", "model": tts.model, "timeout_s": 0.3}]
 
 
 # --- OpenAI TTS ---------------------------------------------------------------------
@@ -224,32 +242,6 @@ async def test_openai_tts_http_errors(mode: str, status: int, retryable: bool) -
             await collect(tts.synthesize(TEXT))
         await tts.aclose()
     assert info.value.status == status and info.value.retryable is retryable
-
-
-async def test_openai_tts_request_timeout_is_bounded() -> None:
-    async with OpenAIStandin() as server:
-        server.mode = "timeout"
-        tts = make_openai(server.base_url, timeout_s=0.5, first_audio_timeout_s=10.0)
-        watch = Stopwatch()
-        with pytest.raises(ProviderError) as info:
-            await collect(tts.synthesize(TEXT))
-        elapsed = watch.elapsed
-        await tts.aclose()
-    assert elapsed < 2 * 0.5
-    assert info.value.retryable and "timed out" in str(info.value)
-
-
-async def test_openai_tts_first_audio_timeout_is_bounded() -> None:
-    async with OpenAIStandin() as server:
-        server.latency_s = 3.0
-        tts = make_openai(server.base_url, timeout_s=10.0, first_audio_timeout_s=0.3)
-        watch = Stopwatch()
-        with pytest.raises(ProviderError) as info:
-            await collect(tts.synthesize(TEXT))
-        elapsed = watch.elapsed
-        await tts.aclose()
-    assert elapsed < 2 * 0.3
-    assert "no audio" in str(info.value)
 
 
 async def test_openai_tts_early_close_stops_the_server_stream() -> None:

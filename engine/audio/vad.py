@@ -113,7 +113,8 @@ class SpeechEnded:
     speech_ms: int  # onset to the end of the last voiced frame
     trailing_silence_ms: int
     started_at_s: float
-    reason: Literal["silence", "max_turn"]
+    # "complete": ended early because the words so far make a finished turn
+    reason: Literal["silence", "max_turn", "complete"]
 
 
 EndpointEvent = SpeechStarted | SpeechEnded
@@ -137,7 +138,8 @@ class Endpointer:
         self._window_frames = _frames(o.start_window_ms)
         self._preroll_frames = _frames(o.preroll_ms) if o.preroll_ms else 0
         self._tail_bytes = _frames(o.tail_ms) * _PCM_FRAME_BYTES if o.tail_ms else 0
-        self._silence_frames_to_end = _frames(o.endpoint_silence_ms)
+        self._default_silence_frames = _frames(o.endpoint_silence_ms)
+        self._silence_frames_to_end = self._default_silence_frames
         self._max_turn_frames = _frames(o.max_turn_ms)
         # Preallocated: the decoded frame, the recent-history ring (preroll + start
         # window), the start window's voiced flags; the utterance grows in a bytearray.
@@ -161,6 +163,7 @@ class Endpointer:
 
     def _reset_turn_state(self) -> None:
         self._in_speech = False
+        self._silence_frames_to_end = self._default_silence_frames
         self._window[:] = bytes(self._window_frames)
         self._window_voiced = 0
         self._onset = 0  # frame index of the turn's first voiced frame
@@ -199,6 +202,34 @@ class Endpointer:
     @property
     def frames_fed(self) -> int:
         return self._frames_fed
+
+    @property
+    def silence_ms_so_far(self) -> int:
+        """Silence since the last voiced frame of the turn in progress (0: voiced now)."""
+        return self._silence_run * FRAME_MS if self._in_speech else 0
+
+    @property
+    def utterance_bytes(self) -> int:
+        """Length of the turn in progress's PCM16 so far (0 when not in speech)."""
+        return len(self._utterance) if self._in_speech else 0
+
+    def set_endpoint_silence(self, ms: int | None) -> None:
+        """The silence that ends the turn in progress (None: the configured one). Read
+        the words so far to choose (semantic endpointing); reset at each turn."""
+        frames = _frames(ms) if ms is not None else self._default_silence_frames
+        self._silence_frames_to_end = max(frames, 1)
+
+    def end_now(self) -> SpeechEnded | None:
+        """End the turn in progress at once (its words say it is complete); None when no
+        turn is in progress."""
+        if not self._in_speech:
+            return None
+        return self._end(self._frames_fed - 1, "complete")
+
+    def utterance_since(self, offset: int) -> bytes:
+        """The turn in progress's PCM16 (preroll included) from byte `offset` on: what a
+        streaming recognizer has not heard yet (b"" when not in speech)."""
+        return bytes(self._utterance[offset:]) if self._in_speech else b""
 
     # --- per-frame path -----------------------------------------------------------------
 
@@ -274,7 +305,8 @@ class Endpointer:
         self._utterance_end = len(utt)
         return SpeechStarted(at_s=onset * FRAME_S, detected_at_s=(idx + 1) * FRAME_S)
 
-    def _end(self, idx: int, reason: Literal["silence", "max_turn"]) -> SpeechEnded:
+    def _end(self, idx: int, reason: Literal["silence", "max_turn", "complete"]
+             ) -> SpeechEnded:
         keep = min(len(self._utterance), self._utterance_end + self._tail_bytes)
         del self._utterance[keep:]
         event = SpeechEnded(

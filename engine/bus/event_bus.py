@@ -13,6 +13,9 @@ Semantics shared by every backend:
 - Loss is never silent: when a subscriber fell behind what the bus retains (or the Redis
   stream was lost), it receives a `BusGap` event in the stream at that point, whose id is
   a cursor to resume after without seeing the gap again. Refetch a snapshot on a gap.
+- A backend that is unreachable does not lose events at once: they wait in a bounded
+  buffer and are sent in order when it returns; beyond the bound they are dropped,
+  counted (`health().dropped`) and seen by readers as a gap.
 - A subscription is an async generator: `await sub.aclose()` one you stop reading before
   the bus closes (a Redis subscription holds a connection of its own).
 - `aclose()` ends all subscriptions (their iterators finish) and rejects later publishes.
@@ -21,6 +24,7 @@ Semantics shared by every backend:
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from engine.bus.events import Event
@@ -41,8 +45,19 @@ class BusClosedError(BusError):
 
 
 class BusPublishError(BusError):
-    """The event could not be stored (e.g. Redis unreachable). The event is lost; the
-    engine logs and goes on, readers see the hole as a seq jump (BusGap)."""
+    """The event was dropped: Redis is unreachable and the buffer is full. The engine
+    logs and goes on; readers see the hole as a seq jump (BusGap)."""
+
+
+@dataclass(slots=True, frozen=True)
+class BusHealth:
+    """Whether events reach the backend; counts are since the bus was made."""
+
+    backend: str  # "memory" | "redis"
+    reachable: bool
+    buffered: int = 0  # events waiting for the backend
+    dropped: int = 0  # events lost: buffer full, or the bus closed with them unsent
+    last_error: str | None = None
 
 
 @runtime_checkable
@@ -58,6 +73,14 @@ class EventBus(Protocol):
     async def latest_id(self) -> str:
         """The id of the newest event, or FROM_OLDEST when there is none. Raises BusError
         when the backend is unreachable."""
+        ...
+
+    def health(self) -> BusHealth:
+        """As last seen (no I/O): for metrics."""
+        ...
+
+    async def check(self) -> BusHealth:
+        """As it is now: asks the backend (bounded wait) when nothing else did lately."""
         ...
 
     async def aclose(self) -> None: ...
@@ -77,5 +100,6 @@ def make_event_bus(config: Config) -> EventBus:
         from engine.bus.redis_streams import RedisEventBus
 
         return RedisEventBus(config.redis.url, key_prefix=config.redis.key_prefix,
-                             maxlen=config.bus.stream_maxlen)
+                             maxlen=config.bus.stream_maxlen,
+                             buffer_max=config.bus.buffer_max)
     raise ValueError(f"unknown bus backend {backend!r}; expected 'memory' or 'redis'")

@@ -16,7 +16,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncGenerator
 
-from engine.bus.event_bus import BusClosedError
+from engine.bus.event_bus import BusClosedError, BusHealth
 from engine.bus.events import BusGap, Event, EventBase
 from engine.log import get_logger
 
@@ -107,6 +107,12 @@ class MemoryEventBus:
             event = self._ring[cursor % self._maxlen]
             assert event is not None
             yield self._id(cursor), event
+
+    def health(self) -> BusHealth:
+        return BusHealth(backend="memory", reachable=True)
+
+    async def check(self) -> BusHealth:
+        return self.health()
 
     async def aclose(self) -> None:
         self._closed = True

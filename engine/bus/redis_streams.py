@@ -7,7 +7,12 @@ consumer groups, which would split events between readers.
 
 Publishing: concurrent publish() calls are batched into one pipelined round trip (the
 engine emits thousands of events per second at 200 calls). While Redis is unreachable,
-publish fails fast with BusPublishError for a backoff period rather than stalling calls.
+events wait in a buffer of at most `buffer_max` (the oldest first) that is retried with
+backoff and sent in order when Redis returns; publish() returns then. An event that
+finds the buffer full is dropped at once (BusPublishError, counted): the publisher's seq
+jumps, so readers see the drop as a gap with its exact count after the buffered events.
+A batch re-sent after a round trip that failed but had landed is not read twice: readers
+skip an engine's seq they already saw.
 
 Reading: each subscription holds its own connection (a blocking XREAD ties up its
 connection) and blocks for `block_ms`, below the socket timeout, so a dead connection is
@@ -33,7 +38,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from engine.bus.event_bus import FROM_OLDEST, BusClosedError, BusError, BusPublishError
+from engine.bus.event_bus import (
+    FROM_OLDEST,
+    BusClosedError,
+    BusError,
+    BusHealth,
+    BusPublishError,
+)
 from engine.bus.events import BusGap, Event, EventDecodeError, decode_event, encode_event
 from engine.bus.redis_replies import (
     ZERO_ID,
@@ -52,6 +63,9 @@ from engine.log import get_logger
 log = get_logger(__name__)
 
 T = TypeVar("T")
+
+_DROPS_LOGGED_EVERY = 1000  # while events are dropped, one warning per this many
+_PING_TIMEOUT_S = 1.0
 
 
 @dataclass(slots=True)
@@ -74,9 +88,11 @@ class RedisEventBus:
                  block_ms: int = 2_000, read_count: int = 500,
                  socket_timeout_s: float = 5.0, connect_timeout_s: float = 2.0,
                  publish_batch: int = 256, backoff_base_s: float = 0.1,
-                 backoff_max_s: float = 5.0, client_name: str = "switchboard-bus") -> None:
-        if maxlen < 1:
-            raise ValueError(f"stream maxlen must be >= 1, got {maxlen}")
+                 backoff_max_s: float = 5.0, client_name: str = "switchboard-bus",
+                 buffer_max: int = 10_000) -> None:
+        if maxlen < 1 or buffer_max < 1:
+            raise ValueError(f"stream maxlen and buffer_max must be >= 1, got {maxlen}, "
+                             f"{buffer_max}")
         self.stream_key = f"{key_prefix}:events"
         self._url = url
         self._maxlen = maxlen
@@ -99,8 +115,12 @@ class RedisEventBus:
         self._pending: list[tuple[bytes, asyncio.Future[str]]] = []
         self._in_flight: list[tuple[bytes, asyncio.Future[str]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._buffer_max = buffer_max
         self._publish_failures = 0
-        self._down_until = 0.0  # loop time before which publish fails fast
+        self._reachable = True
+        self._last_error: str | None = None
+        self._dropped = 0
+        self._dropped_before_outage = 0
         self._closed = False
         self._closed_event = asyncio.Event()
         self._readers: set[aioredis.Redis] = set()
@@ -112,10 +132,11 @@ class RedisEventBus:
             raise BusClosedError("redis event bus is closed")
         if isinstance(event, BusGap):
             raise ValueError("BusGap is produced by subscriptions, it cannot be published")
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._down_until:
-            raise BusPublishError("redis unreachable; event dropped (retrying shortly)")
-        future: asyncio.Future[str] = loop.create_future()
+        if len(self._pending) + len(self._in_flight) >= self._buffer_max:
+            self._drop(1)
+            raise BusPublishError(f"event buffer full ({self._buffer_max} waiting for "
+                                  "Redis): event dropped")
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending.append((encode_event(event), future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="event-bus-flush")
@@ -125,9 +146,7 @@ class RedisEventBus:
         try:
             await self._flush_pending()
         except BaseException as exc:  # cancelled at shutdown: no caller may hang
-            self._fail_pending(BusClosedError(f"event bus flush stopped: {exc!r}"),
-                               self._in_flight + self._pending)
-            self._pending = []
+            self._give_up(BusClosedError(f"event bus flush stopped: {exc!r}"))
             raise
 
     async def _flush_pending(self) -> None:
@@ -143,36 +162,82 @@ class RedisEventBus:
             try:
                 ids = await pipe.execute()
             except (RedisError, OSError) as exc:
-                self._publish_failed(exc, batch + self._pending)
-                self._pending = []
-                return
-            if self._publish_failures:
-                log.info("bus.publish_recovered", after_failures=self._publish_failures)
-                self._publish_failures = 0
+                self._pending[:0] = batch  # first in line again: the order holds
+                self._in_flight = []
+                if not await self._wait_to_retry(exc):
+                    return
+                continue
+            self._in_flight = []
+            self._recovered()
             for (_, future), entry_id in zip(batch, ids, strict=True):
                 if not future.done():
                     future.set_result(text(entry_id))
 
-    def _publish_failed(self, exc: BaseException,
-                        failed: list[tuple[bytes, asyncio.Future[str]]]) -> None:
+    async def _wait_to_retry(self, exc: BaseException) -> bool:
+        """After a failed round trip: wait out the backoff; False when the bus closed and
+        the buffer was given up."""
+        if self._closed:  # aclose already gave the buffer its last chance
+            self._give_up(BusClosedError(f"bus closed while Redis was unreachable: {exc!r}"))
+            return False
         self._publish_failures += 1
+        if self._reachable:
+            self._dropped_before_outage = self._dropped
+        self._reachable = False
+        self._last_error = repr(exc)
         delay = self._backoff(self._publish_failures)
-        self._down_until = asyncio.get_running_loop().time() + delay
         # One line per failed round trip, not per event: an outage must not flood the log.
-        log.warning("bus.publish_failed", error=repr(exc), dropped=len(failed),
+        log.warning("bus.publish_failed", error=repr(exc), buffered=len(self._pending),
                     failures=self._publish_failures, retry_in_s=round(delay, 2))
-        self._fail_pending(BusPublishError(f"redis publish failed: {exc!r}"), failed)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed_event.wait(), timeout=delay)
+        return True  # retried: once more at once if the bus closed meanwhile
 
-    @staticmethod
-    def _fail_pending(error: Exception,
-                      failed: list[tuple[bytes, asyncio.Future[str]]]) -> None:
-        for _, future in failed:
-            if not future.done():
+    def _recovered(self) -> None:
+        if self._reachable:
+            return
+        log.info("bus.publish_recovered", after_failures=self._publish_failures,
+                 dropped=self._dropped - self._dropped_before_outage)
+        self._publish_failures = 0
+        self._reachable = True
+        self._last_error = None
+
+    def _drop(self, count: int) -> None:
+        before = self._dropped
+        self._dropped += count
+        if before == self._dropped_before_outage or \
+                before // _DROPS_LOGGED_EVERY != self._dropped // _DROPS_LOGGED_EVERY:
+            log.warning("bus.events_dropped", dropped=self._dropped,
+                        buffer_max=self._buffer_max, error=self._last_error)
+
+    def _give_up(self, error: Exception) -> None:
+        """Fail every event still waiting (the bus is closing): they are dropped."""
+        waiting = self._in_flight + self._pending
+        self._in_flight, self._pending = [], []
+        unsent = [future for _, future in waiting if not future.done()]
+        if unsent:
+            self._drop(len(unsent))
+            for future in unsent:
                 future.set_exception(error)
 
     def _backoff(self, failures: int) -> float:
         ceiling = min(self._backoff_max_s, self._backoff_base_s * 2 ** min(failures - 1, 16))
         return random.uniform(ceiling / 2, ceiling)  # jitter: readers do not reconnect in step
+
+    def health(self) -> BusHealth:
+        return BusHealth(backend="redis", reachable=self._reachable,
+                         buffered=len(self._pending) + len(self._in_flight),
+                         dropped=self._dropped, last_error=self._last_error)
+
+    async def check(self) -> BusHealth:
+        # While events wait, the flusher's retries tell; otherwise a ping does.
+        if not self._closed and not (self._pending or self._in_flight):
+            try:
+                await asyncio.wait_for(self._client.ping(), timeout=_PING_TIMEOUT_S)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._reachable, self._last_error = False, repr(exc)
+            else:
+                self._reachable, self._last_error = True, None
+        return self.health()
 
     async def latest_id(self) -> str:
         try:
@@ -262,6 +327,8 @@ class RedisEventBus:
                 continue
             if event.seq > 0:
                 seen = pos.last_seq.get(event.engine_id)
+                if seen is not None and event.seq <= seen:
+                    continue  # sent again after a round trip that failed but had landed
                 if seen is not None and event.seq > seen + 1:
                     yield format_id(previous), BusGap(
                         engine_id=event.engine_id, missed_after=format_id(previous),

@@ -37,10 +37,12 @@ class ProvidersConfig(Section):
     # A provider that fails this many times in a row is skipped for `breaker_reset_s`.
     breaker_failures: int = 3
     breaker_reset_s: float = 30.0
-    stt_timeout_s: float = 4.0
-    llm_first_token_timeout_s: float = 3.0
-    tts_first_audio_timeout_s: float = 2.0
-    llm_summarize_timeout_s: float = 10.0
+    # How long the chain waits for a provider's first output before it moves on (the
+    # margins over the measured first-byte times: config.toml).
+    stt_timeout_s: float = Field(default=3.0, gt=0, allow_inf_nan=False)
+    llm_first_token_timeout_s: float = Field(default=1.5, gt=0, allow_inf_nan=False)
+    tts_first_audio_timeout_s: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    llm_summarize_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     # A request the call stopped waiting for (a barge-in, a timeout that fell back) is
     # read on in the background this long, so what its vendor bills gets booked.
     drain_timeout_s: float = Field(default=15.0, gt=0, allow_inf_nan=False)
@@ -78,6 +80,17 @@ class ProvidersConfig(Section):
 
     def chains(self) -> dict[Literal["stt", "agent", "tts"], list[str]]:
         return {"stt": self.stt, "agent": self.agent, "tts": self.tts}
+
+    def first_output_timeout_s(self, kind: Literal["stt", "agent", "tts"]) -> float:
+        """How long the `kind` chain waits for a provider's first output."""
+        timeouts = {"stt": self.stt_timeout_s, "agent": self.llm_first_token_timeout_s,
+                    "tts": self.tts_first_audio_timeout_s}
+        return timeouts[kind]
+
+    def request_deadline_s(self, kind: Literal["stt", "agent", "tts"]) -> float:
+        """How long a cloud provider's own request may wait for its first output: the
+        chain gives up first, then reads the request on for its usage."""
+        return self.first_output_timeout_s(kind) + self.drain_timeout_s
 
     def degraded_chains(self) -> dict[Literal["stt", "agent", "tts"], list[str]]:
         return {"stt": self.degraded_stt, "agent": self.degraded_agent,

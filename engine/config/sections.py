@@ -24,6 +24,10 @@ class EngineConfig(Section):
     # (loudly), with every cost it touches marked unpriced.
     allow_unpriced_models: bool = False
     data_dir: str = "~/.local/share/switchboard"
+    # This engine's name in the shared record: a restarted engine closes the calls it left
+    # open and replays its history journal under it. Empty: "<hostname>:<port>" (set it
+    # where the hostname changes at each start, as in most containers).
+    engine_id: str = ""
     greeting: str = "Hello, thank you for calling. How can I help you today?"
     goodbye: str = "We have reached the time limit for this call. Goodbye."
     max_call_seconds: float = 600.0
@@ -34,10 +38,15 @@ class EngineConfig(Section):
     max_media_payload_bytes: int = 1600  # 200 ms of mu-law; Twilio sends 20 ms frames
     max_messages_per_second: int = 400  # Twilio sends ~50/s; beyond this is a flood
     max_bad_messages: int = 50  # protocol violations before the socket is closed
-    # How long an ended call is kept in memory for late status callbacks.
+    # How long an ended call is kept in memory for late status callbacks (a replayed
+    # webhook of an older call is recognised from the history).
     ended_call_retention_s: float = 300.0
-    # Wait for the `start` message after the WebSocket opens.
+    # A call's media stream must start this long after its webhook (and the `start`
+    # message this long after its WebSocket opens), or the call ends.
     start_timeout_s: float = 10.0
+    # Key of the per-call media stream tokens (env SWITCHBOARD_STREAM_SECRET). Empty:
+    # derived from the Twilio auth token, which every engine of a fleet shares.
+    stream_secret: SecretStr = SecretStr("")
 
 
 class TwilioConfig(Section):
@@ -65,7 +74,15 @@ class TurnConfig(Section):
 
     vad_mode: int = 2  # webrtcvad aggressiveness 0..3
     min_speech_ms: int = 200  # shorter voiced bursts are noise
-    endpoint_silence_ms: int = 500  # silence that ends a turn
+    endpoint_silence_ms: int = 500  # silence that ends a turn (words unknown)
+    # Semantic endpointing (session/hearing.py): at each pause of `pause_ms` the words so
+    # far are transcribed; complete ones end the turn after `complete_silence_ms`, words
+    # that trail off wait `trailing_silence_ms`. Needs a streaming or local recognizer.
+    semantic_endpointing: bool = True
+    pause_ms: int = Field(default=100, ge=20)  # a streaming recognizer's segments
+    local_pause_ms: int = Field(default=250, ge=20)  # a local one's (each decode costs CPU)
+    complete_silence_ms: int = Field(default=200, ge=20)
+    trailing_silence_ms: int = Field(default=1200, ge=20)
     max_endpoint_ms: int = 3000
     max_turn_seconds: float = 30.0
     # Caller speech during playback must last this long to interrupt the agent.
@@ -73,6 +90,9 @@ class TurnConfig(Section):
     preroll_ms: int = 200  # audio kept before the detected start of speech
     vad_start_window_ms: int = 400  # min_speech_ms of voiced frames within this window
     vad_min_level_dbfs: float = -55.0  # quieter frames are never speech
+    # A voice that needs whole requests starts on the answer's first clause (cut at a
+    # comma or the like) once it holds this many words, not on its first sentence; 0: off.
+    first_clause_words: int = Field(default=4, ge=0)
     backchannels: list[str] = Field(
         default_factory=lambda: ["uh-huh", "uh huh", "mm-hmm", "mhm", "yeah", "ok", "okay",
                                  "right", "sure", "yes", "i see"]
@@ -144,6 +164,9 @@ class BusConfig(Section):
     backend: Literal["memory", "redis"] = "memory"
     stream_maxlen: int = 100_000
     memory_maxlen: int = 20_000
+    # Events kept, in order, while Redis is unreachable; beyond this they are dropped
+    # (counted, and readers see the hole as a gap).
+    buffer_max: int = Field(default=10_000, ge=1)
     redis_block_ms: int = 2000
     redis_socket_timeout_s: float = 5.0
     redis_reconnect_max_s: float = 5.0
@@ -173,3 +196,6 @@ class LoggingConfig(Section):
     level: str = "info"
     # "auto": readable on a terminal, JSON lines otherwise.
     format: Literal["auto", "json", "console"] = "auto"
+    # Caller numbers masked (last digits kept) and transcripts left out of every log
+    # line; the history keeps both. false: logs carry them (debugging, never production).
+    redact: bool = True

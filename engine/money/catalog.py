@@ -102,6 +102,13 @@ DEFAULT_CATALOG: tuple[ModelPrice, ...] = (
                output_per_1m=5.00, shutdown=_TRANSCRIBE_END),
     ModelPrice(provider="openai", model="gpt-4o-transcribe", unit=_A, input_per_1m=6.00,
                output_per_1m=10.00, shutdown=_TRANSCRIBE_END),
+    # Realtime (streaming) transcription, per minute of audio sent.
+    ModelPrice(provider="openai_realtime", model="gpt-live-transcribe",
+               unit=BillingUnit.AUDIO_MINUTE, per_minute=0.017),
+    ModelPrice(provider="openai_realtime", model="gpt-realtime-whisper",
+               unit=BillingUnit.AUDIO_MINUTE, per_minute=0.017),
+    ModelPrice(provider="openai_realtime", model="gpt-transcribe",
+               unit=BillingUnit.AUDIO_MINUTE, per_minute=0.0045),
     # OpenAI voices. gpt-4o-mini-tts: text in and audio out per 1M tokens (the provider
     # estimates both); tts-1 [U]: per 1K characters.
     ModelPrice(provider="openai", model="gpt-4o-mini-tts", unit=_A, input_per_1m=0.60,

@@ -13,14 +13,16 @@ mu-law 8 kHz (Twilio's format) so no conversion happens on the way out.
 Billing: a provider reports its usage in its result or last event, and books nothing
 itself (the chains do, `engine.providers.chain`). A request the caller stops waiting for
 is read on in the background until that report arrives, so a provider must not cut its
-own request short of the chain's deadline plus `providers.drain_timeout_s`. A provider
-that runs on our own CPU says `runs_locally = True`: its abandoned requests are closed at
-once instead, saving the work (a cloud provider says False).
+own request short of the chain's deadline plus `providers.drain_timeout_s`
+(`ProvidersConfig.request_deadline_s`; a cloud provider bounds and times its first byte
+with `engine.providers.first_byte`). A provider that runs on our own CPU says
+`runs_locally = True`: its abandoned requests are closed at once instead, saving the
+work (a cloud provider says False).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -128,6 +130,33 @@ class SpeechToText(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class SpeechStream(Protocol):
+    """One caller utterance, heard while it is spoken (a streaming provider's session).
+
+    `push` never blocks (audio is queued and sent by the stream's own task); `finish`
+    says the utterance is over and returns its final transcript, which a streaming
+    provider has mostly ready by then. Raises ProviderError from `finish` when the
+    provider failed at any point (the caller then falls back to a batch transcription
+    of the audio it kept). `aclose` abandons the stream (no transcript wanted).
+    """
+
+    def push(self, pcm16: bytes) -> None: ...
+
+    async def finish(self) -> Transcript: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class StreamingSpeechToText(SpeechToText, Protocol):
+    """A speech-to-text provider that can also hear an utterance as it arrives."""
+
+    def open_stream(self, sample_rate: int) -> SpeechStream:
+        """A stream for one utterance of PCM16 at `sample_rate`; connects in the
+        background (no I/O before the first `push` returns)."""
+        ...
 
 
 # --- agent (LLM or FAQ) -------------------------------------------------------------
@@ -245,6 +274,41 @@ class TextToSpeech(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(slots=True)
+class TextSpoken:
+    """From a voice fed text as it is written: the audio yielded before this event
+    speaks `text` (the next part of the input, whitespace kept), so a mark queued here
+    tells that the caller heard it. Emitted at sentence ends, at least."""
+
+    text: str
+
+
+StreamedSynthesisEvent = AudioChunk | TextSpoken | SynthesisDone
+
+
+@runtime_checkable
+class ReportsUsage(Protocol):
+    """A stream that knows what it owes so far: read when it is cut or closed before its
+    last event (which carries the usage) came."""
+
+    @property
+    def usage(self) -> Usage | None: ...
+
+
+@runtime_checkable
+class StreamingTextToSpeech(TextToSpeech, Protocol):
+    """A voice that takes the agent's text as it is written (input streaming)."""
+
+    def synthesize_stream(
+            self, text: AsyncIterator[str]) -> AsyncGenerator[StreamedSynthesisEvent, None]:
+        """Audio for the text pieces `text` yields, starting before the text is complete;
+        `TextSpoken` events tell which text the audio so far covers; the last event is
+        SynthesisDone (usage: every character sent). Closing the generator early
+        (barge-in) must stop the work promptly. Raises ProviderError before the first
+        chunk when the provider fails."""
+        ...
 
 
 @dataclass(slots=True)

@@ -2,22 +2,36 @@
 
 A repeated sentence (the greeting, FAQ answers) then costs no TTS characters and starts
 playing at once; replayed audio reports a free `Usage` with `cached` set.
+
+Fed text as it is written (`synthesize_stream`), a voice that streams its input is passed
+the text and its audio is stored per whole sentence (the audio between two `TextSpoken`
+events); a voice that needs whole requests is read sentence by sentence, each through
+the cache (`sentence_voice.py`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from engine.providers.base import (
     AudioChunk,
+    ReportsUsage,
+    StreamedSynthesisEvent,
+    StreamingTextToSpeech,
     SynthesisDone,
     SynthesisEvent,
+    TextSpoken,
     TextToSpeech,
     Timing,
     Usage,
 )
 from engine.providers.response_cache import ResponseCache
+from engine.providers.sentence_voice import by_sentence
+
+# Text that ends a sentence: only such audio is stored from a streamed voice.
+_SENTENCE_END = (".", "!", "?", "…")
 
 # 100 ms of mu-law 8 kHz: cached audio is replayed in chunks like a live stream.
 CACHED_CHUNK_BYTES = 800
@@ -32,9 +46,13 @@ class CachingTTS:
     Only complete streams are stored: a barge-in, an error or a truncated end is not.
     """
 
-    def __init__(self, inner: TextToSpeech, cache: ResponseCache) -> None:
+    def __init__(self, inner: TextToSpeech, cache: ResponseCache,
+                 first_clause_words: int = 0) -> None:
         self.inner = inner
         self.cache = cache
+        # The voice starts before the text is complete (else: sentence by sentence).
+        self.streams_text = isinstance(inner, StreamingTextToSpeech)
+        self.first_clause_words = first_clause_words
         self.name = inner.name
         self.voice = inner.voice
         self.runs_locally = inner.runs_locally  # as the voice it caches
@@ -72,6 +90,17 @@ class CachingTTS:
         finally:
             await stream.aclose()
 
+    def synthesize_stream(
+            self, text: AsyncIterator[str]) -> AsyncGenerator[StreamedSynthesisEvent, None]:
+        inner = self.inner
+        if isinstance(inner, StreamingTextToSpeech):
+            # Started here, not at the first read: the voice connects before the text.
+            return _StoredBySentence(self, inner.synthesize_stream(text))
+        return by_sentence(self, text, self.first_clause_words)
+
+    async def store(self, sentence: str, ulaw: bytes) -> None:
+        await self.cache.put_audio(self._cache_provider, self.voice, sentence, ulaw)
+
     def estimate_usage(self, text: str) -> Usage:
         return self.inner.estimate_usage(text)
 
@@ -80,3 +109,49 @@ class CachingTTS:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class _StoredBySentence(AsyncGenerator[StreamedSynthesisEvent, None]):
+    """A streaming voice's events, each whole sentence's audio (the audio before a
+    `TextSpoken` that ends a sentence) stored in the cache on the way; its `usage` is the
+    voice stream's own, when it keeps one."""
+
+    def __init__(self, owner: CachingTTS,
+                 stream: AsyncGenerator[StreamedSynthesisEvent, None]) -> None:
+        self._owner = owner
+        self._stream = stream
+        self._events = self._run()
+
+    @property
+    def usage(self) -> Usage | None:
+        stream = self._stream
+        return stream.usage if isinstance(stream, ReportsUsage) else None
+
+    async def _run(self) -> AsyncGenerator[StreamedSynthesisEvent, None]:
+        parts: list[bytes] = []
+        async for event in self._stream:
+            if isinstance(event, AudioChunk):
+                parts.append(event.ulaw)
+            elif isinstance(event, TextSpoken):
+                sentence = event.text.strip()
+                if parts and sentence.endswith(_SENTENCE_END):
+                    await self._owner.store(sentence, b"".join(parts))
+                parts = []
+            yield event
+
+    def __aiter__(self) -> _StoredBySentence:
+        return self
+
+    async def __anext__(self) -> StreamedSynthesisEvent:
+        return await anext(self._events)
+
+    async def asend(self, value: None) -> StreamedSynthesisEvent:
+        return await self._events.asend(value)
+
+    async def athrow(self, typ: Any, val: Any = None, tb: Any = None
+                     ) -> StreamedSynthesisEvent:
+        return await self._events.athrow(typ, val, tb)
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        await self._stream.aclose()

@@ -43,7 +43,12 @@ from engine.providers.base import (
     ProviderError,
     ProviderHealth,
     ProviderKind,
+    ReportsUsage,
+    SpeechStream,
     SpeechToText,
+    StreamedSynthesisEvent,
+    StreamingSpeechToText,
+    StreamingTextToSpeech,
     SynthesisDone,
     SynthesisEvent,
     TextDelta,
@@ -52,16 +57,19 @@ from engine.providers.base import (
     Transcript,
     Usage,
 )
+from engine.providers.breaker import BreakerState
+from engine.providers.caching_tts import CachingTTS
 from engine.providers.chain import (
     Chain,
     FallbackEventHandler,
     Member,
     OneShot,
-    Streamed,
     UsageNames,
     first_success,
-    stream_first_served,
 )
+from engine.providers.sentence_voice import by_sentence
+from engine.providers.streamed import Streamed, stream_first_served
+from engine.providers.text_feed import TextFeed
 
 P = TypeVar("P", bound=Member)
 
@@ -147,6 +155,22 @@ class _Transcription(OneShot[SpeechToText, Transcript]):
                      audio_seconds=len(self.pcm16) / 2 / self.sample_rate, estimated=True)
 
 
+class _StreamedTranscription(_Transcription):
+    """An utterance the chain's first provider has heard as it was spoken: its transcript
+    is the stream's; a provider after it transcribes the whole utterance."""
+
+    def __init__(self, stream: SpeechStream, owner: SpeechToText, pcm16: bytes,
+                 sample_rate: int) -> None:
+        super().__init__(pcm16, sample_rate)
+        self.stream = stream
+        self.owner = owner
+
+    def call(self, provider: SpeechToText) -> Awaitable[Transcript]:
+        if provider is self.owner:
+            return self.stream.finish()
+        return provider.transcribe(self.pcm16, self.sample_rate)
+
+
 class FallbackSTT(_Fallback[SpeechToText]):
     """SpeechToText over several providers, each bounded by `timeout_s`."""
 
@@ -162,6 +186,35 @@ class FallbackSTT(_Fallback[SpeechToText]):
     async def transcribe(self, pcm16: bytes, sample_rate: int) -> Transcript:
         return await first_success(self._chain, self.timeout_s,
                                     _Transcription(pcm16, sample_rate))
+
+    @property
+    def first(self) -> SpeechToText:
+        """The recognizer every request tries first."""
+        return self._chain.providers[0]
+
+    @property
+    def streams_audio(self) -> bool:
+        """Whether the first recognizer hears audio as it arrives (and may now)."""
+        return isinstance(self.first, StreamingSpeechToText) \
+            and self._chain.breakers[0].state is BreakerState.CLOSED
+
+    def open_stream(self, sample_rate: int) -> SpeechStream | None:
+        """A stream to the first provider, when it hears audio as it arrives (None: the
+        utterance is transcribed whole at its end). Finish it with `transcribe_streamed`."""
+        first = self.first
+        if not isinstance(first, StreamingSpeechToText) or not self.streams_audio:
+            return None
+        return first.open_stream(sample_rate)
+
+    async def transcribe_streamed(self, stream: SpeechStream, pcm16: bytes,
+                                  sample_rate: int) -> Transcript:
+        """The utterance `stream` heard (`pcm16`, all of it, for a provider after the
+        first); the stream is closed either way."""
+        try:
+            return await first_success(self._chain, self.timeout_s, _StreamedTranscription(
+                stream, self._chain.providers[0], pcm16, sample_rate))
+        finally:
+            await stream.aclose()
 
 
 # --- agent ---------------------------------------------------------------------------
@@ -271,6 +324,48 @@ class _Synthesis(Streamed[TextToSpeech, SynthesisEvent]):
         return TruncatedSynthesisDone(usage=usage, timing=Timing(first_byte_s, total_s))
 
 
+class _StreamedSynthesis(Streamed[TextToSpeech, StreamedSynthesisEvent]):
+    """Audio for text fed as it is written; a voice taking over reads the text from the
+    start. The first-audio clock starts at the first text (`ready`)."""
+
+    done_type = SynthesisDone
+    nothing_error = "stream ended without audio"
+
+    def __init__(self, feed: TextFeed) -> None:
+        self.feed = feed
+        self._opened: dict[str, AsyncIterator[StreamedSynthesisEvent]] = {}
+
+    async def ready(self) -> None:
+        await self.feed.wait_first()
+
+    def open(self, provider: TextToSpeech) -> AsyncIterator[StreamedSynthesisEvent]:
+        if isinstance(provider, StreamingTextToSpeech):
+            stream = provider.synthesize_stream(self.feed.reader())
+        else:
+            stream = by_sentence(provider, self.feed.reader())
+        self._opened[provider.name] = stream
+        return stream
+
+    def has_output(self, event: StreamedSynthesisEvent) -> bool:
+        return isinstance(event, AudioChunk) and bool(event.ulaw)
+
+    def check_first(self, provider: TextToSpeech, first: StreamedSynthesisEvent) -> None:
+        if isinstance(first, SynthesisDone) and self.feed.text.strip():
+            raise ProviderError(provider.name, "no audio for non-empty text")
+
+    def estimate(self, provider: TextToSpeech, names: UsageNames,
+                 emitted: list[StreamedSynthesisEvent]) -> Usage:
+        # The stream's own count of what it sent, when it keeps one; else all the text.
+        stream = self._opened.get(provider.name)
+        reported = stream.usage if isinstance(stream, ReportsUsage) else None
+        usage = reported or provider.estimate_usage(self.feed.text)
+        return replace(usage, provider=names[0], model=names[1], estimated=True)
+
+    def truncated(self, usage: Usage, first_byte_s: float,
+                  total_s: float) -> StreamedSynthesisEvent:
+        return TruncatedSynthesisDone(usage=usage, timing=Timing(first_byte_s, total_s))
+
+
 class FallbackTTS(_Fallback[TextToSpeech]):
     """TextToSpeech over several providers; `first_audio_timeout_s` bounds the first chunk.
 
@@ -297,3 +392,19 @@ class FallbackTTS(_Fallback[TextToSpeech]):
     def synthesize(self, text: str) -> AsyncGenerator[SynthesisEvent, None]:
         return stream_first_served(self._chain, self.first_audio_timeout_s,
                                     _Synthesis(text))
+
+    @property
+    def streams_text(self) -> bool:
+        """Whether the first voice starts before the text is complete (input streaming);
+        else text fed as it is written is spoken sentence by sentence."""
+        first = self._chain.providers[0]
+        if isinstance(first, CachingTTS):
+            return first.streams_text
+        return isinstance(first, StreamingTextToSpeech)
+
+    def synthesize_stream(self, feed: TextFeed
+                          ) -> AsyncGenerator[StreamedSynthesisEvent, None]:
+        """Audio for the text `feed` is given as it is written; `TextSpoken` events say
+        what the audio so far speaks."""
+        return stream_first_served(self._chain, self.first_audio_timeout_s,
+                                    _StreamedSynthesis(feed))

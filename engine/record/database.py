@@ -113,6 +113,14 @@ MIGRATIONS: list[str] = [
            provider LIKE '%:cache'
     FROM usage;
     """,
+    # 3: the writes replayed from the journal (writer.py), each recorded in the same
+    # transaction, so a replay cut short after its commit never applies one twice.
+    """
+    CREATE TABLE applied_writes (
+        write_id TEXT PRIMARY KEY,
+        applied_at REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,25 +1,30 @@
 """Durable call history in SQLite: calls, turns, usage with its cost lines (bill.py) and
 supervisor actions.
 
-The `async` write methods return once their write is committed (writer.py), so a turn
-is on disk before the next one starts: a crash loses at most the turn in flight. Write
-methods never raise (history must not break a call): a failed write is logged and
-reported as False. The schema and its migrations are in database.py.
+The `async` write methods return once their write is durable (writer.py): committed,
+or, while the database refuses writes (a full disk), in the journal it is replayed from
+later, in order and once. So a turn is on disk before the next one starts: a crash loses
+at most the turn in flight. Write methods never raise (history must not break a call):
+they return False for a write that is not durable (held in memory while the journal
+cannot be written either, dropped, or refused for good), which is logged. The schema
+and its migrations are in database.py, the writes' SQL in writes.py.
 
 Several engines: give each engine a stable `engine_id`. They may share one data dir and
 even one file (WAL + busy timeout make concurrent writers safe on a local disk), but a
 per-engine file (`history-<engine_id>.sqlite3`) avoids lock waits; `recover_unfinished`
 only touches calls of its own `engine_id`, so one engine's restart never closes another
-engine's live calls.
+engine's live calls. Each engine spools to a journal of its own beside the database.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -28,16 +33,10 @@ from typing import Any
 from engine.log import get_logger
 from engine.money.prices import CostLine
 from engine.providers.base import Usage
-from engine.record.bill import (
-    BillLine,
-    TwilioMinutes,
-    insert_lines,
-    minutes_line,
-    read_lines,
-    usage_lines,
-)
-from engine.record.database import END_REASON_UNEXPECTED, SCHEMA_VERSION, HistoryError
-from engine.record.writer import HistoryWriter
+from engine.record.bill import BillLine, TwilioMinutes, minutes_line, read_lines, usage_lines
+from engine.record.database import SCHEMA_VERSION, HistoryError
+from engine.record.writer import MEMORY_MAX, HistoryStats, HistoryWriter
+from engine.record.writes import TURN_COLUMNS, Write
 from engine.session.records import TurnRecord
 
 log = get_logger(__name__)
@@ -73,99 +72,80 @@ class CallHistory:
     """Async facade over the history's writer thread."""
 
     def __init__(self, path: str | Path, engine_id: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, memory_max: int = MEMORY_MAX) -> None:
         self.path = Path(path)
         self.engine_id = engine_id
         self.clock = clock
-        self._writer = HistoryWriter(self.path, thread_name=f"history-writer-{engine_id}")
+        self.journal = journal_path(self.path, engine_id)
+        self._writer = HistoryWriter(self.path, self.journal,
+                                     thread_name=f"history-writer-{engine_id}",
+                                     memory_max=memory_max)
 
     # --- lifecycle ---
 
     async def open(self) -> None:
-        """Create/upgrade the database and start the writer thread."""
+        """Create/upgrade the database, replay what the journal holds, start the writer."""
         if self._writer.running:
             return
         found = await self._writer.open()
         log.info("history open", path=str(self.path), schema_version=SCHEMA_VERSION,
                  found_version=found, engine_id=self.engine_id)
+        others = _other_journals(self.path, self.journal)
+        if others:  # only an engine with their engine_id replays them
+            log.warning("history.other_journals", journals=others, engine_id=self.engine_id,
+                        detail="writes another engine id journaled wait there; start an "
+                               "engine with that id on this data directory to replay them")
 
     async def aclose(self) -> None:
         """Flush every queued write, then close the connection."""
         await self._writer.aclose()
 
-    async def _write(self, what: str, call_sid: str | None,
-                     job: Callable[[sqlite3.Connection], Any]) -> bool:
+    def stats(self) -> HistoryStats:
+        """Whether writes reach the database, wait in the journal or are at risk."""
+        return self._writer.stats()
+
+    async def _write(self, op: str, call_sid: str | None, at: float | None,
+                     data: dict[str, Any]) -> bool:
+        write = Write(op, self.engine_id, call_sid, self.clock() if at is None else at, data)
         try:
-            await self._writer.submit(job)
+            stored, _ = await self._writer.write(write)
         except (sqlite3.Error, HistoryError, ValueError, TypeError) as exc:
-            log.error("history write failed", what=what, call_sid=call_sid, error=str(exc))
+            log.error("history write failed", what=op, call_sid=call_sid, error=str(exc))
             return False
-        return True
+        return stored in ("committed", "journaled")
 
     # --- writes ---
 
-    def _touch(self, conn: sqlite3.Connection, call_sid: str, at: float) -> None:
-        # Also creates a stub row for a call whose start was never recorded.
-        conn.execute(
-            "INSERT INTO calls (call_sid, started_at, last_activity_at, engine_id) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT(call_sid) DO UPDATE SET "
-            "last_activity_at = max(last_activity_at, excluded.last_activity_at)",
-            (call_sid, at, at, self.engine_id))
-
     async def call_started(self, call_sid: str, from_number: str = "", to_number: str = "",
                            started_at: float | None = None, state: str = "connected") -> bool:
-        at = self.clock() if started_at is None else started_at
-
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO calls (call_sid, from_number, to_number, started_at, "
-                "last_activity_at, state, engine_id) VALUES (?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT(call_sid) DO UPDATE SET from_number = excluded.from_number, "
-                "to_number = excluded.to_number, started_at = excluded.started_at, "
-                "state = excluded.state, engine_id = excluded.engine_id",
-                (call_sid, from_number, to_number, at, at, state, self.engine_id))
-
-        return await self._write("call_started", call_sid, job)
+        return await self._write("call_started", call_sid, started_at, {
+            "from_number": from_number, "to_number": to_number, "state": state})
 
     async def call_state(self, call_sid: str, state: str, at: float | None = None) -> bool:
-        ts = self.clock() if at is None else at
-
-        def job(conn: sqlite3.Connection) -> None:
-            self._touch(conn, call_sid, ts)
-            conn.execute("UPDATE calls SET state = ? WHERE call_sid = ?", (state, call_sid))
-
-        return await self._write("call_state", call_sid, job)
+        return await self._write("call_state", call_sid, at, {"state": state})
 
     async def turn_completed(self, call_sid: str, turn: TurnRecord,
                              at: float | None = None) -> bool:
-        ts = self.clock() if at is None else at
         t = turn.timings
-        row = (call_sid, turn.idx, ts, turn.caller_text, turn.agent_text, turn.heard_text,
-               int(turn.interrupted), int(turn.cached), turn.caller_audio_s,
-               turn.agent_audio_s, t.stt, t.llm_first_token, t.tts_first_audio,
-               t.engine_overhead, t.voice_to_voice, t.endpointing)
-
-        def job(conn: sqlite3.Connection) -> None:
-            self._touch(conn, call_sid, ts)
-            conn.execute(
-                "INSERT OR REPLACE INTO turns (call_sid, idx, ts, caller_text, agent_text, "
-                "heard_text, interrupted, cached, caller_audio_s, agent_audio_s, stt_s, "
-                "llm_first_token_s, tts_first_audio_s, engine_overhead_s, voice_to_voice_s, "
-                "endpointing_s) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-
-        return await self._write("turn_completed", call_sid, job)
+        values = (turn.idx, turn.caller_text, turn.agent_text, turn.heard_text,
+                  int(turn.interrupted), int(turn.cached), turn.caller_audio_s,
+                  turn.agent_audio_s, t.stt, t.llm_first_token, t.tts_first_audio,
+                  t.engine_overhead, t.voice_to_voice, t.endpointing)
+        return await self._write("turn_completed", call_sid, at,
+                                 dict(zip(TURN_COLUMNS, values, strict=True)))
 
     async def usage_recorded(self, call_sid: str | None, usage: Usage,
                              lines: Sequence[CostLine], at: float | None = None) -> bool:
         """One provider call: what it reported (a `usage` row) and its priced lines."""
         ts = self.clock() if at is None else at
         cost = float(sum((line.amount for line in lines), Decimal(0)))
-        row = (call_sid, ts, usage.provider, usage.kind, usage.model, usage.audio_seconds,
-               usage.input_tokens, usage.cached_input_tokens, usage.output_tokens,
-               usage.characters, cost, int(usage.estimated))
-        bill = usage_lines(call_sid, ts, usage, lines)
-        return await self._write("usage_recorded", call_sid,
-                                 lambda conn: self._book(conn, call_sid, ts, row, bill, cost))
+        return await self._book(call_sid, ts, {
+            "provider": usage.provider, "kind": usage.kind, "model": usage.model,
+            "audio_seconds": usage.audio_seconds, "input_tokens": usage.input_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "output_tokens": usage.output_tokens, "characters": usage.characters,
+            "cost_usd": cost, "estimated": int(usage.estimated)},
+            usage_lines(call_sid, ts, usage, lines), cost)
 
     async def minutes_recorded(self, call_sid: str, kind: TwilioMinutes, model: str,
                                minutes: int, unit_price: Decimal, duration_s: float,
@@ -174,25 +154,15 @@ class CallHistory:
         one media stream: a `usage` row (audio_seconds = the duration so far) and a line."""
         ts = self.clock() if at is None else at
         line = minutes_line(call_sid, ts, kind, model, minutes, unit_price)
-        row = (call_sid, ts, "twilio", kind, model, duration_s, 0, 0, 0, 0, line.amount, 0)
-        return await self._write("minutes_recorded", call_sid,
-                                 lambda conn: self._book(conn, call_sid, ts, row, [line],
-                                                         line.amount))
+        return await self._book(call_sid, ts, {
+            "provider": "twilio", "kind": kind, "model": model, "audio_seconds": duration_s,
+            "input_tokens": 0, "cached_input_tokens": 0, "output_tokens": 0,
+            "characters": 0, "cost_usd": line.amount, "estimated": 0}, [line], line.amount)
 
-    def _book(self, conn: sqlite3.Connection, call_sid: str | None, ts: float,
-              row: tuple[Any, ...], lines: Sequence[BillLine], cost: float) -> None:
-        """The usage row, then its lines (which refer to it)."""
-        if call_sid is not None:
-            self._touch(conn, call_sid, ts)
-            # Booked after the call's end was written (a request read on for its usage):
-            # the call's total grows with it.
-            conn.execute("UPDATE calls SET cost_usd = cost_usd + ? WHERE call_sid = ? "
-                         "AND ended_at IS NOT NULL", (cost, call_sid))
-        cursor = conn.execute(
-            "INSERT INTO usage (call_sid, ts, provider, kind, model, audio_seconds, "
-            "input_tokens, cached_input_tokens, output_tokens, characters, cost_usd, "
-            "estimated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-        insert_lines(conn, int(cursor.lastrowid or 0), lines)
+    async def _book(self, call_sid: str | None, ts: float, usage: dict[str, Any],
+                    lines: Sequence[BillLine], cost: float) -> bool:
+        return await self._write("booking", call_sid, ts, {
+            "usage": usage, "lines": [asdict(line) for line in lines], "cost": cost})
 
     async def action_recorded(self, call_sid: str | None, actor: str, action: str,
                               args: dict[str, Any] | None = None, ok: bool = True,
@@ -200,35 +170,17 @@ class CallHistory:
                               at: float | None = None) -> bool:
         """A supervisor command or policy action; `escalation` marks the call escalated
         at once (so a call that crashes after a handoff still counts)."""
-        ts = self.clock() if at is None else at
-        args_json = json.dumps(args or {}, default=str, sort_keys=True)
-
-        def job(conn: sqlite3.Connection) -> None:
-            if call_sid is not None:
-                self._touch(conn, call_sid, ts)
-                if escalation:
-                    conn.execute("UPDATE calls SET escalated = 1 WHERE call_sid = ?",
-                                 (call_sid,))
-            conn.execute("INSERT INTO actions (call_sid, ts, actor, action, args, ok, error) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (call_sid, ts, actor, action, args_json, int(ok), error))
-
-        return await self._write("action_recorded", call_sid, job)
+        return await self._write("action_recorded", call_sid, at, {
+            "actor": actor, "action": action,
+            "args": json.dumps(args or {}, default=str, sort_keys=True), "ok": ok,
+            "error": error, "escalation": escalation})
 
     async def call_ended(self, call_sid: str, end_reason: str, cost_usd: float,
                          escalated: bool = False, ended_at: float | None = None,
                          duration_s: float | None = None, state: str = "ended") -> bool:
-        at = self.clock() if ended_at is None else ended_at
-
-        def job(conn: sqlite3.Connection) -> None:
-            self._touch(conn, call_sid, at)
-            conn.execute(
-                "UPDATE calls SET ended_at = ?, duration_s = coalesce(?, max(0, ? - started_at)),"
-                " end_reason = ?, state = ?, cost_usd = ?, escalated = max(escalated, ?) "
-                "WHERE call_sid = ?",
-                (at, duration_s, at, end_reason, state, cost_usd, int(escalated), call_sid))
-
-        return await self._write("call_ended", call_sid, job)
+        return await self._write("call_ended", call_sid, ended_at, {
+            "end_reason": end_reason, "cost_usd": cost_usd, "escalated": escalated,
+            "duration_s": duration_s, "state": state})
 
     # --- startup and reads ---
 
@@ -236,27 +188,18 @@ class CallHistory:
         """Close this engine's calls that never got `call_ended` (the engine died).
 
         Run once at startup, before taking calls. Each is ended at its last write, with
-        `end_reason` "ended_unexpectedly" and the cost of its recorded lines.
+        `end_reason` "ended_unexpectedly" and the cost of its recorded lines. While the
+        database refuses writes this is journaled like any write (and [] returned).
         """
-        cutoff = self.clock() if now is None else now
-
-        def job(conn: sqlite3.Connection) -> list[str]:
-            sids = [r[0] for r in conn.execute(
-                "SELECT call_sid FROM calls WHERE ended_at IS NULL AND engine_id = ? "
-                "AND started_at <= ?", (self.engine_id, cutoff))]
-            for sid in sids:
-                conn.execute(
-                    "UPDATE calls SET ended_at = last_activity_at, "
-                    "duration_s = max(0, last_activity_at - started_at), end_reason = ?, "
-                    "state = 'ended', cost_usd = (SELECT coalesce(sum(amount), 0) "
-                    "FROM cost_lines l WHERE l.call_sid = calls.call_sid) WHERE call_sid = ?",
-                    (END_REASON_UNEXPECTED, sid))
-            return sids
-
-        sids = await self._writer.submit(job)
+        write = Write("recover_unfinished", self.engine_id, None,
+                      self.clock() if now is None else now)
+        stored, sids = await self._writer.write(write)
+        if stored != "committed":
+            log.warning("history.recovery_deferred", stored=stored)
+            return []
         for sid in sids:
             log.warning("call ended unexpectedly (recovered at startup)", call_sid=sid)
-        return sids
+        return list(sids)
 
     async def get_call(self, call_sid: str) -> StoredCall | None:
         def job(conn: sqlite3.Connection) -> StoredCall | None:
@@ -272,7 +215,7 @@ class CallHistory:
                 end_reason=row[7], state=row[8], cost_usd=row[9], escalated=bool(row[10]),
                 engine_id=row[11])
 
-        return await self._writer.submit(job)
+        return await self._writer.read(job)
 
     async def actions(self, call_sid: str) -> list[StoredAction]:
         """Supervisor actions and escalations on one call, oldest first (the audit trail)."""
@@ -283,22 +226,45 @@ class CallHistory:
             return [StoredAction(ts=r[0], actor=r[1], action=r[2], args=r[3], ok=bool(r[4]),
                                  error=r[5]) for r in rows]
 
-        return await self._writer.submit(job)
+        return await self._writer.read(job)
 
     async def bill(self, call_sid: str) -> list[BillLine]:
         """One call's itemised bill, oldest line first (late bookings included)."""
-        return await self._writer.submit(
+        return await self._writer.read(
             lambda conn: read_lines(conn, "call_sid = ?", (call_sid,)))
 
     async def daily_costs(self, since: date) -> dict[date, float]:
-        """USD per UTC day from the cost lines, to seed the ledger's day totals."""
+        """USD per UTC day from the cost lines, to seed the ledger's day totals: those in
+        the database and those still waiting in the journal."""
         start = datetime(since.year, since.month, since.day, tzinfo=UTC).timestamp()
 
         def job(conn: sqlite3.Connection) -> dict[date, float]:
             rows = conn.execute(
                 "SELECT date(ts, 'unixepoch') AS day, sum(amount) FROM cost_lines "
                 "WHERE ts >= ? GROUP BY day", (start,)).fetchall()
+            totals = {date.fromisoformat(day): float(total) for day, total in rows}
+            for write in self._writer.pending():
+                for ts, amount in write.booked():
+                    if ts >= start:
+                        day = datetime.fromtimestamp(ts, UTC).date()
+                        totals[day] = totals.get(day, 0.0) + amount
             # Rounded to nano-dollars: REAL sums carry float noise far below a cent.
-            return {date.fromisoformat(day): round(float(total), 9) for day, total in rows}
+            return {day: round(total, 9) for day, total in totals.items()}
 
-        return await self._writer.submit(job)
+        return await self._writer.read(job)
+
+
+def journal_path(database: Path, engine_id: str) -> Path:
+    """The journal of one engine's writes to `database`, beside it."""
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", engine_id)
+    return database.with_name(f"{database.name}.spool{'-' + tag if tag else ''}.jsonl")
+
+
+def _other_journals(database: Path, own: Path) -> list[str]:
+    """The journals of other engine ids beside `database` that still hold writes."""
+    found = []
+    for path in database.parent.glob(f"{database.name}.spool*.jsonl"):
+        with contextlib.suppress(OSError):
+            if path != own and path.stat().st_size:
+                found.append(str(path))
+    return sorted(found)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -22,9 +22,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from engine.bus.event_bus import BusHealth
 from engine.config import MetricsConfig
 from engine.log import get_logger
+from engine.record.writer import HistoryStats
 from engine.session.records import STAGES, Stage, TurnTimings
 
 log = get_logger(__name__)
@@ -240,6 +244,38 @@ class EngineMetrics:
     def escalation(self) -> None:
         self._escalations.inc()
 
+    def watch_record(self, history: Callable[[], HistoryStats] | None,
+                     bus: Callable[[], BusHealth]) -> None:
+        """Series of the history's and the bus's own counts, read at each scrape."""
+        self.registry.register(_RecordCollector(history, bus))
+
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this engine's registry, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _RecordCollector(Collector):
+    """The history's failed, spooled and lost writes and its backlog; the bus's dropped
+    and buffered events. Their owners count; this only reads at scrape time."""
+
+    def __init__(self, history: Callable[[], HistoryStats] | None,
+                 bus: Callable[[], BusHealth]) -> None:
+        self._history = history
+        self._bus = bus
+
+    def collect(self) -> Iterator[Metric]:
+        if self._history is not None:
+            stats = self._history()
+            yield CounterMetricFamily("switchboard_history_write_failures",
+                                      "History writes the database refused", stats.failed)
+            yield CounterMetricFamily("switchboard_history_writes_spooled",
+                                      "History writes sent to the journal", stats.spooled)
+            yield CounterMetricFamily("switchboard_history_writes_lost",
+                                      "History writes dropped or rejected", stats.lost)
+            yield GaugeMetricFamily("switchboard_history_journal_backlog",
+                                    "History writes waiting to be replayed", stats.backlog)
+        bus = self._bus()
+        yield CounterMetricFamily("switchboard_bus_events_dropped",
+                                  "Events dropped while the bus was unreachable", bus.dropped)
+        yield GaugeMetricFamily("switchboard_bus_events_buffered",
+                                "Events waiting for the bus", bus.buffered)

@@ -33,8 +33,8 @@ from engine.log import get_logger
 from engine.providers.base import ProviderError, TextToSpeech, Usage
 from engine.providers.booking import bill_to, bind_sink
 from engine.session.ports import AudioOut, CallControl, ControlResult, EndStream, SessionObserver
-from engine.session.speaking import Voice
 from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransition
+from engine.session.voice import Voice
 
 __all__ = ["CallSession", "Conversation", "SessionObserver", "StreamStats"]
 
@@ -111,6 +111,7 @@ class CallSession:
         self._end_stream: EndStream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cap_timer: asyncio.TimerHandle | None = None
+        self._stream_timer: asyncio.TimerHandle | None = None
         self._ended = asyncio.Event()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -153,6 +154,25 @@ class CallSession:
         if self.observer is not None:
             self.observer.state_changed(self, old, new, reason)
 
+    def answered(self) -> None:
+        """Twilio answered the call (its webhook): the duration cap runs from now, and its
+        media stream has `engine.start_timeout_s` to start."""
+        self._start_cap_timer()
+        self._stream_timer = asyncio.get_running_loop().call_later(
+            self.config.engine.start_timeout_s, self._stream_deadline)
+
+    def _start_cap_timer(self) -> None:
+        if self._cap_timer is None:
+            self._cap_timer = asyncio.get_running_loop().call_later(
+                self.config.engine.max_call_seconds, self._duration_cap_reached)
+
+    def _stream_deadline(self) -> None:
+        # Ended here, not hung up: Twilio ends a call whose stream never connected itself,
+        # and a REST hang-up could cut the call if another engine now serves it.
+        if self.state is CallState.CONNECTED:
+            self.log.warning("call.no_media_stream", waited_s=self.config.engine.start_timeout_s)
+            self.spawn(self.end("no media stream"), "end")
+
     def attach_stream(self, stream_sid: str, audio_out: AudioOut,
                       end_stream: EndStream) -> None:
         """The media stream started: the call is live and the agent takes it."""
@@ -163,9 +183,7 @@ class CallSession:
         self.transition(CallState.AI, "stream started")
         if self.observer is not None:
             self.observer.stream_started(self)
-        loop = asyncio.get_running_loop()
-        self._cap_timer = loop.call_later(self.config.engine.max_call_seconds,
-                                          self._duration_cap_reached)
+        self._start_cap_timer()
         if self.conversation is not None:
             self.spawn(self.conversation.start(), "conversation.start")
 
@@ -232,8 +250,9 @@ class CallSession:
         self.end_reason = reason
         self.ended_at = time.time()
         self.transition(CallState.ENDED, reason)
-        if self._cap_timer is not None:
-            self._cap_timer.cancel()
+        for timer in (self._cap_timer, self._stream_timer):
+            if timer is not None:
+                timer.cancel()
         self.voice.close()
         current = asyncio.current_task()
         cancelled = [task for task in self._tasks if task is not current]
@@ -380,10 +399,13 @@ class CallSession:
             self.conversation.cost_cap_reached()
 
     def _duration_cap_reached(self) -> None:
-        if self.state in (CallState.AI, CallState.HUMAN_TAKEOVER):
-            self.log.info("call.duration_cap", max_s=self.config.engine.max_call_seconds)
-            self.spawn(self.say_goodbye_and_hang_up(self.config.engine.goodbye,
-                                                    "duration cap reached"), "duration_cap")
+        if self.state not in (CallState.CONNECTED, CallState.AI, CallState.HUMAN_TAKEOVER):
+            return
+        self.log.info("call.duration_cap", max_s=self.config.engine.max_call_seconds)
+        reason = "duration cap reached"
+        self.spawn(self.end(reason) if self.state is CallState.CONNECTED  # no one to hear it
+                   else self.say_goodbye_and_hang_up(self.config.engine.goodbye, reason),
+                   "duration_cap")
 
     async def say_goodbye_and_hang_up(self, line: str, reason: str) -> None:
         """Stop the conversation, cut what plays, say `line` in the session's voice, then

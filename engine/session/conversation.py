@@ -128,6 +128,7 @@ class ConversationPipeline:
     def hand_back(self) -> None:
         self.mode = Mode.AI
         self.turns.endpointer.reset()
+        self.turns.session.spawn(self.turns.hearing.aclose(), "stt_stream_close")
 
     def interrupt(self, reason: str) -> None:
         """Stop generation and synthesis, and cut what the caller hears now."""
@@ -139,3 +140,4 @@ class ConversationPipeline:
     async def aclose(self) -> None:
         self.mode = Mode.OFF
         self.speaking.stop()
+        await self.turns.hearing.aclose()

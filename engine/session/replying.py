@@ -11,8 +11,10 @@ policies act on the agent's verdict (handoff, goodbye, could not answer).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,10 +28,13 @@ from engine.providers.base import (
     TextDelta,
     Usage,
 )
+from engine.providers.fallback import FallbackTTS
+from engine.providers.sentences import SentenceAggregator
+from engine.providers.text_feed import TextFeed
 from engine.session.context import ConversationContext
 from engine.session.records import TurnRecord
-from engine.session.sentences import SentenceAggregator
-from engine.session.speaking import Speaking, Spoken
+from engine.session.speaking import Speaking
+from engine.session.voice import Spoken
 
 if TYPE_CHECKING:
     from engine.session.call_session import CallSession
@@ -120,10 +125,66 @@ class Replying:
 
     async def _speak_as_written(self, answer: _Answer,
                                 stream: AsyncGenerator[AgentEvent, None]) -> None:
+        """The text goes to the voice as it is written: as it comes to a voice that takes
+        it so (input streaming), else sentence by sentence (the first piece may be a
+        clause). A cached answer is spoken by sentence: their audio is cached too."""
+        first = await anext(stream, None)
+        tts = self.speaking.tts
+        events = _prepend(first, stream)
+        if isinstance(tts, FallbackTTS) and tts.streams_text and not answer.record.cached:
+            await self._speak_streamed(answer, events, tts)
+        else:
+            await self._speak_by_sentence(answer, events)
+
+    async def _speak_streamed(self, answer: _Answer, stream: AsyncIterator[AgentEvent],
+                              tts: FallbackTTS) -> None:
+        feed = TextFeed()
+        answer.sentence_wait = 0.0  # the voice starts on the first text, not a sentence
+        speaker = asyncio.ensure_future(self.speaking.say_streamed(
+            feed, tts, answer.spoken, answer.first_audio,
+            lambda: self._show_progress(answer)))
+        try:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    answer.text_parts.append(event.text)
+                    feed.push(event.text)
+                else:
+                    self._agent_done(answer, event)
+            feed.close()
+            try:
+                await asyncio.shield(speaker)
+            except ProviderError as exc:
+                if answer.spoken:
+                    raise  # cut after some of the answer went out: it ends there
+                self.log.error("turn.tts_unavailable", error=str(exc))
+                text = "".join(answer.text_parts).strip()
+                if text:
+                    answer.unsaid.append(text)
+        finally:
+            # No more text (a cut, a failure): a voice still at work ends with what it has.
+            feed.close()
+            if not speaker.done():
+                speaker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ProviderError):
+                    await speaker
+            elif not speaker.cancelled():
+                speaker.exception()  # seen (raised above, or moot: the agent failed)
+
+    def _show_progress(self, answer: _Answer) -> None:
+        obs = self.session.observer
+        if obs is not None:
+            obs.transcript(self.session, "agent", " ".join(s.text for s in answer.spoken),
+                           False, line_id=answer.line_id)
+
+    def _agent_done(self, answer: _Answer, done: AgentDone) -> None:
+        answer.done = done  # its usage is booked by the agent's chain
+        if answer.first_audio:
+            answer.record.timings.audio_lead_over_llm = time.monotonic() - answer.first_audio[0]
+
+    async def _speak_by_sentence(self, answer: _Answer,
+                                 stream: AsyncIterator[AgentEvent]) -> None:
         """Each sentence goes to speech as soon as the agent has written it."""
-        session = self.session
-        obs = session.observer
-        aggregator = SentenceAggregator()
+        aggregator = SentenceAggregator(self.session.config.turns.first_clause_words)
         async for event in stream:
             if isinstance(event, TextDelta):
                 if not answer.text_parts:
@@ -134,15 +195,9 @@ class Replying:
                         answer.sentence_wait = time.monotonic() - answer.first_text_at
                     await self.speaking.say_sentence(sentence, answer.spoken,
                                                      answer.first_audio, answer.unsaid)
-                    if obs is not None:
-                        obs.transcript(session, "agent",
-                                       " ".join(s.text for s in answer.spoken), False,
-                                       line_id=answer.line_id)
-            elif isinstance(event, AgentDone):  # its usage is booked by the agent's chain
-                answer.done = event
-                if answer.first_audio:
-                    answer.record.timings.audio_lead_over_llm = \
-                        time.monotonic() - answer.first_audio[0]
+                    self._show_progress(answer)
+            else:
+                self._agent_done(answer, event)
         rest = aggregator.flush()
         if rest:
             if answer.sentence_wait is None:
@@ -211,3 +266,13 @@ def _record_latency(record: TurnRecord, speech_end: float, first_audio: list[flo
         t.llm_first_sentence = sentence_wait
         providers += sentence_wait
     t.engine_overhead = max(0.0, t.voice_to_voice - providers)
+
+
+async def _prepend(first: AgentEvent | None,
+                   rest: AsyncGenerator[AgentEvent, None]) -> AsyncIterator[AgentEvent]:
+    """`first` (already read from `rest`), then the rest."""
+    if first is None:
+        return
+    yield first
+    async for event in rest:
+        yield event

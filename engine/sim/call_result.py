@@ -32,6 +32,9 @@ class CallResult:
     parameters: dict[str, str] = field(default_factory=dict)
     frames_sent: int = 0
     frames_received: int = 0
+    # Gaps inside the agent's speech: playout ran dry and audio came again within
+    # UNDERRUN_WINDOW_S (an audible break, as a phone would play it).
+    underruns: int = 0
     bad_frames_received: list[str] = field(default_factory=list)
     marks_received: list[str] = field(default_factory=list)
     marks_echoed: list[str] = field(default_factory=list)

@@ -30,6 +30,10 @@ from engine.sim.twilio_side import TwilioSide, new_sid
 
 log = get_logger(__name__)
 
+# A pause inside a line (" / " in its text), in seconds of line silence.
+PAUSE_S = 0.7
+ULAW_SILENCE = b"\xff"  # mu-law zero
+
 
 class SimulatedCaller:
     """One simulated phone call against an engine.
@@ -94,7 +98,10 @@ class SimulatedCaller:
         return res
 
     async def say(self, text: str, barge_in: bool = False) -> SaidLine:
-        ulaw = await self._speech_audio(text)
+        """Say `text`; " / " in it is a pause of PAUSE_S inside the line (a caller
+        thinking mid-sentence, reading out a number)."""
+        parts = [await self._speech_audio(part) for part in text.split(" / ")]
+        ulaw = (ULAW_SILENCE * int(PAUSE_S * 8000)).join(parts)
         twilio = self.twilio
         line = SaidLine(text, time.monotonic(), 0.0, barge_in)
         self.result.lines.append(line)

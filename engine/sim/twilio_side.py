@@ -38,6 +38,9 @@ from engine.telephony.signature import sign
 log = get_logger(__name__)
 
 SILENCE = bytes([ULAW_SILENCE]) * FRAME_BYTES
+# Agent audio that comes again this soon after the playout ran dry was one reply with a
+# break in it (an underrun); later, it is the next reply (callers wait 1 s of quiet).
+UNDERRUN_WINDOW_S = 1.0
 _MEDIA_HEAD = '{"event":"media","sequenceNumber":"'
 _MEDIA_CHUNK = '","media":{"track":"inbound","chunk":"'
 
@@ -64,6 +67,11 @@ class TwilioSide:
         self.closed = asyncio.Event()  # the call is over, whoever ended it
         # Twilio's playout buffer: frames (bytes) and marks (str), in order.
         self.playout: deque[bytes | str] = deque()
+        self._was_playing = False
+        self._ran_dry_at: float | None = None
+        # When each underrun's audio came again (monotonic): the benches match them with
+        # the engine's and the callers' own loop stalls.
+        self.underrun_at: list[float] = []
         self.reconnecting = False  # between two streams, while Twilio speaks a <Say>
         self.last_agent_frame_at = 0.0
         # Agent frames since the caller's last line began or ended (the caller resets it).
@@ -229,6 +237,12 @@ class TwilioSide:
         """Playout, as Twilio does it: one frame per 20 ms, marks when reached."""
         frame = self.playout.popleft() if self.playout else None
         self.result.heard += frame if isinstance(frame, bytes) else SILENCE
+        if isinstance(frame, bytes):
+            self._ran_dry_at = None
+            self._was_playing = True
+        elif self._was_playing:  # the agent's audio stopped: an end, or an underrun
+            self._was_playing = False
+            self._ran_dry_at = time.monotonic()
         while self.playout and isinstance(self.playout[0], str):
             name = self.playout.popleft()
             assert isinstance(name, str)
@@ -309,6 +323,11 @@ class TwilioSide:
         if len(frame) != FRAME_BYTES:
             res.bad_frames_received.append(f"frame of {len(frame)} bytes")
         res.agent_audio += frame
+        if self._ran_dry_at is not None:
+            if now - self._ran_dry_at < UNDERRUN_WINDOW_S:
+                res.underruns += 1
+                self.underrun_at.append(now)
+            self._ran_dry_at = None
         self.playout.append(frame)
         self.last_agent_frame_at = now
         self.agent_frames_since_line += 1

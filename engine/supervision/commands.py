@@ -1,9 +1,10 @@
 """Supervisor commands on live calls: take over, hand back, say, transfer, escalate, hang up.
 
 A command is checked against its call's state first; a refused one changes nothing and
-its error says why. Every command, done or refused, is audited: a log line, a
-CommandAudit event and a row in the history (a transfer or escalation that went through
-marks the call escalated at once).
+its error says why. Every command, done or refused (here, or by the supervisor API before
+it ran), is audited once under the name of the token it came with: a log line, a
+CommandAudit event and a row in the history's actions (a transfer or escalation that went
+through marks the call escalated at once).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from engine.log import get_logger
 from engine.record.history import CallHistory
 from engine.record.metrics import EngineMetrics
 from engine.supervision.api_schema import Command, Reply
+from engine.supervision.backend import Actor
 
 if TYPE_CHECKING:
     from engine.session.call_session import CallSession
@@ -49,22 +51,36 @@ class SupervisorCommands:
             "take_over": self._take_over, "hand_back": self._hand_back, "say": self._say,
             "transfer": self._transfer, "escalate": self._transfer, "hang_up": self._hang_up}
 
-    async def execute(self, command: Command, actor: str) -> Reply:
-        error = await self._perform(command)
+    async def execute(self, command: Command, actor: Actor) -> Reply:
+        """Perform a command on its call, then audit it."""
+        return self._audit(command, actor, await self._perform(command))
+
+    def refuse(self, command: Command, actor: Actor, error: str) -> Reply:
+        """Audit a command the supervisor API refused before it ran."""
+        return self._audit(command, actor, error)
+
+    def _audit(self, command: Command, actor: Actor, error: str | None) -> Reply:
         ok = error is None
         args: dict[str, ev.JsonScalar] = {}
         if command.text is not None:
             args["text"] = command.text[:200]
         if command.number is not None:
             args["number"] = command.number
-        log.info("ops.command", actor=actor, command=command.command,
+        if actor.claimed and actor.claimed != actor.name:
+            args["claimed_actor"] = actor.claimed  # what the console said, not who it is
+        log.info("ops.command", actor=actor.name, role=actor.role, command=command.command,
                  call_sid=command.call_sid, ok=ok, error=error, **args)
-        self._publish(ev.CommandAudit(call_sid=command.call_sid, actor=actor,
+        self._publish(ev.CommandAudit(call_sid=command.call_sid, actor=actor.name,
                                       command=command.command, args=args, ok=ok,
                                       error=error or ""))
         if self._history is not None:
+            # A call this engine never had gets no row of its own (no phantom call for the
+            # report to count): the refusal is kept with the sid it named.
+            call_sid: str | None = command.call_sid
+            if self.registry is None or self.registry.get_any(command.call_sid) is None:
+                call_sid, args = None, {**args, "call_sid": command.call_sid}
             self._spawn(self._history.action_recorded(
-                command.call_sid, actor, command.command, dict(args), ok, error,
+                call_sid, actor.name, command.command, dict(args), ok, error,
                 escalation=ok and command.command in ("transfer", "escalate")))
         return Reply(id=command.id, ok=ok, error=error)
 

@@ -10,9 +10,12 @@
   keep up is closed with 1013 and the cursor to resume from: the bus keeps the events,
   so it reconnects with `after=` and loses nothing, and the engine never waits for it.
 - Commands run one at a time per console, in order, in their own task (a slow transfer
-  does not hold up events); each gets a `Reply`. A read-only console's commands are
-  refused without reaching the backend. Every command is logged (actor, command, call,
-  outcome); the backend audits executed ones to the call's history and the bus.
+  does not hold up events); each gets a `Reply`. Before each, the console's token is
+  checked again: a revoked token's command is refused and the console closed (1008).
+  A read-only token's commands, a command with invalid arguments and one beyond the
+  pending limit are refused here; every command, run or refused, is audited once by the
+  backend's command runner under the token's name. A console whose commands keep being
+  refused here is closed (1008): a real console never sends them, and each is a history row.
 """
 
 from __future__ import annotations
@@ -23,26 +26,28 @@ import json
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Literal
 
-from aiohttp import WSCloseCode, WSMsgType, web
-from pydantic import ValidationError
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from engine.bus.event_bus import BusError
 from engine.bus.events import BusGap, Event, encode_event
 from engine.log import get_logger
-from engine.supervision.api_schema import COMMAND, Command, ErrorFrame, Reply
-from engine.supervision.backend import SupervisorBackend
+from engine.supervision.api_schema import Command, ErrorFrame, Reply
+from engine.supervision.auth import SupervisorTokens
+from engine.supervision.backend import Actor, SupervisorBackend
+from engine.supervision.frames import read_command
+from engine.supervision.tokens import TokenEntry
 
 log = get_logger(__name__)
 
 READONLY_REFUSAL = "read-only token cannot act"
-TokenKind = Literal["full", "readonly"]
+REVOKED_REFUSAL = "token revoked"
 
 # Close codes (RFC 6455 registry): 1013 "try again later" tells the console to reconnect.
 CLOSE_TOO_SLOW = 1013
 CLOSE_GOING_AWAY = int(WSCloseCode.GOING_AWAY)
 CLOSE_INTERNAL = int(WSCloseCode.INTERNAL_ERROR)
+CLOSE_POLICY = int(WSCloseCode.POLICY_VIOLATION)  # 1008: revoked, or refused too often
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,31 +59,35 @@ class ConnectionLimits:
     max_pending_commands: int
     close_timeout_s: float
     snapshot_transcript_lines: int
+    max_refused_commands: int = 20  # refused by the API itself, before the console goes
 
 
 class ConsoleConnection:
     """One authenticated console, from its hello to its close."""
 
     def __init__(self, backend: SupervisorBackend, ws: web.WebSocketResponse,
-                 limits: ConnectionLimits, *, kind: TokenKind, actor: str, remote: str,
-                 after: str | None,
+                 limits: ConnectionLimits, *, token: TokenEntry, tokens: SupervisorTokens,
+                 actor: Actor, remote: str, after: str | None,
                  subscription: AsyncGenerator[tuple[str, Event], None] | None) -> None:
         self._backend = backend
         self._limits = limits
         self._ws = ws
-        self.kind = kind
+        self.token = token  # what it authenticated with, checked again before commands
+        self._tokens = tokens
         self.actor = actor
         self._after = after
         self._subscription = subscription
-        self._log = log.bind(actor=actor, remote=remote)
+        self._log = log.bind(actor=actor.name, role=actor.role, remote=remote)
         # Unbounded as a queue; events are admitted only below `send_queue_frames`
         # (see _put_event), other frames are few and capped in _enqueue.
         self._outbox: asyncio.Queue[tuple[str, str | None]] = asyncio.Queue()
         self._queue_limit = limits.send_queue_frames
         self._space = asyncio.Event()  # set by the writer when the queue has room
         self._last_drained = time.monotonic()  # the queue was last below half its limit
-        self._commands: asyncio.Queue[Command] = asyncio.Queue(
+        # Each command with the reason to refuse it found when it was read, if any.
+        self._commands: asyncio.Queue[tuple[Command, str | None]] = asyncio.Queue(
             maxsize=limits.max_pending_commands)
+        self._refused = 0  # commands refused here (not by the backend)
         self._stop = asyncio.Event()
         self._close_code = int(WSCloseCode.OK)
         self._close_reason = ""
@@ -93,9 +102,10 @@ class ConsoleConnection:
             self._stop.set()
 
     async def run(self) -> None:
-        self._log.info("console_api.connected", kind=self.kind,
+        self._log.info("console_api.connected", claimed_actor=self.actor.claimed or None,
                        resume_after=self._after)
-        hello = self._backend.hello().model_copy(update={"readonly": self.kind == "readonly"})
+        hello = self._backend.hello().model_copy(
+            update={"readonly": self.actor.role == "readonly"})
         self._enqueue(hello.model_dump_json())
         tasks = [asyncio.create_task(self._read_frames(), name="console-read"),
                  asyncio.create_task(self._write_frames(), name="console-write"),
@@ -277,29 +287,28 @@ class ConsoleConnection:
             elif message.type == WSMsgType.BINARY:
                 self._refuse_frame("binary frames are not supported; send JSON text")
             elif message.type == WSMsgType.ERROR:
-                self._log.info("console_api.read_error", error=repr(self._ws.exception()))
+                error = self._ws.exception()
+                if (isinstance(error, WebSocketError)
+                        and error.code == WSCloseCode.MESSAGE_TOO_BIG):
+                    self._log.warning("console_api.message_too_big", error=str(error))
+                else:
+                    self._log.info("console_api.read_error", error=repr(error))
                 return
 
     def _on_text(self, data: str) -> None:
-        try:
-            command = COMMAND.validate_json(data)
-        except ValidationError as exc:
-            self._refuse_frame(_explain_bad_command(data, exc))
+        read = read_command(data)
+        if isinstance(read, Command):
+            command, problem = read, None
+        elif read.command is None:  # not a command on a call at all: nothing to audit
+            self._refuse_frame(read.message)
             return
-        if self.kind == "readonly":
-            self._log.warning("console_api.command_refused", command=command.command,
-                              call_sid=command.call_sid, command_id=command.id,
-                              error=READONLY_REFUSAL)
-            self._enqueue(Reply(id=command.id, ok=False,
-                                error=READONLY_REFUSAL).model_dump_json())
-            return
+        else:
+            command, problem = read.command, read.message
         try:
-            self._commands.put_nowait(command)
+            self._commands.put_nowait((command, problem))
         except asyncio.QueueFull:
-            error = f"too many pending commands (limit {self._limits.max_pending_commands})"
-            self._log.warning("console_api.command_refused", command=command.command,
-                              call_sid=command.call_sid, command_id=command.id, error=error)
-            self._enqueue(Reply(id=command.id, ok=False, error=error).model_dump_json())
+            self._refuse(command, "too many pending commands "
+                                  f"(limit {self._limits.max_pending_commands})")
 
     def _refuse_frame(self, message: str) -> None:
         self._log.warning("console_api.bad_frame", error=message)
@@ -307,18 +316,47 @@ class ConsoleConnection:
 
     async def _run_commands(self) -> None:
         while not self._stop.is_set():
-            command = await self._commands.get()
+            command, problem = await self._commands.get()
             self._executing = True
             try:
-                reply = await self._execute(command)
+                await self._answer(command, problem)
             finally:
                 self._executing = False
-            self._enqueue(reply.model_dump_json())
+
+    async def _answer(self, command: Command, problem: str | None) -> None:
+        """Run the command or refuse it; either way its reply is queued."""
+        await self._tokens.refresh()
+        if not self._tokens.is_current(self.token):
+            self._refuse(command, REVOKED_REFUSAL, close=True)
+        elif self.actor.role == "readonly":
+            self._refuse(command, READONLY_REFUSAL)
+        elif problem is not None:
+            self._refuse(command, problem)
+        else:
+            self._enqueue((await self._execute(command)).model_dump_json())
+
+    def _refuse(self, command: Command, error: str, *, close: bool = False) -> None:
+        """Refuse a command here: audited by the backend, answered, counted."""
+        self._log.warning("console_api.command_refused", command=command.command,
+                          call_sid=command.call_sid, command_id=command.id, error=error)
+        try:
+            reply = self._backend.commands.refuse(command, self.actor, error)
+        except Exception:
+            self._log.exception("console_api.audit_failed", command=command.command,
+                                call_sid=command.call_sid, command_id=command.id)
+            reply = Reply(id=command.id, ok=False, error=error)
+        self._enqueue(reply.model_dump_json())
+        self._refused += 1
+        if close:
+            self.shut_down(CLOSE_POLICY, error)
+        elif self._refused >= self._limits.max_refused_commands:
+            self._log.warning("console_api.too_many_refused", count=self._refused)
+            self.shut_down(CLOSE_POLICY, "too many refused commands")
 
     async def _execute(self, command: Command) -> Reply:
         started = time.monotonic()
         try:
-            reply = await self._backend.execute(command, self.actor)
+            reply = await self._backend.commands.execute(command, self.actor)
         except Exception as exc:
             self._log.exception("console_api.command_crashed", command=command.command,
                                 call_sid=command.call_sid, command_id=command.id)
@@ -334,16 +372,3 @@ class ConsoleConnection:
             command_id=command.id, args=args, ok=reply.ok, error=reply.error,
             duration_ms=round((time.monotonic() - started) * 1000, 1))
         return reply
-
-
-def _explain_bad_command(data: str, exc: ValidationError) -> str:
-    """A message the console's user can act on (slow path: bad frames only)."""
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '<frame>'}: {err['msg']}"
-        for err in exc.errors()[:3])
-    command_id = ""
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        raw = json.loads(data)
-        if isinstance(raw, dict) and isinstance(raw.get("id"), str):
-            command_id = f" {raw['id'][:64]!r}"
-    return f"invalid command{command_id}: {problems}"[:500]

@@ -3,18 +3,20 @@
 Serves on its own aiohttp site (`console_api.host:port`, 127.0.0.1 by default), apart from
 the Twilio-facing app, so it is not public unless configured to be.
 
-Auth before the upgrade: `Authorization: Bearer <token>`, the full or the read-only token,
-compared in constant time; anything else is HTTP 401 and a warning line (never with the
-token). Header only: a token in the URL would end up in access logs. Browsers cannot set
-that header on a WebSocket, so a web page cannot hijack a local console API. What happens
+Auth before the upgrade: `Authorization: Bearer <token>`, a named token or a console token
+(auth.py), compared in constant time; anything else is HTTP 401 and a warning line (never
+with the token). Header only: a token in the URL would end up in access logs. Browsers
+cannot set that header on a WebSocket, so a web page cannot hijack a local console API.
+The token's name is who acts; `X-Switchboard-Actor` is kept only as what the console
+claimed. A revoked token opens no new connection; a live one is refused at its next
+command and closed (1008) within `token_check_s` anyway, watching or not. What happens
 on an accepted connection is connection.py's job.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
+import contextlib
 import ipaddress
 import re
 from collections.abc import AsyncGenerator
@@ -24,20 +26,22 @@ from aiohttp import web
 from engine.bus.events import Event
 from engine.config import Config
 from engine.log import get_logger
-from engine.supervision.backend import SupervisorBackend
+from engine.supervision.auth import SupervisorTokens
+from engine.supervision.backend import Actor, SupervisorBackend
 from engine.supervision.connection import (
     CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
+    REVOKED_REFUSAL,
     ConnectionLimits,
     ConsoleConnection,
-    TokenKind,
 )
-from engine.supervision.tokens import ConsoleTokens, load_or_create_tokens
+from engine.supervision.token_store import NamedTokenStore
+from engine.supervision.tokens import ConsoleTokens, TokenEntry
 
 log = get_logger(__name__)
 
 WS_PATH = "/console/ws"
 ACTOR_HEADER = "X-Switchboard-Actor"
-DEFAULT_ACTOR = "supervisor"
 
 _ACTOR_UNSAFE = re.compile(r"[^A-Za-z0-9._@+ -]")
 _MAX_CURSOR_LENGTH = 64
@@ -48,6 +52,8 @@ class SupervisorApi:
 
     def __init__(self, config: Config, backend: SupervisorBackend, *,
                  tokens: ConsoleTokens | None = None,
+                 token_store: NamedTokenStore | None = None,
+                 token_check_s: float = 1.0,
                  heartbeat_s: float = 20.0,
                  send_queue_frames: int = 10_000,
                  slow_console_s: float = 5.0,
@@ -55,13 +61,13 @@ class SupervisorApi:
                  max_consoles: int = 32,
                  max_message_bytes: int = 16 * 1024,
                  close_timeout_s: float = 5.0) -> None:
+        """Without `tokens`, the console tokens and named tokens of the config's data dir;
+        with them, the named tokens of `token_store` only (none without one)."""
         self._config = config
         self._backend = backend
-        self._tokens = tokens if tokens is not None else load_or_create_tokens(config)
-        # Compared as digests: equal lengths, so not even the token length leaks.
-        self._full_digest = _digest(self._tokens.full)
-        self._readonly_digest = (_digest(self._tokens.readonly)
-                                 if self._tokens.readonly is not None else None)
+        self._tokens = (SupervisorTokens.from_config(config) if tokens is None
+                        else SupervisorTokens(tokens, token_store))
+        self.token_check_s = token_check_s
         self.heartbeat_s = heartbeat_s
         self.max_consoles = max_consoles
         self.max_message_bytes = max_message_bytes
@@ -72,6 +78,7 @@ class SupervisorApi:
             snapshot_transcript_lines=config.console_api.snapshot_transcript_lines)
         self._connections: set[ConsoleConnection] = set()
         self._runner: web.AppRunner | None = None
+        self._watch: asyncio.Task[None] | None = None
         self._stopping = False
 
     # --- lifecycle ----------------------------------------------------------------
@@ -97,16 +104,23 @@ class SupervisorApi:
             raise
         self._runner = runner
         self._stopping = False
+        self._watch = asyncio.create_task(self._watch_revocations(), name="console-tokens")
         if not _is_loopback(host):
             log.warning("console_api.not_local", host=host,
                         hint="plain ws: put TLS (a reverse proxy) or an SSH tunnel in front")
         log.info("console_api.listening", host=host, port=self.port, path=WS_PATH,
-                 token_source=self._tokens.source,
-                 readonly_token=self._tokens.readonly is not None)
+                 token_source=self._tokens.console.source,
+                 readonly_token=self._tokens.console.readonly is not None,
+                 named_tokens=self._tokens.named_count)
 
     async def stop(self) -> None:
         """Close every console (1001) and stop listening."""
         self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         connections = list(self._connections)
         for connection in connections:
             connection.shut_down(CLOSE_GOING_AWAY, "engine shutting down")
@@ -118,8 +132,8 @@ class SupervisorApi:
 
     @property
     def tokens(self) -> ConsoleTokens:
-        """The tokens consoles must present (for an in-process console, e.g. the demo)."""
-        return self._tokens
+        """The console tokens (for an in-process console, e.g. the demo)."""
+        return self._tokens.console
 
     @property
     def port(self) -> int:
@@ -139,28 +153,38 @@ class SupervisorApi:
 
     # --- accepting a console ----------------------------------------------------
 
-    def _authenticate(self, request: web.Request) -> TokenKind | None:
+    async def _authenticate(self, request: web.Request) -> TokenEntry | None:
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented.strip():
             log.warning("console_api.auth_refused", reason="missing bearer token",
                         remote=request.remote)
             return None
-        digest = _digest(presented.strip())
-        # Both comparisons always run, so timing does not tell which one matched.
-        is_full = _compare(digest, self._full_digest)
-        is_readonly = (_compare(digest, self._readonly_digest)
-                       if self._readonly_digest is not None else False)
-        if is_full:
-            return "full"
-        if is_readonly:
-            return "readonly"
-        log.warning("console_api.auth_refused", reason="wrong token", remote=request.remote)
-        return None
+        await self._tokens.refresh()
+        entry = self._tokens.match(presented.strip())
+        if entry is None:
+            log.warning("console_api.auth_refused", reason="wrong token",
+                        remote=request.remote)
+        return entry
+
+    async def _watch_revocations(self) -> None:
+        """Close the consoles whose token was revoked (watching ones send no commands)."""
+        while True:
+            await asyncio.sleep(self.token_check_s)
+            if not self._connections:
+                continue
+            try:
+                await self._tokens.refresh()
+            except Exception:  # keep watching: the next check may succeed
+                log.exception("console_api.token_check_failed")
+                continue
+            for connection in list(self._connections):
+                if not self._tokens.is_current(connection.token):
+                    connection.shut_down(CLOSE_POLICY, REVOKED_REFUSAL)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        kind = self._authenticate(request)
-        if kind is None:
+        token = await self._authenticate(request)
+        if token is None:
             return web.Response(status=401, text="missing or wrong console token\n",
                                 headers={"WWW-Authenticate": 'Bearer realm="switchboard"'})
         if self._stopping:
@@ -180,7 +204,8 @@ class SupervisorApi:
             except ValueError as exc:
                 log.warning("console_api.bad_cursor", error=str(exc), remote=request.remote)
                 return web.Response(status=400, text=f"{exc}\n")
-        actor_name = _sanitize_actor(request.headers.get(ACTOR_HEADER, ""))
+        actor = Actor(token.name, token.role,
+                      claimed=_sanitize_actor(request.headers.get(ACTOR_HEADER, "")))
         # compress=False: deflating thousands of small frames a second costs the engine
         # CPU that live calls need; the console link is local or tunnelled.
         ws = web.WebSocketResponse(heartbeat=self.heartbeat_s, compress=False,
@@ -192,8 +217,8 @@ class SupervisorApi:
             if subscription is not None:
                 await subscription.aclose()
             raise
-        connection = ConsoleConnection(self._backend, ws, self._limits, kind=kind,
-                                       actor=f"{actor_name}/{kind}",
+        connection = ConsoleConnection(self._backend, ws, self._limits, token=token,
+                                       tokens=self._tokens, actor=actor,
                                        remote=request.remote or "", after=after,
                                        subscription=subscription)
         self._connections.add(connection)
@@ -204,18 +229,9 @@ class SupervisorApi:
         return ws
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-def _compare(a: bytes, b: bytes | None) -> bool:
-    return b is not None and hmac.compare_digest(a, b)
-
-
 def _sanitize_actor(raw: str) -> str:
-    """A label for the audit trail (self-declared, not authenticated: the token is)."""
-    name = _ACTOR_UNSAFE.sub("", raw)[:64].strip()
-    return name or DEFAULT_ACTOR
+    """What the console claims to be, for the audit trail as a claim ("" if nothing)."""
+    return _ACTOR_UNSAFE.sub("", raw)[:64].strip()
 
 
 def _is_loopback(host: str) -> bool:

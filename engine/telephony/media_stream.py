@@ -6,9 +6,16 @@ mu-law payload to `CallSession.on_audio` (`session/call_session.py`). Marks and 
 to the session the same way. The way back leaves through the stream's `OutboundPlayer`
 (`telephony/outbound.py`), attached to the session as its `AudioOut` port on `start`.
 
-The handshake signature is checked before the upgrade. Bad input is counted and logged
-with the call id and the call goes on; a flood, too many violations or an oversized
-frame close this one socket with a clear close code. Nothing here can touch another call.
+The handshake signature is checked before the upgrade, and the `start` must carry the
+call's stream token (`stream_token.py`): an unbound stream (no token, a wrong one, another
+call's) is refused with close code 1008 and a reason, counted, logged once, and never
+attached to a call, so nothing is billed. A stream with its token for a call this engine
+has no webhook for (a restart, another engine answered) is served, unless the call has
+ended. A stream refused while its call waits for one ends that call.
+
+Bad input is counted and logged with the call id and the call goes on; a flood, too many
+violations or an oversized frame close this one socket with a clear close code. Nothing
+here can touch another call.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import contextlib
 import time
 from collections.abc import Callable
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
 from engine.audio.frames import FRAME_BYTES, FrameAssembler
 from engine.config import Config
@@ -38,6 +45,7 @@ from engine.telephony.messages import (
 )
 from engine.telephony.outbound import OutboundPlayer, Pacer
 from engine.telephony.signature import SignatureChecker
+from engine.telephony.stream_token import TOKEN_PARAMETER, StreamTokens
 
 log = get_logger(__name__)
 
@@ -47,12 +55,13 @@ _WARN_FIRST = 3
 
 class MediaStreamHandler:
     def __init__(self, config: Config, registry: CallRegistry, pacer: Pacer,
-                 signatures: SignatureChecker,
+                 signatures: SignatureChecker, stream_tokens: StreamTokens,
                  count_bad: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.registry = registry
         self.pacer = pacer
         self.signatures = signatures
+        self.stream_tokens = stream_tokens
         self._count_bad = count_bad or (lambda reason: None)
         self.open_sockets = 0
 
@@ -65,7 +74,13 @@ class MediaStreamHandler:
         cfg = self.config.engine
         ws = web.WebSocketResponse(max_msg_size=cfg.max_message_bytes, compress=False,
                                    autoping=True)
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except web.HTTPException as exc:  # signed, but not a WebSocket upgrade
+            log.warning("media.bad_handshake", peer=request.remote, status=exc.status,
+                        detail=exc.text)
+            self._count_bad("bad_handshake")
+            raise
         self.open_sockets += 1
         stream = _StreamConnection(self, ws, request)
         try:
@@ -126,12 +141,13 @@ class _StreamConnection:
                 elif kind is WSMsgType.BINARY:
                     self.bad("binary_frame", "Media Streams sends text frames only")
                 elif kind is WSMsgType.ERROR:
-                    exc = ws.exception()
-                    if exc is not None and "too big" in str(exc).lower():
-                        self.bad("oversized_message", str(exc))
+                    error = msg.data  # aiohttp has closed the socket (1009 when too big)
+                    if isinstance(error, WebSocketError) \
+                            and error.code == WSCloseCode.MESSAGE_TOO_BIG:
+                        self.bad("oversized_message", f"oversized message: {error}")
                         self.close_reason = "oversized message"
                     else:
-                        self.log.warning("media.socket_error", error=repr(exc))
+                        self.log.warning("media.socket_error", error=repr(error))
                     break
                 else:  # CLOSE, CLOSING, CLOSED
                     break
@@ -201,40 +217,70 @@ class _StreamConnection:
         if self.session is not None:
             self.bad("second_start", "start received twice on one stream")
             return
-        registry = self.h.registry
         self.log = self.log.bind(call_sid=start.call_sid, stream_sid=start.stream_sid)
-        fmt = start.media_format
-        if fmt.encoding != "audio/x-mulaw" or fmt.sample_rate != 8000 or fmt.channels != 1:
-            self.bad("unsupported_format", f"{fmt.encoding} {fmt.sample_rate} Hz x{fmt.channels}")
-            await self.close(WSCloseCode.UNSUPPORTED_DATA, "unsupported media format")
-            return
-        session = registry.get(start.call_sid)
+        session = await self.session_for(start)
         if session is None:
-            if registry.is_ended(start.call_sid):
-                self.bad("finished_call", "stream for a call that already ended")
-                await self.close(WSCloseCode.POLICY_VIOLATION, "call already ended")
-                return
-            # Signed by Twilio but not answered here (e.g. another engine took the
-            # webhook, or this one restarted): serve it rather than drop a live caller.
-            self.bad("unknown_call", "stream for a call this engine has no webhook for")
-            params = start.custom_parameters
-            session = registry.create(start.call_sid, params.get("from", ""),
-                                      params.get("to", ""))
-        elif session.state is not CallState.CONNECTED and not session.awaiting_stream:
-            self.bad("stream_already_attached", f"call is {session.state.value}")
-            await self.close(WSCloseCode.POLICY_VIOLATION, "call already has a media stream")
             return
         transport = self.request.transport
         player = self.h.pacer.create_player(start.call_sid, start.stream_sid, self.ws,
                                             transport)
         self.session = session
         self.player = player
+        # Parameter names only: the values are the caller's numbers and the call's token.
         self.log.info("media.start", tracks=start.tracks,
-                      parameters=start.custom_parameters or None)
+                      parameters=sorted(start.custom_parameters) or None)
         if session.awaiting_stream and session.state is not CallState.CONNECTED:
             session.reattach_stream(start.stream_sid, player, self.close_normally)
         else:
             session.attach_stream(start.stream_sid, player, self.close_normally)
+
+    async def session_for(self, start: Start) -> CallSession | None:
+        """The call this stream is bound to, or None: the stream was refused."""
+        call_sid = start.call_sid
+        token = start.custom_parameters.get(TOKEN_PARAMETER, "")
+        if not self.h.stream_tokens.valid(call_sid, start.account_sid, token):
+            await self.refuse("unbound_stream", "stream token does not match the call"
+                              if token else "no stream token", "stream not bound to its call")
+            return None
+        registry = self.h.registry
+        fmt = start.media_format
+        if fmt.encoding != "audio/x-mulaw" or fmt.sample_rate != 8000 or fmt.channels != 1:
+            await self.refuse("unsupported_format",
+                              f"{fmt.encoding} {fmt.sample_rate} Hz x{fmt.channels}",
+                              "unsupported media format", WSCloseCode.UNSUPPORTED_DATA)
+            waiting = registry.get(call_sid)
+            if waiting is not None and (waiting.state is CallState.CONNECTED
+                                        or waiting.awaiting_stream):
+                await waiting.end("media stream refused: unsupported media format")
+            return None
+        session = registry.get(call_sid)
+        if session is None:
+            if await registry.has_ended(call_sid):
+                await self.refuse("finished_call", "stream for a call that already ended",
+                                  "call already ended")
+                return None
+            # Bound to its call but not answered here (this engine restarted, or another
+            # took the webhook): serve it rather than drop a live caller.
+            self.log.info("media.call_adopted", detail="no webhook for this call here")
+            params = start.custom_parameters
+            session = registry.create(call_sid, params.get("from", ""), params.get("to", ""))
+        if session.state is not CallState.CONNECTED and not session.awaiting_stream:
+            # Another stream carries this call: only the duplicate is refused (a replayed
+            # stream must not be able to end a live call).
+            await self.refuse("stream_already_attached", f"call is {session.state.value}",
+                              "call already has a media stream")
+            return None
+        return session
+
+    async def refuse(self, reason: str, detail: str, message: str,
+                     code: int = WSCloseCode.POLICY_VIOLATION) -> None:
+        """Refuse this stream at its `start` (nothing attached): counted, one warning
+        line, closed with `code` and `message` as the reason."""
+        self.h._count_bad(reason)
+        self.log.warning("media.stream_refused", reason=reason, detail=detail,
+                         code=int(code), close_reason=message)
+        self.close_reason = message
+        await self._close_socket(code, message)
 
     def bad(self, reason: str, detail: str) -> None:
         self.bad_total += 1
@@ -258,6 +304,10 @@ class _StreamConnection:
             # A normal close (the engine hung up) is routine; anything else is a warning.
             (self.log.info if code == 1000 else self.log.warning)(
                 "media.closing", code=int(code), reason=message)
+            await self._close_socket(code, message)
+
+    async def _close_socket(self, code: int, message: str) -> None:
+        if not self.ws.closed:
             with contextlib.suppress(TimeoutError, ConnectionError):
                 await asyncio.wait_for(self.ws.close(code=code, message=message.encode()),
                                        timeout=2.0)

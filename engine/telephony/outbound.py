@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -46,8 +48,8 @@ class OutboundPlayer:
     """Audio and marks queued for one Media Stream; sent by the Pacer."""
 
     __slots__ = (
-        "_audio", "_closed", "_enqueued", "_marks", "_pacer", "_pos", "_send",
-        "_transport", "backpressure_skips", "call_sid", "encoder", "frames_sent",
+        "__weakref__", "_audio", "_closed", "_enqueued", "_marks", "_pacer", "_pos", "_send",
+        "_transport", "audio_at", "backpressure_skips", "call_sid", "encoder", "frames_sent",
         "marks_sent", "play_until",
     )
 
@@ -69,6 +71,8 @@ class OutboundPlayer:
         self.frames_sent = 0
         self.marks_sent = 0
         self.backpressure_skips = 0
+        self.audio_at = 0.0  # monotonic time audio was last queued (a reply in progress)
+        pacer.players.add(self)
 
     # -- producer side (the call session) --------------------------------------------
 
@@ -77,6 +81,7 @@ class OutboundPlayer:
             return
         self._audio += ulaw
         self._enqueued += len(ulaw)
+        self.audio_at = time.monotonic()
         self._pacer.wake(self)
 
     def enqueue_mark(self, name: str, pad: bool = True) -> None:
@@ -191,10 +196,14 @@ class Pacer:
     def __init__(self, lead_s: float = 0.08) -> None:
         self.lead_s = lead_s
         self._active: set[OutboundPlayer] = set()
+        self.players: weakref.WeakSet[OutboundPlayer] = weakref.WeakSet()  # every stream
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.late_ticks = 0
         self.ticks = 0
+        # Awaited after each tick's sends with the tick's time, when every playing stream
+        # holds its full lead: the safe moment for a pause (`collector.FullCollections`).
+        self.after_tick: Callable[[float], Awaitable[None]] | None = None
 
     def create_player(self, call_sid: str, stream_sid: str, ws: web.WebSocketResponse,
                       transport: asyncio.BaseTransport | None) -> OutboundPlayer:
@@ -216,6 +225,34 @@ class Pacer:
                 await self._task
             self._task = None
 
+    async def pump_all(self, tick_at: float, lead_s: float) -> None:
+        """Top every playing stream up to `lead_s` ahead of `tick_at` (a tick's work; with
+        a longer lead, audio sent ahead of a planned pause)."""
+        done: list[OutboundPlayer] = []
+        for player in tuple(self._active):
+            try:
+                if not await player.pump(tick_at, lead_s):
+                    done.append(player)
+            except Exception:  # one stream's bug must not stop the others' audio
+                log.exception("pacer.pump_failed", call_sid=player.call_sid)
+                player.close()
+                done.append(player)
+        for player in done:
+            # A player with a partial frame left waits for more audio or a mark.
+            self._active.discard(player)
+
+    @property
+    def asleep(self) -> bool:
+        """No stream has anything to send: no tick runs."""
+        return not self._active
+
+    def short_streams(self, tick_at: float, ahead_s: float, recent_s: float = 0.3) -> int:
+        """Streams in the middle of a reply (audio queued in the last `recent_s`) that hold
+        less than `ahead_s` at Twilio: a pause now could run them dry."""
+        now = time.monotonic()
+        return sum(1 for p in self.players if not p.closed and now - p.audio_at < recent_s
+                   and p.play_until - tick_at < ahead_s)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         next_tick = loop.time()
@@ -226,18 +263,9 @@ class Pacer:
                 next_tick = loop.time()
             tick_at = next_tick  # the scheduled time: see the module docstring
             self.ticks += 1
-            done: list[OutboundPlayer] = []
-            for player in tuple(self._active):
-                try:
-                    if not await player.pump(tick_at, self.lead_s):
-                        done.append(player)
-                except Exception:  # one stream's bug must not stop the others' audio
-                    log.exception("pacer.pump_failed", call_sid=player.call_sid)
-                    player.close()
-                    done.append(player)
-            for player in done:
-                # A player with a partial frame left waits for more audio or a mark.
-                self._active.discard(player)
+            await self.pump_all(tick_at, self.lead_s)
+            if self.after_tick is not None:
+                await self.after_tick(tick_at)
             next_tick += FRAME_S
             delay = next_tick - loop.time()
             if delay < 0:

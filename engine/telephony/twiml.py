@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from twilio.twiml.voice_response import Connect, Dial, VoiceResponse
 
+from engine.telephony.stream_token import TOKEN_PARAMETER
+
 TWIML_CONTENT_TYPE = "text/xml"
 
 
@@ -25,10 +27,13 @@ def say_then_reconnect(text: str, stream_url: str, status_callback: str,
     return str(response)
 
 
-def stream_parameters(call_sid: str, from_number: str, to_number: str) -> dict[str, str]:
+def stream_parameters(call_sid: str, from_number: str, to_number: str,
+                      stream_token: str) -> dict[str, str]:
     """The <Parameter>s of every media stream we open; the stream's `start` message
-    carries them back (the media stream reads the caller's numbers from it)."""
-    return {"from": from_number, "to": to_number, "callSid": call_sid}
+    carries them back (the media stream checks the call's token and reads the caller's
+    numbers from it)."""
+    return {"from": from_number, "to": to_number, "callSid": call_sid,
+            TOKEN_PARAMETER: stream_token}
 
 
 def _stream(stream_url: str, status_callback: str, parameters: dict[str, str]) -> Connect:
@@ -59,6 +64,13 @@ def say_and_hang_up(text: str) -> str:
     """<Say> then <Hangup/>: a call we do not take (the budget is exhausted)."""
     response = VoiceResponse()
     response.say(text)
+    response.hangup()
+    return str(response)
+
+
+def hang_up() -> str:
+    """<Hangup/> alone: a webhook for a call that is already over."""
+    response = VoiceResponse()
     response.hangup()
     return str(response)
 

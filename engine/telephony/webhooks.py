@@ -1,7 +1,14 @@
 """Twilio HTTP webhooks: the voice webhook (answers TwiML) and the status callbacks.
 
 Every request must carry a valid X-Twilio-Signature over the public URL; a missing or
-wrong one gets 403 and a warning line.
+wrong one gets 403 and a warning line. The signature is checked before the body is
+trusted: the raw body is decoded leniently and parsed as the form Twilio signed, and
+only then used. Whatever is malformed (too large, not a form, not UTF-8) gets a 4xx and
+one warning line, never a traceback.
+
+The TwiML of a connected call carries the call's stream token (`stream_token.py`), which
+its media stream must present. A webhook for a call that has ended (a replay, also long
+after: the call history is asked) is answered with <Hangup/>; the call is not revived.
 
 A new call is connected to a media stream unless the engine's `CallGate` says otherwise
 (the budget is exhausted): then it is forwarded (<Dial> the human number) or refused
@@ -11,9 +18,10 @@ A new call is connected to a media stream unless the engine's `CallGate` says ot
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, Protocol
+from typing import Literal, NoReturn, Protocol
+from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import MultiDict, MultiDictProxy
 
 from engine.config import Config
@@ -21,8 +29,14 @@ from engine.log import get_logger
 from engine.session.registry import CallRegistry
 from engine.telephony import twiml
 from engine.telephony.signature import SignatureChecker
+from engine.telephony.stream_token import StreamTokens
 
 log = get_logger(__name__)
+
+# Twilio's webhooks are a few kilobytes; larger bodies get 413 (unread when their
+# length is declared).
+MAX_BODY_BYTES = 64 * 1024
+_FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 
 _FINAL_CALL_STATUSES = frozenset({"completed", "busy", "failed", "no-answer", "canceled"})
 
@@ -49,12 +63,13 @@ class _OpenGate:
 
 class TwilioWebhooks:
     def __init__(self, config: Config, registry: CallRegistry, signatures: SignatureChecker,
-                 accepting: Callable[[], bool] = lambda: True,
+                 stream_tokens: StreamTokens, accepting: Callable[[], bool] = lambda: True,
                  count_bad: Callable[[str], None] | None = None,
                  gate: CallGate | None = None) -> None:
         self.config = config
         self.registry = registry
         self.signatures = signatures
+        self.stream_tokens = stream_tokens
         self._accepting = accepting
         self._count_bad = count_bad or (lambda reason: None)
         self._gate = gate or _OpenGate()
@@ -65,29 +80,59 @@ class TwilioWebhooks:
             params: MultiDict[str] = MultiDict()
             fields = MultiDict(request.query)
         else:
-            form = await request.post()
-            # Twilio posts plain form fields; a file upload here is not Twilio.
-            params = MultiDict((k, v) for k, v in form.items() if isinstance(v, str))
-            fields = params
+            params = fields = await self._form(request)
         if not self.signatures.check_webhook(request, params):
             log.warning("webhook.bad_signature", path=request.path, peer=request.remote,
-                        call_sid=params.get("CallSid"),
+                        call_sid=params.get("CallSid", "")[:64] or None,
                         has_signature="X-Twilio-Signature" in request.headers)
             self._count_bad("bad_signature")
             raise web.HTTPForbidden(text="invalid or missing X-Twilio-Signature")
         return MultiDictProxy(fields)
 
+    async def _form(self, request: web.Request) -> MultiDict[str]:
+        """The POSTed form as Twilio signed it, parsed without trusting it: read within
+        the size limit, decoded with bad bytes replaced (the signature then fails)."""
+        size = request.content_length
+        if size is not None and size >= MAX_BODY_BYTES:
+            self._refuse_too_large(request, size)
+        content_type = request.headers.get(hdrs.CONTENT_TYPE)
+        if content_type is not None and request.content_type != _FORM_CONTENT_TYPE:
+            log.warning("webhook.bad_request", path=request.path, peer=request.remote,
+                        reason="not a form", content_type=request.content_type[:80])
+            self._count_bad("not_a_form")
+            raise web.HTTPUnsupportedMediaType(text=f"expected {_FORM_CONTENT_TYPE}")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # sent without a length (chunked)
+            self._refuse_too_large(request, request.content_length)
+        except ConnectionResetError:  # the sender went away before its body was complete
+            log.warning("webhook.bad_request", path=request.path, peer=request.remote,
+                        reason="body incomplete", size=request.content_length)
+            self._count_bad("body_incomplete")
+            raise web.HTTPBadRequest(text="request body incomplete") from None
+        text = body.decode("utf-8", errors="replace")
+        return MultiDict(parse_qsl(text, keep_blank_values=True, errors="replace"))
+
+    def _refuse_too_large(self, request: web.Request, size: int | None) -> NoReturn:
+        log.warning("webhook.body_too_large", path=request.path, peer=request.remote,
+                    size=size, limit=MAX_BODY_BYTES)
+        self._count_bad("body_too_large")
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=size or 0)
+
     async def voice(self, request: web.Request) -> web.Response:
         form = await self._signed_form(request)
         call_sid = form.get("CallSid", "")
         if not call_sid.startswith("CA"):
-            log.warning("webhook.bad_request", path=request.path, call_sid=call_sid or None)
+            log.warning("webhook.bad_request", path=request.path, call_sid=call_sid or None,
+                        reason="CallSid missing or malformed")
             raise web.HTTPBadRequest(text="CallSid missing or malformed")
         from_number, to_number = form.get("From", ""), form.get("To", "")
         clog = log.bind(call_sid=call_sid)
-        if self.registry.is_ended(call_sid):
-            clog.warning("webhook.voice_for_ended_call")
-            raise web.HTTPConflict(text="call already ended")
+        if await self.registry.has_ended(call_sid):
+            # A replay (or a late retry): the call stays over, whatever this says.
+            clog.warning("webhook.voice_for_ended_call", status=form.get("CallStatus"))
+            self._count_bad("ended_call_webhook")
+            return web.Response(text=twiml.hang_up(), content_type=twiml.TWIML_CONTENT_TYPE)
         if not self._accepting():
             clog.warning("webhook.voice_rejected", reason="engine not accepting calls")
             return web.Response(text=twiml.reject_busy(), content_type=twiml.TWIML_CONTENT_TYPE)
@@ -96,9 +141,10 @@ class TwilioWebhooks:
             return self._turn_away(call_sid, answer)
         self.registry.create(call_sid, from_number, to_number)
         base = self.config.public_base_url()
+        token = self.stream_tokens.issue(call_sid, form.get("AccountSid", ""))
         document = twiml.connect_stream(
             self.config.media_stream_url(), base + "/twilio/stream-status",
-            twiml.stream_parameters(call_sid, from_number, to_number))
+            twiml.stream_parameters(call_sid, from_number, to_number, token))
         clog.info("webhook.voice", from_number=from_number, to_number=to_number,
                   status=form.get("CallStatus"), direction=form.get("Direction"))
         return web.Response(text=document, content_type=twiml.TWIML_CONTENT_TYPE)

@@ -1,5 +1,6 @@
 """What the three OpenAI providers share: the `[providers.openai]` table, its environment
-variables, the API key check, the SDK's error mapping and the token estimate.
+variables, the API key check, the SDK's error mapping, their first-byte deadline and the
+token estimate.
 
 Speech-to-text (stt_openai.py), the agent (llm_openai.py) and text-to-speech
 (tts_openai.py) each register under the name "openai" with this one settings model, so
@@ -13,7 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 
-from engine.providers.base import ProviderError
+from engine.providers.base import ProviderError, ProviderKind
+from engine.providers.first_byte import FirstByteDeadline
 from engine.providers.registry import ProviderSettings, lazy_import, require_secret
 
 if TYPE_CHECKING:
@@ -60,6 +62,13 @@ def estimate_tokens(text: str) -> int:
 def api_key(settings: OpenAISettings) -> str:
     """The key, or ProviderUnavailable when OPENAI_API_KEY is not set."""
     return require_secret(settings.api_key, "OPENAI_API_KEY")
+
+
+def first_byte_deadline(kind: ProviderKind, timeout_s: float) -> FirstByteDeadline:
+    """The deadline of an OpenAI request's first byte, with the SDK's errors: its own and
+    its HTTP client's (raw byte streams raise those unmapped)."""
+    return FirstByteDeadline(PROVIDER, kind, timeout_s, (openai.OpenAIError, httpx2.HTTPError),
+                             map_openai_error)
 
 
 def map_openai_error(exc: BaseException, provider: str = PROVIDER) -> ProviderError:

@@ -7,7 +7,6 @@ The request shape depends on the model: `whisper-1` gives per-segment confidence
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from engine.audio.wav import pcm16_to_wav_bytes
@@ -15,7 +14,6 @@ from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import (
     ProviderError,
-    Timing,
     Transcript,
     TranscriptConfidence,
     Usage,
@@ -25,7 +23,7 @@ from engine.providers.builtin.openai_common import (
     PROVIDER,
     OpenAISettings,
     api_key,
-    map_openai_error,
+    first_byte_deadline,
     openai,
 )
 from engine.providers.registry import Billing, BillingUnit, ProviderSpec, register
@@ -46,6 +44,8 @@ class OpenAITranscriber:
                  language: str | None = None) -> None:
         self.model = model
         self.language = language
+        # The transcript is the first byte: the whole request is bounded, not just a read.
+        self._transcript = first_byte_deadline("stt", timeout_s)
         self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url,
                                           timeout=timeout_s, max_retries=max_retries)
 
@@ -69,17 +69,12 @@ class OpenAITranscriber:
                                 f"{sample_rate} Hz", retryable=False)
         audio_seconds = len(pcm16) / 2 / sample_rate
         wav_bytes = pcm16_to_wav_bytes(pcm16, sample_rate)
-        started = time.monotonic()
-        try:
+        request = self._transcript.request(self.model)
+        async with request.first_byte():
             result: Any = await self._client.audio.transcriptions.create(
                 model=self.model, file=("utterance.wav", wav_bytes, "audio/wav"),
                 **self._request_options())
-        except openai.OpenAIError as exc:
-            err = map_openai_error(exc)
-            log.warning("stt_request_failed", provider=PROVIDER, model=self.model,
-                        status=err.status, retryable=err.retryable, error=str(err))
-            raise err from exc
-        elapsed = time.monotonic() - started
+        timing = request.timing()  # the whole transcript arrives at once
         text = str(getattr(result, "text", "") or "").strip()
         usage = Usage(provider=PROVIDER, kind="stt", model=self.model,
                       audio_seconds=audio_seconds)
@@ -97,9 +92,7 @@ class OpenAITranscriber:
                         if lp.logprob is not None]
             confidence = TranscriptConfidence(
                 token_logprob_mean=sum(logprobs) / len(logprobs) if logprobs else None)
-        # The whole transcript arrives at once: first byte and total are the same moment.
-        return Transcript(text=text, confidence=confidence, usage=usage,
-                          timing=Timing(first_byte_s=elapsed, total_s=elapsed))
+        return Transcript(text=text, confidence=confidence, usage=usage, timing=timing)
 
     async def warm_up(self) -> None:
         """Nothing to load; the first request opens the connection."""
@@ -111,9 +104,7 @@ class OpenAITranscriber:
 def build(settings: OpenAISettings, config: Config) -> OpenAITranscriber:
     return OpenAITranscriber(api_key(settings), settings.stt_base_url or settings.base_url,
                              model=settings.stt_model,
-                             # The chain's timeout, then reading on for the usage.
-                             timeout_s=(config.providers.stt_timeout_s
-                                        + config.providers.drain_timeout_s),
+                             timeout_s=config.providers.request_deadline_s("stt"),
                              max_retries=settings.max_retries,
                              language=settings.stt_language or None)
 

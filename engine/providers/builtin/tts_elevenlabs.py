@@ -1,31 +1,39 @@
-"""Text-to-speech through ElevenLabs' streaming endpoint, straight in Twilio's format.
+"""Text-to-speech through ElevenLabs, straight in Twilio's format.
 
+Whole sentences (`synthesize`, and the audio cache) go over the HTTP streaming endpoint:
 `output_format="ulaw_8000"` is exactly what Twilio plays, so bytes pass through as they
 arrive. The raw-response form of the SDK call is used so the response headers (the
 billed character count) are readable; it sends the same request as
-`client.text_to_speech.stream(...)`.
+`client.text_to_speech.stream(...)`. Text still being written (`synthesize_stream`) goes
+over the input-streaming WebSocket (`engine.providers.builtin.elevenlabs_stream_input`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import SecretStr
+import aiohttp
+from pydantic import Field, SecretStr
 
 from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import (
     AudioChunk,
     ProviderError,
+    StreamedSynthesisEvent,
     SynthesisDone,
     SynthesisEvent,
-    Timing,
     Usage,
 )
+from engine.providers.builtin.elevenlabs_stream_input import StreamInput, StreamInputSynthesis
+from engine.providers.builtin.elevenlabs_stream_wire import (
+    StreamInputError,
+    StreamInputOptions,
+    map_stream_input_error,
+)
+from engine.providers.first_byte import FirstByteDeadline
 from engine.providers.registry import (
     Billing,
     BillingUnit,
@@ -63,6 +71,14 @@ class ElevenLabsSettings(ProviderSettings):
     model_id: str = "eleven_flash_v2_5"
     optimize_streaming_latency: int = 3
     timeout_s: float = 5.0
+    # Input streaming (the WebSocket): characters the server waits for before each
+    # generation, the first small for latency (config.toml says why).
+    chunk_length_schedule: list[Annotated[int, Field(ge=50, le=500)]] = Field(
+        default_factory=lambda: [50, 120, 160, 250], min_length=1)
+    auto_mode: bool = False
+    flush_first_sentence: bool = True
+    # ...or after this many words, when the first sentence is longer (0: never).
+    first_flush_words: int = Field(default=4, ge=0)
 
 
 def map_elevenlabs_error(exc: BaseException) -> ProviderError:
@@ -98,11 +114,23 @@ class ElevenLabsTTS:
 
     def __init__(self, api_key: str, voice_id: str, base_url: str = "https://api.elevenlabs.io",
                  model_id: str = "eleven_flash_v2_5", optimize_streaming_latency: int = 3,
-                 timeout_s: float = 5.0, first_audio_timeout_s: float = 2.0) -> None:
+                 timeout_s: float = 5.0, first_audio_timeout_s: float = 1.0,
+                 stream_options: StreamInputOptions | None = None) -> None:
         self.voice = voice_id
         self.model = model_id
         self.optimize_streaming_latency = optimize_streaming_latency
-        self.first_audio_timeout_s = first_audio_timeout_s
+        # Covers connecting, the response headers and the first bytes.
+        self._first_audio = FirstByteDeadline(PROVIDER, "tts", first_audio_timeout_s,
+                                              (api_error.ApiError, httpx.HTTPError),
+                                              map_elevenlabs_error)
+        # Input streaming: from the text that makes the server generate to the first audio.
+        self._stream_first_audio = FirstByteDeadline(
+            PROVIDER, "tts", first_audio_timeout_s,
+            (StreamInputError, aiohttp.ClientError, ConnectionError), map_stream_input_error)
+        self._stream_options = stream_options or StreamInputOptions(
+            api_key=api_key, voice_id=voice_id, model_id=model_id, base_url=base_url,
+            stall_timeout_s=timeout_s)
+        self._ws_session: aiohttp.ClientSession | None = None
         # Our own httpx client, so aclose() can release its connections (the SDK has no close).
         self._http = httpx.AsyncClient(timeout=timeout_s)
         self._client = elevenlabs_client.AsyncElevenLabs(
@@ -112,7 +140,7 @@ class ElevenLabsTTS:
         if not text.strip():
             log.warning("tts_empty_text", provider=PROVIDER)
             raise ProviderError(PROVIDER, "nothing to synthesize: empty text", retryable=False)
-        started = time.monotonic()
+        request = self._first_audio.request(self.model)
         # Not awaited: the SDK call is an async context manager around a streamed response.
         manager = self._client.text_to_speech.with_raw_response.stream(
             self.voice, text=text, model_id=self.model, output_format=OUTPUT_FORMAT,
@@ -120,40 +148,36 @@ class ElevenLabsTTS:
             request_options={"chunk_size": STREAM_CHUNK_BYTES})
         characters = len(text)
         async with contextlib.AsyncExitStack() as stack:
-            # The first-audio bound covers connecting, the response headers and first bytes.
-            try:
-                async with asyncio.timeout(self.first_audio_timeout_s):
-                    response = await stack.enter_async_context(manager)
-                    header = response.headers.get(CHARACTER_COUNT_HEADER, "")
-                    if header.isdigit():
-                        characters = int(header)
-                    chunks = response.data.__aiter__()
-                    first = await anext(chunks, b"")
-            except TimeoutError as exc:
-                log.warning("tts_first_audio_timeout", provider=PROVIDER, model=self.model,
-                            timeout_s=self.first_audio_timeout_s)
-                raise ProviderError(PROVIDER, f"no audio within "
-                                    f"{self.first_audio_timeout_s:.2f}s",
-                                    retryable=True) from exc
-            except (api_error.ApiError, httpx.HTTPError) as exc:
-                err = map_elevenlabs_error(exc)
-                log.warning("tts_request_failed", provider=PROVIDER, model=self.model,
-                            status=err.status, retryable=err.retryable, error=str(err))
-                raise err from exc
-            first_audio_s = time.monotonic() - started
+            async with request.first_byte():
+                response = await stack.enter_async_context(manager)
+                header = response.headers.get(CHARACTER_COUNT_HEADER, "")
+                if header.isdigit():
+                    characters = int(header)
+                chunks = response.data.__aiter__()
+                first = await anext(chunks, b"")
             if first:
                 yield AudioChunk(first)
             try:
                 async for data in chunks:
                     if data:
                         yield AudioChunk(data)
-            except httpx.HTTPError as exc:
-                # Audio already went out: end the clip here; the characters are billed anyway.
-                log.warning("tts_stream_cut", provider=PROVIDER, model=self.model,
-                            error=str(map_elevenlabs_error(exc)))
+            except self._first_audio.errors as exc:
+                request.cut(exc)  # audio went out: end the clip; the characters are billed
         usage = Usage(provider=PROVIDER, kind="tts", model=self.model, characters=characters)
-        yield SynthesisDone(usage=usage, timing=Timing(first_byte_s=first_audio_s,
-                                                       total_s=time.monotonic() - started))
+        yield SynthesisDone(usage=usage, timing=request.timing())
+
+    def synthesize_stream(self, text: AsyncIterator[str]
+                          ) -> AsyncGenerator[StreamedSynthesisEvent, None]:
+        """Audio for text still being written, over the input-streaming WebSocket (it
+        connects now, before the first text and before anything reads); `TextSpoken` at
+        each sentence's end. `text` is read in a task of the stream's own (a pending read is
+        cancelled when the stream closes); closing the stream closes the socket."""
+        if self._ws_session is None or self._ws_session.closed:
+            # No connection limit: each call's reply holds its socket (aiohttp's default
+            # limit of 100 would queue the 101st call's voice).
+            self._ws_session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return StreamInput(StreamInputSynthesis(self._stream_options, self._stream_first_audio,
+                                                self._ws_session, text))
 
     def estimate_usage(self, text: str) -> Usage:
         """Billed by characters (a cut sentence's, when nothing reported them)."""
@@ -165,17 +189,24 @@ class ElevenLabsTTS:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self._ws_session is not None:
+            await self._ws_session.close()
 
 
 def build(settings: ElevenLabsSettings, config: Config) -> ElevenLabsTTS:
-    return ElevenLabsTTS(require_secret(settings.api_key, "ELEVENLABS_API_KEY"),
-                         settings.voice_id, base_url=settings.base_url,
+    api_key = require_secret(settings.api_key, "ELEVENLABS_API_KEY")
+    stream_options = StreamInputOptions(
+        api_key=api_key, voice_id=settings.voice_id, model_id=settings.model_id,
+        base_url=settings.base_url,
+        chunk_length_schedule=tuple(settings.chunk_length_schedule),
+        auto_mode=settings.auto_mode, flush_first_sentence=settings.flush_first_sentence,
+        first_flush_words=settings.first_flush_words, stall_timeout_s=settings.timeout_s)
+    return ElevenLabsTTS(api_key, settings.voice_id, base_url=settings.base_url,
                          model_id=settings.model_id,
                          optimize_streaming_latency=settings.optimize_streaming_latency,
                          timeout_s=settings.timeout_s,
-                         # The chain's first-audio timeout, then reading on for the usage.
-                         first_audio_timeout_s=(config.providers.tts_first_audio_timeout_s
-                                                + config.providers.drain_timeout_s))
+                         first_audio_timeout_s=config.providers.request_deadline_s("tts"),
+                         stream_options=stream_options)
 
 
 SPEC = register(ProviderSpec(name=PROVIDER, kind="tts", settings=ElevenLabsSettings,

@@ -12,10 +12,8 @@ characters, for a model billed per character (tts-1).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
-import time
 from collections.abc import AsyncGenerator
 
 import numpy as np
@@ -29,7 +27,6 @@ from engine.providers.base import (
     ProviderError,
     SynthesisDone,
     SynthesisEvent,
-    Timing,
     Usage,
 )
 from engine.providers.builtin.openai_common import (
@@ -38,8 +35,7 @@ from engine.providers.builtin.openai_common import (
     OpenAISettings,
     api_key,
     estimate_tokens,
-    httpx2,
-    map_openai_error,
+    first_byte_deadline,
     openai,
 )
 from engine.providers.registry import Billing, BillingUnit, ProviderSpec, register
@@ -83,12 +79,13 @@ class OpenAITTS:
 
     def __init__(self, api_key: str, base_url: str, model: str = "gpt-4o-mini-tts",
                  voice: str = "alloy", timeout_s: float = 8.0,
-                 first_audio_timeout_s: float = 2.0, max_retries: int = 0,
+                 first_audio_timeout_s: float = 1.0, max_retries: int = 0,
                  instructions: str | None = None,
                  audio_tokens_per_minute: float = 1250.0) -> None:
         self.model = model
         self.voice = voice
-        self.first_audio_timeout_s = first_audio_timeout_s
+        # Covers connecting, the response headers and the first bytes.
+        self._first_audio = first_byte_deadline("tts", first_audio_timeout_s)
         self.instructions = instructions
         self.audio_tokens_per_minute = audio_tokens_per_minute
         self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url,
@@ -98,31 +95,16 @@ class OpenAITTS:
         if not text.strip():
             log.warning("tts_empty_text", provider=PROVIDER)
             raise ProviderError(PROVIDER, "nothing to synthesize: empty text", retryable=False)
-        started = time.monotonic()
-        first_audio_s: float | None = None
+        request = self._first_audio.request(self.model)
         converter = Pcm24kToUlaw()
         manager = self._client.audio.speech.with_streaming_response.create(
             model=self.model, voice=self.voice, input=text, response_format="pcm",
             instructions=self.instructions or openai.omit)
         async with contextlib.AsyncExitStack() as stack:
-            # The first-audio bound covers connecting, the response headers and first bytes.
-            try:
-                async with asyncio.timeout(self.first_audio_timeout_s):
-                    response = await stack.enter_async_context(manager)
-                    chunks = response.iter_bytes().__aiter__()
-                    first = await anext(chunks, b"")
-            except TimeoutError as exc:
-                log.warning("tts_first_audio_timeout", provider=PROVIDER, model=self.model,
-                            timeout_s=self.first_audio_timeout_s)
-                raise ProviderError(PROVIDER, f"no audio within "
-                                    f"{self.first_audio_timeout_s:.2f}s",
-                                    retryable=True) from exc
-            except (openai.OpenAIError, httpx2.HTTPError) as exc:
-                err = map_openai_error(exc)
-                log.warning("tts_request_failed", provider=PROVIDER, model=self.model,
-                            status=err.status, retryable=err.retryable, error=str(err))
-                raise err from exc
-            first_audio_s = time.monotonic() - started
+            async with request.first_byte():
+                response = await stack.enter_async_context(manager)
+                chunks = response.iter_bytes().__aiter__()
+                first = await anext(chunks, b"")
             received = len(first)
             ulaw = converter.feed(first)
             if ulaw:
@@ -133,16 +115,12 @@ class OpenAITTS:
                     ulaw = converter.feed(data)
                     if ulaw:
                         yield AudioChunk(ulaw)
-            except (openai.OpenAIError, httpx2.HTTPError) as exc:
-                # Audio already went out: end the clip here; the request is billed anyway.
-                log.warning("tts_stream_cut", provider=PROVIDER, model=self.model,
-                            error=str(map_openai_error(exc)))
+            except self._first_audio.errors as exc:
+                request.cut(exc)  # audio went out: end the clip; the request is billed
             tail = converter.flush()
             if tail:
                 yield AudioChunk(tail)
-        yield SynthesisDone(usage=self._usage(text, received),
-                            timing=Timing(first_byte_s=first_audio_s,
-                                          total_s=time.monotonic() - started))
+        yield SynthesisDone(usage=self._usage(text, received), timing=request.timing())
 
     def _usage(self, text: str, pcm_bytes: int) -> Usage:
         """What the request is billed for, estimated (see the module doc)."""
@@ -169,9 +147,7 @@ def build(settings: OpenAISettings, config: Config) -> OpenAITTS:
     return OpenAITTS(api_key(settings), settings.tts_base_url or settings.base_url,
                      model=settings.tts_model, voice=settings.tts_voice,
                      timeout_s=settings.timeout_s,
-                     # The chain's first-audio timeout, then reading on for the usage.
-                     first_audio_timeout_s=(config.providers.tts_first_audio_timeout_s
-                                            + config.providers.drain_timeout_s),
+                     first_audio_timeout_s=config.providers.request_deadline_s("tts"),
                      max_retries=settings.max_retries,
                      instructions=settings.tts_instructions or None,
                      audio_tokens_per_minute=settings.tts_audio_tokens_per_minute)

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.providers.base import Usage
+from engine.sim.standins.openai_realtime import RealtimeTranscriptionEndpoint
 from engine.sim.standins.server import (
     TIMEOUT_SLEEP_S,
     RecordedRequest,
@@ -170,6 +171,7 @@ class OpenAIStandin(StandinServer):
         self.last_usage: dict[str, Any] | None = None
         self.usage_log: list[BilledRequest] = []  # what the vendor bills, per request
         self._seen_prompts: list[str] = []
+        self.realtime = RealtimeTranscriptionEndpoint(self)  # GET /v1/realtime
 
     def url_for(self, host: str, port: int) -> str:
         return f"http://{host}:{port}/v1"
@@ -183,6 +185,7 @@ class OpenAIStandin(StandinServer):
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
         app.router.add_post("/v1/audio/speech", self._speech)
+        self.realtime.add_routes(app)
         return app
 
     # --- shared ---------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""History writes as data: what each write changes, so it can be journaled and replayed.
+
+Each write method of CallHistory makes a `Write` (an operation and its JSON-able
+arguments); `apply` runs it on a connection. A write the database refuses goes to the
+journal (spool.py) as one JSON line and is applied from there later, exactly once (the
+writer records its id in `applied_writes` in the same transaction).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.record.bill import BillLine, insert_lines
+from engine.record.database import END_REASON_UNEXPECTED
+
+# The turn columns a `turn_completed` write carries, by name.
+TURN_COLUMNS = ("idx", "caller_text", "agent_text", "heard_text", "interrupted", "cached",
+                "caller_audio_s", "agent_audio_s", "stt_s", "llm_first_token_s",
+                "tts_first_audio_s", "engine_overhead_s", "voice_to_voice_s", "endpointing_s")
+# The usage columns a `booking` write carries, by name.
+USAGE_COLUMNS = ("provider", "kind", "model", "audio_seconds", "input_tokens",
+                 "cached_input_tokens", "output_tokens", "characters", "cost_usd",
+                 "estimated")
+
+
+@dataclass(slots=True, frozen=True)
+class Write:
+    """One history write: `op` names what it does, `data` holds its JSON-able arguments."""
+
+    op: str
+    engine_id: str
+    call_sid: str | None
+    at: float  # when it happened (Unix seconds): a replay keeps the original times
+    data: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def encode(self) -> bytes:
+        """One journal line (without its newline)."""
+        return json.dumps({"id": self.id, "op": self.op, "engine_id": self.engine_id,
+                           "call_sid": self.call_sid, "at": self.at, "data": self.data},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, line: bytes) -> Write:
+        """A journal line back; ValueError when it is not one."""
+        try:
+            raw = json.loads(line)
+            write = cls(op=str(raw["op"]), engine_id=str(raw["engine_id"]),
+                        call_sid=raw["call_sid"], at=float(raw["at"]), data=dict(raw["data"]),
+                        id=str(raw["id"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a history write: {exc}") from None
+        if write.op not in _APPLY:
+            raise ValueError(f"unknown history write {write.op!r}")
+        return write
+
+    def booked(self) -> list[tuple[float, float]]:
+        """The (time, USD) of each cost line this write books; none for other writes."""
+        if self.op != "booking":
+            return []
+        return [(float(line["ts"]), float(line["amount"])) for line in self.data["lines"]]
+
+
+def apply(conn: sqlite3.Connection, write: Write) -> Any:
+    """Run `write` on `conn` (inside the caller's transaction); its result, if any."""
+    return _APPLY[write.op](conn, write)
+
+
+def _touch(conn: sqlite3.Connection, w: Write) -> None:
+    # Also creates a stub row for a call whose start was never recorded.
+    conn.execute(
+        "INSERT INTO calls (call_sid, started_at, last_activity_at, engine_id) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT(call_sid) DO UPDATE SET "
+        "last_activity_at = max(last_activity_at, excluded.last_activity_at)",
+        (w.call_sid, w.at, w.at, w.engine_id))
+
+
+def _call_started(conn: sqlite3.Connection, w: Write) -> None:
+    d = w.data
+    conn.execute(
+        "INSERT INTO calls (call_sid, from_number, to_number, started_at, "
+        "last_activity_at, state, engine_id) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT(call_sid) DO UPDATE SET from_number = excluded.from_number, "
+        "to_number = excluded.to_number, started_at = excluded.started_at, "
+        "state = excluded.state, engine_id = excluded.engine_id",
+        (w.call_sid, d["from_number"], d["to_number"], w.at, w.at, d["state"], w.engine_id))
+
+
+def _call_state(conn: sqlite3.Connection, w: Write) -> None:
+    _touch(conn, w)
+    conn.execute("UPDATE calls SET state = ? WHERE call_sid = ?", (w.data["state"], w.call_sid))
+
+
+def _turn_completed(conn: sqlite3.Connection, w: Write) -> None:
+    _touch(conn, w)
+    conn.execute(
+        f"INSERT OR REPLACE INTO turns (call_sid, ts, {', '.join(TURN_COLUMNS)}) "
+        f"VALUES ({', '.join('?' * (len(TURN_COLUMNS) + 2))})",
+        (w.call_sid, w.at, *(w.data[column] for column in TURN_COLUMNS)))
+
+
+def _booking(conn: sqlite3.Connection, w: Write) -> None:
+    """A usage row (a provider call, or Twilio minutes), then its lines (which refer to it)."""
+    if w.call_sid is not None:
+        _touch(conn, w)
+        # Booked after the call's end was written (a request read on for its usage):
+        # the call's total grows with it.
+        conn.execute("UPDATE calls SET cost_usd = cost_usd + ? WHERE call_sid = ? "
+                     "AND ended_at IS NOT NULL", (w.data["cost"], w.call_sid))
+    usage = w.data["usage"]
+    cursor = conn.execute(
+        f"INSERT INTO usage (call_sid, ts, {', '.join(USAGE_COLUMNS)}) "
+        f"VALUES ({', '.join('?' * (len(USAGE_COLUMNS) + 2))})",
+        (w.call_sid, w.at, *(usage[column] for column in USAGE_COLUMNS)))
+    insert_lines(conn, int(cursor.lastrowid or 0),
+                 [BillLine(**line) for line in w.data["lines"]])
+
+
+def _action_recorded(conn: sqlite3.Connection, w: Write) -> None:
+    d = w.data
+    if w.call_sid is not None:
+        # Only a call the history knows is touched: a command refused for an unknown
+        # call is audited without making up a row for it.
+        conn.execute("UPDATE calls SET last_activity_at = max(last_activity_at, ?), "
+                     "escalated = max(escalated, ?) WHERE call_sid = ?",
+                     (w.at, int(d["escalation"]), w.call_sid))
+    conn.execute("INSERT INTO actions (call_sid, ts, actor, action, args, ok, error) "
+                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                 (w.call_sid, w.at, d["actor"], d["action"], d["args"], int(d["ok"]),
+                  d["error"]))
+
+
+def _call_ended(conn: sqlite3.Connection, w: Write) -> None:
+    d = w.data
+    _touch(conn, w)
+    conn.execute(
+        "UPDATE calls SET ended_at = ?, duration_s = coalesce(?, max(0, ? - started_at)),"
+        " end_reason = ?, state = ?, cost_usd = ?, escalated = max(escalated, ?) "
+        "WHERE call_sid = ?",
+        (w.at, d["duration_s"], w.at, d["end_reason"], d["state"], d["cost_usd"],
+         int(d["escalated"]), w.call_sid))
+
+
+def _recover_unfinished(conn: sqlite3.Connection, w: Write) -> list[str]:
+    """Close the engine's calls started by `at` that never got their end; their sids."""
+    sids = [r[0] for r in conn.execute(
+        "SELECT call_sid FROM calls WHERE ended_at IS NULL AND engine_id = ? "
+        "AND started_at <= ?", (w.engine_id, w.at))]
+    for sid in sids:
+        conn.execute(
+            "UPDATE calls SET ended_at = last_activity_at, "
+            "duration_s = max(0, last_activity_at - started_at), end_reason = ?, "
+            "state = 'ended', cost_usd = (SELECT coalesce(sum(amount), 0) "
+            "FROM cost_lines l WHERE l.call_sid = calls.call_sid) WHERE call_sid = ?",
+            (END_REASON_UNEXPECTED, sid))
+    return sids
+
+
+_APPLY: dict[str, Callable[[sqlite3.Connection, Write], Any]] = {
+    "call_started": _call_started, "call_state": _call_state,
+    "turn_completed": _turn_completed, "booking": _booking,
+    "action_recorded": _action_recorded, "call_ended": _call_ended,
+    "recover_unfinished": _recover_unfinished,
+}

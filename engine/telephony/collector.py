@@ -1,0 +1,117 @@
+"""Full garbage collections at the pacer's safe point, not inside any allocation.
+
+CPython collects its oldest generation when enough objects were promoted into it, from
+whatever allocation tips the count: at 250 calls that traversed ~90,000 live objects
+(sessions, sockets, tasks) and stopped the event loop for 40-50 ms at a random moment,
+long enough for the pacer's 80 ms lead to run out on every call (an audible gap each).
+
+Here the automatic full collection is off (its threshold out of reach; the young
+generations are still collected as usual) and `FullCollections` runs it itself:
+
+- right after a pacer tick (`Pacer.after_tick`), once every playing stream has been sent
+  `headroom_s` (200 ms) more than its usual lead of the audio it has queued, so the
+  pause eats into audio buffered at Twilio, not into playback (at 250 calls a full
+  collection took 40-80 ms, the lead is 80 ms); the next ticks send nothing until the
+  lead is back to normal. Twilio only holds the audio longer: marks still come back when
+  it is played, and a barge-in's `clear` empties Twilio's buffer as before. A reply
+  whose first audio has only just come cannot be sent ahead: while one holds less than
+  the lead plus half the headroom, the collection waits for a later tick (1 s at most);
+- at most once every `interval_s` (30 s), and only when objects were promoted since the
+  last one; a timer does it when no audio is playing (the pacer is asleep then).
+
+Start-up objects (modules, config, providers) are frozen first (`gc.freeze()`): no
+collection traverses them again. Cyclic garbage now waits up to `interval_s` to be
+freed: at 250 calls a few MB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+
+from engine.log import get_logger
+from engine.telephony.outbound import Pacer
+
+log = get_logger(__name__)
+
+# An oldest-generation threshold no run reaches: automatic full collections are off.
+_NEVER = 1 << 30
+# Past its time by this much, a collection is taken even with a reply just starting.
+_MAX_WAIT_S = 1.0
+# Past that, a collection no tick took is the timer's (ticks are 20 ms).
+_GRACE_S = _MAX_WAIT_S + 0.1
+
+
+class FullCollections:
+    """The process's full collections, taken at the pacer's safe point (module doc)."""
+
+    def __init__(self, pacer: Pacer, interval_s: float = 30.0,
+                 headroom_s: float = 0.2) -> None:
+        self.pacer = pacer
+        self.interval_s = interval_s
+        self.headroom_s = headroom_s
+        self.collections = 0
+        self.longest_ms = 0.0
+        self._due = 0.0
+        self._saved: tuple[int, int, int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Freeze what start-up built, take full collections over (call in the loop)."""
+        gc.collect()
+        gc.freeze()
+        if self._saved is None:
+            self._saved = gc.get_threshold()
+            young, middle, _ = self._saved
+            gc.set_threshold(young, middle, _NEVER)
+        self._due = time.monotonic() + self.interval_s
+        self.pacer.after_tick = self.after_tick
+        self._arm()
+
+    def stop(self) -> None:
+        """Hand full collections back to CPython."""
+        if self.pacer.after_tick == self.after_tick:
+            self.pacer.after_tick = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._saved is not None:
+            gc.set_threshold(*self._saved)
+            self._saved = None
+
+    async def after_tick(self, tick_at: float) -> None:
+        """The pacer has just topped every stream up: the time for a pause, if one is due
+        (each stream is sent `headroom_s` more first)."""
+        now = time.monotonic()
+        if now < self._due:
+            return
+        pacer = self.pacer
+        await pacer.pump_all(tick_at, pacer.lead_s + self.headroom_s)
+        if now < self._due + _MAX_WAIT_S and pacer.short_streams(
+                tick_at, pacer.lead_s + self.headroom_s / 2):
+            return  # a reply just starting: the next tick, when it has more queued
+        self._due = now + self.interval_s  # not the quiet timer's while the sends await
+        self.collect(time.monotonic())
+
+    def collect(self, now: float) -> None:
+        self._due = now + self.interval_s
+        if gc.get_count()[2] == 0:  # nothing promoted since the last one: nothing to find
+            return
+        started = time.perf_counter()
+        found = gc.collect(2)
+        ms = (time.perf_counter() - started) * 1000
+        self.collections += 1
+        self.longest_ms = max(self.longest_ms, ms)
+        log.debug("gc.full_collection", ms=round(ms, 1), garbage=found)
+
+    def _arm(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.interval_s, self._quiet_check)
+
+    def _quiet_check(self) -> None:
+        """No tick took the collection (no audio playing): take it now."""
+        now = time.monotonic()
+        if now >= self._due and (self.pacer.asleep or now >= self._due + _GRACE_S):
+            self.collect(now)
+        self._arm()

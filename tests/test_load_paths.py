@@ -1,0 +1,195 @@
+"""What keeps 250 calls on one core (issue 12, point 5): full garbage collections only at
+the pacer's safe point, the engine's event loop (uvloop where installed), and realtime
+transcription sessions kept for as many utterances as were in progress at once."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from engine.audio.frames import FRAME_BYTES
+from engine.providers.builtin.stt_openai_realtime import OpenAIRealtimeTranscriber
+from engine.serve import LOOP_ENV, loop_name, run
+from engine.sim.standins.openai_api import OpenAIStandin
+from engine.telephony.collector import FullCollections
+from engine.telephony.outbound import OutboundPlayer, Pacer
+from tests.cloud_fixtures import OPENAI_KEY, speech_pcm16
+
+RATE = 8000
+
+
+@pytest.fixture
+def full_collections() -> Iterator[list[int]]:
+    """The generation of every collection the collector runs while the test does."""
+    seen: list[int] = []
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            seen.append(int(info["generation"]))
+
+    saved = gc.get_threshold()
+    gc.callbacks.append(record)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(record)
+        gc.set_threshold(*saved)
+
+
+def promote(objects: int) -> list[list[int]]:
+    """Allocate `objects` cyclic-GC-tracked objects that stay alive through young
+    collections (they are promoted to the oldest generation)."""
+    return [[i] for i in range(objects)]
+
+
+async def test_no_full_collection_runs_but_at_the_safe_point(
+        full_collections: list[int]) -> None:
+    sent: list[str] = []
+
+    async def send(message: str) -> None:
+        sent.append(message)
+
+    pacer = Pacer()
+    collector = FullCollections(pacer, interval_s=0.2)
+    collector.start()
+    # A stream with audio to play: the pacer is awake (its ticks are run by hand here).
+    OutboundPlayer("CA1", "MZ1", send, None, pacer).enqueue_audio(b"\xff" * FRAME_BYTES * 50)
+    now = asyncio.get_running_loop().time
+    try:
+        assert gc.get_threshold()[2] >= 1 << 30  # automatic full collections off
+        full_collections.clear()
+        kept = promote(300_000)  # CPython would collect the oldest generation for this
+        assert 0 in full_collections and 1 in full_collections  # young ones go on
+        assert 2 not in full_collections
+        await collector.after_tick(now())  # not due yet
+        assert 2 not in full_collections and not sent
+        await asyncio.sleep(0.25)  # due; the timer leaves it to the ticks
+        assert 2 not in full_collections
+        hook = pacer.after_tick
+        assert hook is not None
+        await hook(now())  # the pacer's next tick takes it, its streams sent ahead first
+        assert full_collections.count(2) == 1 and collector.collections == 1
+        assert len(sent) == round((pacer.lead_s + collector.headroom_s) / 0.02)
+        await collector.after_tick(now())  # once per interval
+        assert full_collections.count(2) == 1
+        del kept
+    finally:
+        collector.stop()
+    assert gc.get_threshold()[2] < 1 << 30 and collector.pacer.after_tick is None
+
+
+async def test_a_reply_just_starting_puts_the_collection_off_a_tick(
+        full_collections: list[int]) -> None:
+    async def send(message: str) -> None:
+        pass
+
+    pacer = Pacer()
+    collector = FullCollections(pacer, interval_s=0.05)
+    collector.start()
+    player = OutboundPlayer("CA1", "MZ1", send, None, pacer)
+    now = asyncio.get_running_loop().time
+    try:
+        player.enqueue_audio(b"\xff" * FRAME_BYTES * 5)  # its first 100 ms of speech
+        gc.collect(1)  # something promoted: the collection is not skipped
+        await asyncio.sleep(0.08)  # due
+        full_collections.clear()
+        await collector.after_tick(now())
+        assert 2 not in full_collections  # 100 ms at Twilio would not outlast a pause
+        player.enqueue_audio(b"\xff" * FRAME_BYTES * 50)  # the rest came
+        await collector.after_tick(now())
+        assert 2 in full_collections
+    finally:
+        collector.stop()
+
+
+async def test_without_audio_playing_a_timer_takes_the_collection(
+        full_collections: list[int]) -> None:
+    collector = FullCollections(Pacer(), interval_s=0.1)
+    collector.start()
+    try:
+        kept = promote(50_000)
+        full_collections.clear()
+        await asyncio.sleep(0.35)  # the pacer never ticks: no call is playing audio
+        assert 2 in full_collections
+        del kept
+    finally:
+        collector.stop()
+
+
+async def test_before_a_full_collection_every_stream_is_sent_the_headroom(
+        full_collections: list[int]) -> None:
+    sent: list[str] = []
+    sent_at_collection: list[int] = []
+
+    async def send(message: str) -> None:
+        sent.append(message)
+
+    def record(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            sent_at_collection.append(len(sent))
+
+    pacer = Pacer(lead_s=0.04)  # two frames ahead
+    collector = FullCollections(pacer, interval_s=0.06, headroom_s=0.1)  # five more
+    player = OutboundPlayer("CA1", "MZ1", send, None, pacer)
+    collector.start()
+    gc.callbacks.append(record)
+    try:
+        gc.collect(1)  # something promoted: the collection is not skipped
+        player.enqueue_audio(b"\xff" * FRAME_BYTES * 50)  # a second of speech
+        pacer.start()
+        await asyncio.sleep(0.1)
+    finally:
+        gc.callbacks.remove(record)
+        await pacer.stop()
+        collector.stop()
+    assert sent_at_collection, "no full collection at a tick"
+    # By the first collection: the lead plus the headroom ahead of the tick, 7 frames
+    # (and the 20 ms frames of the ticks that ran before it).
+    first = sent_at_collection[0]
+    assert 7 <= first <= 7 + 10
+    assert len(sent) < 50  # then the pacer waits for the lead to come back
+
+
+def test_the_engine_loop_is_uvloop_where_installed_unless_turned_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("uvloop")
+
+    async def which() -> str:
+        return loop_name(asyncio.get_running_loop())
+
+    monkeypatch.delenv(LOOP_ENV, raising=False)
+    assert run(which()) == "uvloop"
+    monkeypatch.setenv(LOOP_ENV, "asyncio")
+    assert run(which()) == "asyncio"
+    assert os.environ[LOOP_ENV] == "asyncio"
+
+
+async def test_the_stt_pool_keeps_as_many_sessions_as_utterances_in_progress() -> None:
+    async with OpenAIStandin() as server:
+        server.latency_s = 0.02
+        stt = OpenAIRealtimeTranscriber(OPENAI_KEY, server.base_url, pool_size=1)
+        await stt.warm_up()
+
+        async def utterance() -> str:
+            stream = stt.open_stream(RATE)
+            pcm = speech_pcm16(0.2, RATE)
+            for offset in range(0, len(pcm), 320):
+                stream.push(pcm[offset:offset + 320])
+            try:
+                return (await stream.finish()).text
+            finally:
+                await stream.aclose()
+
+        first = await asyncio.gather(*(utterance() for _ in range(3)))
+        assert stt.idle_sessions == 3  # three were held at once: all three stay warm
+        second = await asyncio.gather(*(utterance() for _ in range(3)))
+        assert stt.idle_sessions == 3
+        await stt.aclose()
+    assert all(first) and all(second)
+    assert len(server.realtime.connections) == 3  # the second round opened none
+    assert sorted(len(c.commits) for c in server.realtime.connections) == [2, 2, 2]
