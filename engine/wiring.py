@@ -24,7 +24,8 @@ from engine.money.model_checks import check_configured_models
 from engine.providers.base import Agent, SpeechToText, TextToSpeech
 from engine.providers.caching_tts import CachingTTS
 from engine.providers.chain import FallbackEvent
-from engine.providers.fallback import FallbackAgent, FallbackSTT, FallbackTTS
+from engine.providers.fallback import FallbackAgent, FallbackSTT
+from engine.providers.fallback_tts import FallbackTTS
 from engine.providers.faq.matcher import FaqMatcher
 from engine.providers.registry import Kind, ProviderUnavailable, registry
 from engine.providers.response_cache import ResponseCache, make_response_cache

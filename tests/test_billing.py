@@ -24,7 +24,7 @@ from engine.config import Config
 from engine.hub import OpsHub
 from engine.money.prices import PriceTable
 from engine.providers.base import AudioChunk, SynthesisDone, SynthesisEvent, Timing, Usage
-from engine.providers.fallback import FallbackTTS
+from engine.providers.fallback_tts import FallbackTTS
 from engine.session.call_session import CallSession
 from engine.session.ports import ControlResult
 from engine.session.records import TurnRecord

@@ -29,13 +29,8 @@ from engine.providers.base import (
 from engine.providers.booking import bill_to
 from engine.providers.breaker import BreakerState, CircuitBreaker
 from engine.providers.chain import AllProvidersFailed, FallbackEvent
-from engine.providers.fallback import (
-    FallbackAgent,
-    FallbackSTT,
-    FallbackTTS,
-    TruncatedAgentDone,
-    TruncatedSynthesisDone,
-)
+from engine.providers.fallback import FallbackAgent, FallbackSTT, TruncatedAgentDone
+from engine.providers.fallback_tts import FallbackTTS, TruncatedSynthesisDone
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from engine.providers.base import (
     Usage,
 )
 from engine.providers.caching_tts import CACHED_CHUNK_BYTES, CachingTTS
-from engine.providers.fallback import FallbackTTS
+from engine.providers.fallback_tts import FallbackTTS
 from engine.providers.response_cache import (
     MemoryResponseCache,
     NullCache,

@@ -12,7 +12,7 @@ import pytest
 from engine.providers.base import AudioChunk, SynthesisDone, TextSpoken
 from engine.providers.builtin.tts_espeak import EspeakTTS
 from engine.providers.caching_tts import CachingTTS
-from engine.providers.fallback import FallbackTTS
+from engine.providers.fallback_tts import FallbackTTS
 from engine.providers.response_cache import MemoryResponseCache
 from engine.providers.sentences import SentenceAggregator
 from engine.providers.text_feed import TextFeed

@@ -23,8 +23,7 @@ import asyncio
 import contextvars
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
@@ -32,7 +31,15 @@ from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import ProviderError, TextToSpeech, Usage
 from engine.providers.booking import bill_to, bind_sink
-from engine.session.ports import AudioOut, CallControl, ControlResult, EndStream, SessionObserver
+from engine.session.ports import (
+    AudioOut,
+    CallControl,
+    ControlResult,
+    Conversation,
+    EndStream,
+    SessionObserver,
+)
+from engine.session.records import StreamStats
 from engine.session.states import ALLOWED_TRANSITIONS, CallState, InvalidTransition
 from engine.session.voice import Voice
 
@@ -45,41 +52,10 @@ log = get_logger(__name__)
 END_GRACE_S = 2.0
 
 
-class Conversation(Protocol):
-    """What the session drives: the turn-taking pipeline of one call."""
-
-    def on_audio(self, ulaw: bytes) -> None: ...  # one inbound frame (hot path)
-
-    def on_dtmf(self, digit: str) -> None: ...
-
-    async def start(self) -> None: ...  # greet the caller
-
-    def set_listening(self, active: bool) -> None: ...  # off while transferring
-
-    def take_over(self) -> None: ...  # a supervisor speaks: stop answering, keep transcribing
-
-    def hand_back(self) -> None: ...
-
-    def interrupt(self, reason: str) -> None: ...  # cut the agent off now
-
-    def cost_cap_reached(self) -> None: ...  # close the call at the next safe point
-
-    async def aclose(self) -> None: ...
-
-
 def twilio_say_usage(text: str) -> Usage:
     """Twilio speaking `text` itself (<Say>: a transfer announcement, the last-resort
     voice): billed by Twilio per character."""
     return Usage(provider="twilio", kind="tts", model="say", characters=len(text))
-
-
-@dataclass(slots=True)
-class StreamStats:
-    frames_in: int = 0
-    bytes_in: int = 0
-    marks_in: int = 0
-    dtmf_in: int = 0
-    bad_messages: dict[str, int] = field(default_factory=dict)
 
 
 class CallSession:

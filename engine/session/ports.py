@@ -104,3 +104,25 @@ class SessionObserver(Protocol):
         """Book what the call spent (`CallSession.book`: the only way in)."""
 
     def call_ended(self, session: CallSession, reason: str) -> None: ...
+
+
+class Conversation(Protocol):
+    """What the session drives: the turn-taking pipeline of one call."""
+
+    def on_audio(self, ulaw: bytes) -> None: ...  # one inbound frame (hot path)
+
+    def on_dtmf(self, digit: str) -> None: ...
+
+    async def start(self) -> None: ...  # greet the caller
+
+    def set_listening(self, active: bool) -> None: ...  # off while transferring
+
+    def take_over(self) -> None: ...  # a supervisor speaks: stop answering, keep transcribing
+
+    def hand_back(self) -> None: ...
+
+    def interrupt(self, reason: str) -> None: ...  # cut the agent off now
+
+    def cost_cap_reached(self) -> None: ...  # close the call at the next safe point
+
+    async def aclose(self) -> None: ...

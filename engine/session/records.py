@@ -51,3 +51,14 @@ class TurnRecord:
     caller_audio_s: float = 0.0  # caller speech length (for the Realtime comparison)
     agent_audio_s: float = 0.0  # agent speech played
     timings: TurnTimings = field(default_factory=TurnTimings)
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What one call's media stream brought in (counted on the frame path)."""
+
+    frames_in: int = 0
+    bytes_in: int = 0
+    marks_in: int = 0
+    dtmf_in: int = 0
+    bad_messages: dict[str, int] = field(default_factory=dict)

@@ -28,7 +28,7 @@ from engine.providers.base import (
     TextDelta,
     Usage,
 )
-from engine.providers.fallback import FallbackTTS
+from engine.providers.fallback_tts import FallbackTTS
 from engine.providers.sentences import SentenceAggregator
 from engine.providers.text_feed import TextFeed
 from engine.session.context import ConversationContext

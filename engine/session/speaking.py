@@ -30,7 +30,7 @@ from engine.providers.base import (
     TextSpoken,
     TextToSpeech,
 )
-from engine.providers.fallback import FallbackTTS
+from engine.providers.fallback_tts import FallbackTTS
 from engine.providers.text_feed import TextFeed
 from engine.session.voice import Spoken, count_audio
 

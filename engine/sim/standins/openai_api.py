@@ -14,21 +14,32 @@ not billed.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import math
 import re
 import time
 import uuid
-import wave
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from engine.providers.base import Usage
 from engine.sim.standins.openai_realtime import RealtimeTranscriptionEndpoint
+from engine.sim.standins.openai_wire import (
+    LOGPROB_MODELS as _LOGPROB_MODELS,
+)
+from engine.sim.standins.openai_wire import (
+    BilledRequest,
+    ChatBill,
+    Completion,
+    SegmentSpec,
+    common_prefix,
+    error_response,
+    estimate_tokens,
+    unsupported_options,
+    wav_seconds,
+)
 from engine.sim.standins.server import (
     TIMEOUT_SLEEP_S,
     RecordedRequest,
@@ -38,113 +49,6 @@ from engine.sim.standins.server import (
 
 TTS_SAMPLE_RATE = 24000  # OpenAI's `pcm` response format: 24 kHz, 16-bit, mono
 _TOKEN_RE = re.compile(r"\s*\S+")
-_LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
-_JSON_ONLY_MODELS = (*_LOGPROB_MODELS, "gpt-transcribe")
-
-_ERRORS: dict[int, tuple[str, str | None, str]] = {
-    401: ("invalid_request_error", "invalid_api_key",
-          "Incorrect API key provided. You can find your API key at "
-          "https://platform.openai.com/account/api-keys."),
-    429: ("requests", "rate_limit_exceeded",
-          "Rate limit reached for requests. Please try again in 1s."),
-    500: ("server_error", None,
-          "The server had an error while processing your request. Sorry about that!"),
-}
-
-
-def estimate_tokens(text: str) -> int:
-    """About four characters per token for English: the stand-in's tokenizer."""
-    return max(1, math.ceil(len(text) / 4)) if text else 0
-
-
-def error_response(status: int, message: str | None = None, *, type_: str | None = None,
-                   code: str | None = None, param: str | None = None) -> web.Response:
-    default_type, default_code, default_message = _ERRORS.get(
-        status, ("invalid_request_error", None, "Invalid request."))
-    body = {"error": {"message": message or default_message, "type": type_ or default_type,
-                      "param": param, "code": code if code is not None else default_code}}
-    return web.json_response(body, status=status)
-
-
-@dataclass(slots=True)
-class SegmentSpec:
-    """One whisper `verbose_json` segment the stand-in should return."""
-
-    text: str
-    duration_s: float
-    avg_logprob: float = -0.2
-    no_speech_prob: float = 0.01
-    compression_ratio: float = 1.3
-
-
-@dataclass(slots=True, frozen=True)
-class BilledRequest:
-    """One request as the vendor bills it: the endpoint ("chat", "transcription",
-    "speech"), the model, and the usage (the API's own usage object; speech:
-    {"characters": n})."""
-
-    endpoint: str
-    model: str
-    usage: dict[str, Any]
-
-    def as_usage(self) -> Usage:
-        """The same, as the engine's `Usage` (what a price table prices)."""
-        u = self.usage
-        if self.endpoint == "chat":
-            return Usage("openai", "llm", self.model, input_tokens=u["prompt_tokens"],
-                         cached_input_tokens=u["prompt_tokens_details"]["cached_tokens"],
-                         output_tokens=u["completion_tokens"])
-        if self.endpoint == "speech":
-            return Usage("openai", "tts", self.model, characters=u["characters"])
-        if u["type"] == "tokens":
-            return Usage("openai", "stt", self.model, input_tokens=u["input_tokens"],
-                         output_tokens=u["output_tokens"])
-        return Usage("openai", "stt", self.model, audio_seconds=float(u["seconds"]))
-
-
-@dataclass(slots=True)
-class _ChatBill:
-    """What one accepted chat request costs: its prompt, and the completion tokens sent."""
-
-    model: str
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int = 0
-    billed: bool = True  # False once it ends with an error response
-    logged: bool = False
-
-    def usage(self, completion_tokens: int | None = None) -> dict[str, Any]:
-        """The usage object (the one the API sends), for `completion_tokens` (the tokens
-        sent so far when None)."""
-        completion = self.completion_tokens if completion_tokens is None else completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens,
-                                          "audio_tokens": 0},
-                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                              "accepted_prediction_tokens": 0,
-                                              "rejected_prediction_tokens": 0}}
-
-
-@dataclass(slots=True, frozen=True)
-class _Completion:
-    """What every chunk of one streamed chat completion repeats."""
-
-    id: str
-    created: int
-    model: str
-
-    def chunk(self, delta: dict[str, Any], finish: str | None = None, *,
-              with_usage: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-            "model": self.model, "system_fingerprint": "fp_standin",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                         "finish_reason": finish}]}
-        if with_usage:
-            out["usage"] = None
-        return out
-
 
 class OpenAIStandin(StandinServer):
     """POST /v1/chat/completions, /v1/audio/transcriptions, /v1/audio/speech.
@@ -215,7 +119,7 @@ class OpenAIStandin(StandinServer):
             return prompt_tokens, min(self.cached_tokens, prompt_tokens)
         # Like OpenAI: a prefix seen before is cached in 128-token steps from 1024 tokens.
         serialized = json.dumps(messages, sort_keys=True)
-        common = max((len(_common_prefix(serialized, seen)) for seen in self._seen_prompts),
+        common = max((len(common_prefix(serialized, seen)) for seen in self._seen_prompts),
                      default=0)
         self._seen_prompts = [*self._seen_prompts[-63:], serialized]
         cached = (estimate_tokens(serialized[:common]) // 128) * 128
@@ -231,25 +135,25 @@ class OpenAIStandin(StandinServer):
         messages: list[dict[str, Any]] = body["messages"]
         tokens = _TOKEN_RE.findall(self._reply_for(messages))
         # Accepted: billed from here on, whatever becomes of the answer.
-        bill = _ChatBill(str(body.get("model", "")), *self._prompt_usage(messages))
+        bill = ChatBill(str(body.get("model", "")), *self._prompt_usage(messages))
         try:
             return await self._answer_chat(request, record, body, tokens, bill)
         finally:
             self._log_chat(bill)
 
-    def _log_chat(self, bill: _ChatBill) -> None:
+    def _log_chat(self, bill: ChatBill) -> None:
         if bill.billed and not bill.logged:
             bill.logged = True
             self.usage_log.append(BilledRequest("chat", bill.model, bill.usage()))
 
     async def _answer_chat(self, request: web.Request, record: RecordedRequest,
                            body: dict[str, Any], tokens: list[str],
-                           bill: _ChatBill) -> web.StreamResponse:
+                           bill: ChatBill) -> web.StreamResponse:
         if self.mode == "timeout":
             await self.sleep(TIMEOUT_SLEEP_S)
             bill.billed = False  # answered with an error after all
             return error_response(500)
-        completion = _Completion(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
+        completion = Completion(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
                                  str(body.get("model", "")))
         await self.sleep(self.latency_s)
         usage = self.last_usage = bill.usage(len(tokens))
@@ -267,7 +171,7 @@ class OpenAIStandin(StandinServer):
                                        usage if include_usage else None)
 
     async def _stream_chat(self, request: web.Request, record: RecordedRequest,
-                           completion: _Completion, tokens: list[str], bill: _ChatBill,
+                           completion: Completion, tokens: list[str], bill: ChatBill,
                            usage: dict[str, Any] | None) -> web.StreamResponse:
         """SSE chunks: the role, one token each `token_interval_s`, the stop, then (when
         asked for) the usage chunk. Mode "cut" drops the connection halfway. `bill`
@@ -331,7 +235,7 @@ class OpenAIStandin(StandinServer):
             return error_response(400, "you must provide a model parameter", param="model")
         if "file" not in form:
             return error_response(400, "Missing file", param="file")
-        seconds = _wav_seconds(form["file"], wav_bytes)
+        seconds = wav_seconds(form["file"], wav_bytes)
         if seconds is None:
             return error_response(400, "Invalid file format. Supported formats: ['flac', 'm4a', "
                                   "'mp3', 'mp4', 'mpeg', 'mpga', 'oga', 'ogg', 'wav', 'webm']",
@@ -339,7 +243,7 @@ class OpenAIStandin(StandinServer):
         response_format = str(form.get("response_format", "json"))
         include = form.get("include[]", form.get("include", []))
         include = [include] if isinstance(include, str) else list(include)
-        unsupported = _unsupported_options(model, response_format, include)
+        unsupported = unsupported_options(model, response_format, include)
         if unsupported is not None:
             return unsupported
         if self.mode == "timeout":
@@ -428,38 +332,3 @@ class OpenAIStandin(StandinServer):
 
 async def _sse(response: web.StreamResponse, payload: dict[str, Any]) -> None:
     await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-
-
-def _common_prefix(a: str, b: str) -> str:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
-
-
-def _wav_seconds(file_info: dict[str, Any], wav_bytes: bytes) -> float | None:
-    """The upload's length in seconds (its format noted in `file_info`), None if not WAV."""
-    try:
-        with wave.open(io.BytesIO(wav_bytes), "rb") as wav:
-            file_info.update(sample_rate=wav.getframerate(), channels=wav.getnchannels(),
-                             sample_width=wav.getsampwidth())
-            return wav.getnframes() / wav.getframerate()
-    except (wave.Error, EOFError):
-        return None
-
-
-def _unsupported_options(model: str, response_format: str,
-                         include: list[str]) -> web.Response | None:
-    """What OpenAI refuses: verbose formats on the gpt-4o models, logprobs elsewhere."""
-    if model.startswith(_JSON_ONLY_MODELS) and response_format not in ("json", "text"):
-        return error_response(400, f"response_format '{response_format}' is not compatible "
-                              f"with model '{model}'. Use 'json' or 'text' instead.",
-                              param="response_format", code="unsupported_value")
-    if "logprobs" in include and (not model.startswith(_LOGPROB_MODELS)
-                                  or response_format != "json"):
-        return error_response(400, f"logprobs are not supported with model '{model}' "
-                              f"and response_format '{response_format}'.",
-                              param="include", code="unsupported_value")
-    return None

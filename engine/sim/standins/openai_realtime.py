@@ -36,7 +36,6 @@ import json
 import math
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,10 +43,10 @@ from typing import Any, Protocol
 from aiohttp import WSMsgType, web
 
 from engine.providers.base import Usage
+from engine.sim.standins.openai_wire import LOGPROB_MODELS, error_event, new_id
 from engine.sim.standins.server import TIMEOUT_SLEEP_S, Mode, RecordedRequest, StandinServer
 
 PROVIDER = "openai_realtime"  # the engine's name for this endpoint's usage
-LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 STREAMING_MODELS = ("gpt-live-transcribe", "gpt-realtime-whisper")  # VAD must be null
 BYTES_PER_SECOND = {"audio/pcm": 48000, "audio/pcmu": 8000, "audio/pcma": 8000}
 MIN_COMMIT_S = 0.1  # the API refuses to commit less than 100 ms of audio
@@ -77,18 +76,6 @@ class _Host(Protocol):
     async def sleep(self, seconds: float) -> None: ...
 
     def mark_disconnected(self, record: RecordedRequest) -> None: ...
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
-
-
-def error_event(type_: str, code: str | None, message: str, *, param: str | None = None,
-                event_id: str | None = None) -> dict[str, Any]:
-    """An `error` server event (RealtimeErrorEvent)."""
-    return {"type": "error", "event_id": new_id("event"),
-            "error": {"type": type_, "code": code, "message": message, "param": param,
-                      "event_id": event_id}}
 
 
 @dataclass(slots=True, frozen=True)
