@@ -2,10 +2,10 @@
 
 The engine's event loop is uvloop's where uvloop is installed (a dependency on Linux
 and macOS; `SWITCHBOARD_EVENT_LOOP=asyncio` turns it off), else asyncio's own: at 250
-calls on one core it takes a fifth less CPU for the same work, mostly the per-frame
-socket reads and writes and the timers (bench/README.md, "The event loop"). `run()` is
-the entry every engine process uses (`python -m engine`, `switchboard serve`, the
-benchmarks' engines).
+calls on one core it takes about 15 % less CPU for the same work, mostly the per-frame
+socket reads and writes and the timers (bench/README.md, "250 calls on one core").
+`run()` starts an engine process on it: `python -m engine`, `switchboard serve` and the
+benchmarks' engines do.
 """
 
 from __future__ import annotations

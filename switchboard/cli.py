@@ -57,9 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config.engine.host = args.host
     if args.port is not None:
         config.engine.port = args.port
-    from engine.serve import serve
+    from engine.serve import run, serve
 
-    asyncio.run(serve(config))
+    run(serve(config))  # on uvloop where installed, as `python -m engine`
     return 0
 
 

@@ -18,8 +18,8 @@ same HTTP client, auth, base URL, timeouts, error mapping and SSE decoding (with
 in-stream error events) as `chat.completions.create`, but the body is sent as built (it
 is plain JSON already; `create` walks it against the request's TypedDicts, about 1 ms
 per request for a few messages) and each chunk stays the decoded JSON dict instead of a
-`ChatCompletionChunk` model (~4 pydantic objects per token). At 250 calls that was a
-tenth of the engine's CPU (bench/README.md). `summarize` keeps the typed `create`.
+`ChatCompletionChunk` model (~4 pydantic objects per token). At 250 calls the two were
+about 7 % of the engine's CPU (bench/README.md). `summarize` keeps the typed `create`.
 """
 
 from __future__ import annotations
