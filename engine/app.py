@@ -90,6 +90,9 @@ class Engine:
                  hub: OpsHub | None = None) -> None:
         self.config = config
         self.started_at = time.time()
+        # A voice passed in is its giver's to close (wiring closes the chains it built;
+        # providers shared by several engines stay open); one made here is closed here.
+        self._owns_tts = tts is None
         if tts is None:
             from engine.providers.builtin.tts_espeak import EspeakTTS, espeak_settings
 
@@ -269,5 +272,6 @@ class Engine:
         self.collections.stop()
         if self.control is not None:
             await self.control.aclose()
-        await self.tts.aclose()
+        if self._owns_tts:
+            await self.tts.aclose()
         log.info("engine.stopped")

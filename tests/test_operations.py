@@ -343,3 +343,17 @@ async def test_metrics_and_health_endpoints(tmp_path: Path) -> None:
     assert 'stage="voice_to_voice"' in text
     assert "switchboard_calls_total 1.0" in text
     assert health["status"] == "ok" and health["calls_total"] == 1, health["degraded"]
+
+
+async def test_an_engine_that_stops_leaves_shared_voices_working(tmp_path: Path) -> None:
+    """Providers passed to build_engine are the caller's (shared by several engines): an
+    engine that stops must not close them (it once shut the shared voice's workers)."""
+    from engine.providers.base import AudioChunk
+    from tests.harness import local_providers
+
+    async with running_engine(tmp_path, make_engine=supervised_engine, **ops_sections()):
+        pass
+    config = Config()
+    voice = local_providers(config).tts[0]
+    chunks = [e async for e in voice.synthesize("Still here.") if isinstance(e, AudioChunk)]
+    assert sum(len(c.ulaw) for c in chunks) > 1600
