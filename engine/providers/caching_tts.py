@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
 from engine.providers.base import (
     AudioChunk,
@@ -27,6 +26,7 @@ from engine.providers.base import (
     Timing,
     Usage,
 )
+from engine.providers.event_stream import EventStream
 from engine.providers.response_cache import ResponseCache
 from engine.providers.sentence_voice import by_sentence
 
@@ -111,7 +111,7 @@ class CachingTTS:
         await self.inner.aclose()
 
 
-class _StoredBySentence(AsyncGenerator[StreamedSynthesisEvent, None]):
+class _StoredBySentence(EventStream):
     """A streaming voice's events, each whole sentence's audio (the audio before a
     `TextSpoken` that ends a sentence) stored in the cache on the way; its `usage` is the
     voice stream's own, when it keeps one."""
@@ -120,7 +120,7 @@ class _StoredBySentence(AsyncGenerator[StreamedSynthesisEvent, None]):
                  stream: AsyncGenerator[StreamedSynthesisEvent, None]) -> None:
         self._owner = owner
         self._stream = stream
-        self._events = self._run()
+        super().__init__(self._run())
 
     @property
     def usage(self) -> Usage | None:
@@ -139,19 +139,5 @@ class _StoredBySentence(AsyncGenerator[StreamedSynthesisEvent, None]):
                 parts = []
             yield event
 
-    def __aiter__(self) -> _StoredBySentence:
-        return self
-
-    async def __anext__(self) -> StreamedSynthesisEvent:
-        return await anext(self._events)
-
-    async def asend(self, value: None) -> StreamedSynthesisEvent:
-        return await self._events.asend(value)
-
-    async def athrow(self, typ: Any, val: Any = None, tb: Any = None
-                     ) -> StreamedSynthesisEvent:
-        return await self._events.athrow(typ, val, tb)
-
-    async def aclose(self) -> None:
-        await self._events.aclose()
+    async def after_close(self) -> None:
         await self._stream.aclose()

@@ -57,6 +57,7 @@ from engine.providers.builtin.elevenlabs_stream_wire import (
     parse_message,
 )
 from engine.providers.builtin.spoken_text import AlignedAudio, SpokenText, WordPieces
+from engine.providers.event_stream import EventStream
 from engine.providers.first_byte import FirstByteDeadline, TimedRequest
 
 log = get_logger(__name__)
@@ -288,31 +289,17 @@ class StreamInputSynthesis:
             raise
 
 
-class StreamInput(AsyncGenerator[StreamedSynthesisEvent, None]):
+class StreamInput(EventStream):
     """`StreamInputSynthesis.events()`, connected at once; closing it closes the socket
     even when nothing was read yet (an async generator that never ran ignores aclose)."""
 
     def __init__(self, synthesis: StreamInputSynthesis) -> None:
         synthesis.start()
+        super().__init__(synthesis.events())
         self._synthesis = synthesis
-        self._events = synthesis.events()
         weakref.finalize(self, synthesis.abandon)
 
-    def __aiter__(self) -> StreamInput:
-        return self
-
-    async def __anext__(self) -> StreamedSynthesisEvent:
-        return await anext(self._events)
-
-    async def asend(self, value: None) -> StreamedSynthesisEvent:
-        return await self._events.asend(value)
-
-    async def athrow(self, typ: Any, val: Any = None, tb: Any = None
-                     ) -> StreamedSynthesisEvent:
-        return await self._events.athrow(typ, val, tb)
-
-    async def aclose(self) -> None:
-        await self._events.aclose()
+    async def after_close(self) -> None:
         await self._synthesis.shut()
 
     @property

@@ -30,6 +30,12 @@ log = get_logger(__name__)
 
 PROVIDER = "openai_realtime"  # the registry name and Usage.provider
 CLOSE_S = 1.0  # a close or a clear-and-return never holds anyone longer
+# The client events sent as prebuilt JSON (the audio appended per 100 ms is the hot one).
+COMMIT = '{"type":"input_audio_buffer.commit"}'
+CLEAR = '{"type":"input_audio_buffer.clear"}'
+APPEND_HEAD = '{"type":"input_audio_buffer.append","audio":"'
+MAX_APPEND_BYTES = 256 * 1024  # encoded audio per append (the API takes up to 15 MiB)
+COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 
 class Listener(Protocol):

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 from pydantic import Field
 
+import engine.providers.builtin.openai_realtime_sessions as wire
 from engine.audio.codec import int16_to_ulaw
 from engine.audio.resample import StreamResampler
 from engine.config import Config
@@ -76,11 +77,6 @@ log = get_logger(__name__)
 
 AudioFormat = Literal["pcmu", "pcm24"]
 _LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
-_COMPLETED = "conversation.item.input_audio_transcription.completed"
-_COMMIT = '{"type":"input_audio_buffer.commit"}'
-_CLEAR = '{"type":"input_audio_buffer.clear"}'
-_APPEND_HEAD = '{"type":"input_audio_buffer.append","audio":"'
-_MAX_APPEND_BYTES = 256 * 1024  # encoded audio per append (the API takes up to 15 MiB)
 
 
 class RealtimeSTTSettings(ProviderSettings):
@@ -206,14 +202,14 @@ class RealtimeStream:
                 await self._wake.wait()
                 self._wake.clear()
                 if self._abandoned:
-                    await connection.send(_CLEAR)
+                    await connection.send(wire.CLEAR)
                     self._connection = None
                     self._stt._pool.release(connection)
                     return
                 await self._send_audio(connection, last=self._finishing)
                 if self._finishing:
                     self._committed = True
-                    await connection.send(_COMMIT)
+                    await connection.send(wire.COMMIT)
                     return
         except ProviderError as exc:
             self.fail(exc)
@@ -231,9 +227,9 @@ class RealtimeStream:
             return
         pcm, self._pending = bytes(self._pending[:size]), self._pending[size:]
         audio = self._encoder.encode(pcm, last) if self._encoder is not None else b""
-        for start in range(0, len(audio), _MAX_APPEND_BYTES):
-            chunk = base64.b64encode(audio[start:start + _MAX_APPEND_BYTES]).decode("ascii")
-            await connection.send(f'{_APPEND_HEAD}{chunk}"}}')
+        for start in range(0, len(audio), wire.MAX_APPEND_BYTES):
+            chunk = base64.b64encode(audio[start:start + wire.MAX_APPEND_BYTES]).decode("ascii")
+            await connection.send(f'{wire.APPEND_HEAD}{chunk}"}}')
 
     def on_event(self, kind: object, event: dict[str, Any]) -> None:
         item_id = event.get("item_id")
@@ -242,7 +238,7 @@ class RealtimeStream:
         elif kind == "conversation.item.input_audio_transcription.delta":
             if self._item_id is None or item_id == self._item_id:
                 self._logprobs += _logprobs(event)
-        elif kind == _COMPLETED and self._committed and self._item_id in (None, item_id):
+        elif kind == wire.COMPLETED and self._committed and self._item_id in (None, item_id):
             if not self._done.done():
                 self._done.set_result(event)
         elif kind == "conversation.item.input_audio_transcription.failed":
