@@ -226,7 +226,8 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
         renice([engine.pid, os.getpid()], args.nice)
         level = await call_level(args, calls, url, tmp, engine.pid, workers)
         await asyncio.sleep(0.5)  # the last turns' events
-        async with aiohttp.ClientSession() as http, http.get(url + "/bench/turns") as resp:
+        async with aiohttp.ClientSession() as http, http.get(url + "/bench/turns",
+                                                          params={"sweep": "1"}) as resp:
             body = await resp.json()
     finally:
         for w in workers:
@@ -243,6 +244,7 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
     extra = {"turns_per_call": level["turns_per_call"],
              "ramp_s": args.ramp if calls > 1 else 0.0,
              "engine_loop_lag_ms": body["loop_lag"], "engine_gc": body["gc"],
+             "engine_collector": body.get("collector", {}),
              "engine_rss_mb": round(level["rss_mb"], 1),
              "loadavg_start": level["loadavg"][0], "loadavg_end": level["loadavg"][1],
              "engine_pinned_to_one_core": pinned,

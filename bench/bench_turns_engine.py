@@ -89,7 +89,11 @@ class TurnCollector:
                           "late_ticks": self.engine.pacer.late_ticks}}
 
     async def turns_route(self, request: web.Request) -> web.Response:
-        return web.json_response(self.body())
+        body = self.body()
+        if request.query.get("sweep"):  # the run is over: what waited for a sweep
+            self.engine.collections.sweep_now()
+        body["collector"] = self.engine.collections.stats()
+        return web.json_response(body)
 
     async def census_route(self, request: web.Request) -> web.Response:
         """Debug (--gc-census): the collector's tracked objects by type and by module,

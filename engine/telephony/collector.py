@@ -22,6 +22,15 @@ generations are still collected as usual) and `FullCollections` runs it itself:
 Start-up objects (modules, config, providers) are frozen first (`gc.freeze()`): no
 collection traverses them again. Cyclic garbage now waits up to `interval_s` to be
 freed: at 250 calls a few MB.
+
+Each collection then freezes what it left alive (`freeze_survivors`): the next one
+traverses only what was promoted in the last `interval_s`, not every live call's
+objects again, so its pause no longer grows with the calls held (a call's sockets,
+tasks and loggers are traversed once, in the collection after they were made). What
+was frozen and later becomes cyclic garbage (a call that ended, a request in flight at
+the freeze) is found by a sweep, a collection of everything (`gc.unfreeze()` first),
+every `sweep_interval_s`, at the same safe point with `sweep_headroom_s` sent ahead;
+`swept` counts what sweeps found (what waited for them).
 """
 
 from __future__ import annotations
@@ -47,13 +56,21 @@ class FullCollections:
     """The process's full collections, taken at the pacer's safe point (module doc)."""
 
     def __init__(self, pacer: Pacer, interval_s: float = 30.0,
-                 headroom_s: float = 0.2) -> None:
+                 headroom_s: float = 0.2, freeze_survivors: bool = True,
+                 sweep_interval_s: float = 1800.0, sweep_headroom_s: float = 0.6) -> None:
         self.pacer = pacer
         self.interval_s = interval_s
         self.headroom_s = headroom_s
+        self.freeze_survivors = freeze_survivors
+        self.sweep_interval_s = sweep_interval_s
+        self.sweep_headroom_s = sweep_headroom_s
         self.collections = 0
+        self.sweeps = 0
+        self.swept = 0  # cyclic garbage only a sweep found
         self.longest_ms = 0.0
+        self.longest_sweep_ms = 0.0
         self._due = 0.0
+        self._sweep_due = 0.0
         self._saved: tuple[int, int, int] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -66,6 +83,7 @@ class FullCollections:
             young, middle, _ = self._saved
             gc.set_threshold(young, middle, _NEVER)
         self._due = time.monotonic() + self.interval_s
+        self._sweep_due = time.monotonic() + self.sweep_interval_s
         self.pacer.after_tick = self.after_tick
         self._arm()
 
@@ -79,6 +97,7 @@ class FullCollections:
         if self._saved is not None:
             gc.set_threshold(*self._saved)
             self._saved = None
+        gc.unfreeze()  # what this engine froze is the process's again
 
     async def after_tick(self, tick_at: float) -> None:
         """The pacer has just topped every stream up: the time for a pause, if one is due
@@ -87,23 +106,48 @@ class FullCollections:
         if now < self._due:
             return
         pacer = self.pacer
-        await pacer.pump_all(tick_at, pacer.lead_s + self.headroom_s)
+        headroom = self.sweep_headroom_s if self._sweep_is_due(now) else self.headroom_s
+        await pacer.pump_all(tick_at, pacer.lead_s + headroom)
         if now < self._due + _MAX_WAIT_S and pacer.short_streams(
-                tick_at, pacer.lead_s + self.headroom_s / 2):
+                tick_at, pacer.lead_s + headroom / 2):
             return  # a reply just starting: the next tick, when it has more queued
         self._due = now + self.interval_s  # not the quiet timer's while the sends await
         self.collect(time.monotonic())
 
+    def sweep_now(self) -> None:
+        """A sweep at once, wherever the loop is (benchmarks: what waited for it)."""
+        self._sweep_due = 0.0
+        self.collect(time.monotonic())
+
+    def stats(self) -> dict[str, float]:
+        return {"collections": self.collections, "longest_ms": round(self.longest_ms, 1),
+                "sweeps": self.sweeps, "swept": self.swept,
+                "longest_sweep_ms": round(self.longest_sweep_ms, 1)}
+
+    def _sweep_is_due(self, now: float) -> bool:
+        return self.freeze_survivors and now >= self._sweep_due
+
     def collect(self, now: float) -> None:
         self._due = now + self.interval_s
-        if gc.get_count()[2] == 0:  # nothing promoted since the last one: nothing to find
+        sweep = self._sweep_is_due(now)
+        if not sweep and gc.get_count()[2] == 0:  # nothing promoted since: nothing to find
             return
         started = time.perf_counter()
+        if sweep:
+            self._sweep_due = now + self.sweep_interval_s
+            gc.unfreeze()
         found = gc.collect(2)
+        if self.freeze_survivors:
+            gc.freeze()
         ms = (time.perf_counter() - started) * 1000
-        self.collections += 1
-        self.longest_ms = max(self.longest_ms, ms)
-        log.debug("gc.full_collection", ms=round(ms, 1), garbage=found)
+        if sweep:
+            self.sweeps += 1
+            self.swept += found
+            self.longest_sweep_ms = max(self.longest_sweep_ms, ms)
+        else:
+            self.collections += 1
+            self.longest_ms = max(self.longest_ms, ms)
+        log.debug("gc.full_collection", ms=round(ms, 1), garbage=found, sweep=sweep)
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()
