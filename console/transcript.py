@@ -13,13 +13,46 @@ from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Static
 
 from console.formatting import update_static
-from console.view_state import CallView, LineView
+from console.view_state import CallView, LineView, ToolLine
 
 _SPEAKER = {"caller": ("CALLER", "bold cyan"), "agent": ("AGENT ", "bold green"),
             "supervisor": ("SUPERV", "bold magenta"), "system": ("SYSTEM", "dim")}
+# What a failed tool call came to, after its name and arguments.
+_TOOL_FAILED = {"error": "failed", "timeout": "timed out", "rejected": "rejected",
+                "discarded": "discarded (the caller spoke)"}
+_ARGS_CHARS = 60
+
+
+def tool_arguments(tool: ToolLine) -> str:
+    """`{order_id: 4471}`: short, for one transcript line."""
+    text = ", ".join(f"{k}: {v}" for k, v in tool.arguments.items())
+    if len(text) > _ARGS_CHARS:
+        text = text[:_ARGS_CHARS - 1].rstrip() + "…"
+    return "{" + text + "}"
+
+
+def render_tool(tool: ToolLine) -> Text:
+    """`🔧 looked up order_status {order_id: 4471} → shipped`; a failed one is marked."""
+    text = Text(no_wrap=False)
+    text.append("  🔧    ", style="bold blue")
+    if not tool.failed:
+        text.append("looked up ", style="dim")
+    text.append(tool.name, style="bold blue")
+    text.append(" " + tool_arguments(tool), style="blue")
+    if tool.failed:
+        text.append(f" ✗ {_TOOL_FAILED.get(tool.outcome, tool.outcome)}", style="bold red")
+        if tool.outcome == "timeout" and tool.latency_s:
+            text.append(f" after {tool.latency_s:.1f} s", style="red")
+        if tool.summary:
+            text.append(f": {tool.summary}", style="red")
+    else:
+        text.append(f" → {tool.summary or 'done'}")
+    return text
 
 
 def render_line(line: LineView) -> Text:
+    if line.tool is not None:
+        return render_tool(line.tool)
     label, style = _SPEAKER.get(line.speaker, (line.speaker[:6].upper(), ""))
     text = Text(no_wrap=False)
     text.append(label, style=style)

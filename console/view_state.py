@@ -6,9 +6,26 @@ alerts), the spend totals, and the Changes a flush redraws. No Textual, no event
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine.bus.events import CallState, Speaker
+from engine.bus.events import CallState, JsonScalar, Speaker
+from engine.supervision.api_schema import CallSnapshot
+
+
+@dataclass(slots=True, frozen=True)
+class ToolLine:
+    """A tool the agent called, shown as its own transcript line."""
+
+    name: str
+    arguments: dict[str, JsonScalar]
+    outcome: str  # ok | error | timeout | rejected | discarded
+    summary: str = ""
+    latency_s: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome != "ok"
 
 
 @dataclass(slots=True)
@@ -21,6 +38,16 @@ class LineView:
     heard_text: str = ""
     low_confidence: bool = False
     ts: float = 0.0
+    tool: ToolLine | None = None  # a tool call's line (speaker "system")
+
+
+def tool_line_view(call_id: str, name: str, arguments: dict[str, JsonScalar], outcome: str,
+                   summary: str, latency_s: float, ts: float) -> LineView:
+    """A tool call's transcript line, keyed by the model's call id: the same call seen in
+    a snapshot and again as an event is one line."""
+    return LineView(line_id=f"tool:{call_id}", speaker="system", text=summary, ts=ts,
+                    tool=ToolLine(name=name, arguments=dict(arguments), outcome=outcome,
+                                  summary=summary, latency_s=latency_s))
 
 
 @dataclass(slots=True)
@@ -102,3 +129,25 @@ class Changes:
     def any(self) -> bool:
         return bool(self.rows or self.order or self.transcript_touched or self.latencies
                     or self.totals or self.notices)
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The value at quantile `q` (0..1) of `values`, nearest rank; None when empty."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def snapshot_lines(snap: CallSnapshot) -> list[LineView]:
+    """A call's lines as a snapshot carries them, with what the agent looked up in its
+    place among them (a stable sort keeps lines of one moment in the snapshot's order)."""
+    lines = [LineView(line_id=entry.line_id, speaker=entry.speaker, text=entry.text,
+                      final=entry.final, interrupted=entry.interrupted, ts=entry.ts)
+             for entry in snap.transcript]
+    lines += [tool_line_view(tool.call_id or f"{snap.call_sid}:{i}", tool.name,
+                             tool.arguments, tool.outcome, tool.summary, tool.latency_s,
+                             tool.ts)
+              for i, tool in enumerate(snap.tool_calls)]
+    return sorted(lines, key=lambda line: line.ts)

@@ -23,6 +23,8 @@ from aiohttp import web
 
 from engine import __version__
 from engine.config import Config
+from engine.fleet import fleet_membership
+from engine.fleet.drain import Drainer
 from engine.hub import OpsHub
 from engine.log import get_logger
 from engine.providers.base import TextToSpeech
@@ -115,15 +117,23 @@ class Engine:
         self.bad_messages: dict[str, int] = {}
         self.calls_total = 0
         self.accepting = True
+        # Rolling restarts (fleet/drain.py) and call ownership in Redis (fleet/).
+        self.drainer = Drainer(self.registry.live, config.fleet)
+        self.fleet = fleet_membership(config, self.hub, lambda: len(self.registry),
+                                      lambda: self.drainer.draining)
         self.webhooks = TwilioWebhooks(config, self.registry, self.signatures,
                                        self.stream_tokens, accepting=lambda: self.accepting,
-                                       count_bad=self.count_bad, gate=self.hub)
+                                       count_bad=self.count_bad, gate=self.hub,
+                                       draining=lambda: self.drainer.draining)
         self.media = MediaStreamHandler(config, self.registry, self.pacer, self.signatures,
                                         self.stream_tokens, count_bad=self.count_bad)
         self.deps: Any = None  # the pipeline's shared providers, when one is wired
         self.supervisor_api: Any = None  # the console API, when one is wired
         self.on_started: list[Callable[[], Awaitable[None]]] = []
         self.on_stopping: list[Callable[[], Awaitable[None]]] = []
+        if self.fleet is not None:  # leaves the fleet before the bus closes
+            self.on_started.append(self.fleet.start)
+            self.on_stopping.append(self.fleet.stop)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -132,6 +142,8 @@ class Engine:
         session = CallSession(call_sid, self.config, self.tts, self.control, observer=self.hub,
                               from_number=from_number, to_number=to_number)
         self.hub.call_created(session)
+        if self.fleet is not None:
+            self.fleet.track(session)
         session.conversation = self.conversation_factory(session)
         self.calls_total += 1
         return session
@@ -175,8 +187,12 @@ class Engine:
                         degraded.append(f"{health.kind} provider {health.name} failing")
         budget = self._budget_health(degraded)
         record = await self.hub.record_health(degraded)  # history and bus, each on its own
+        drain = self.drainer.status()
         body = {
-            "status": "degraded" if degraded else "ok",
+            "status": "draining" if self.drainer.draining else
+                      "degraded" if degraded else "ok",
+            "drain": drain,
+            "fleet": self.fleet.health() if self.fleet is not None else None,
             "degraded": degraded,
             "version": __version__,
             "active_calls": len(self.registry),
@@ -189,7 +205,8 @@ class Engine:
             "budget": budget,
             **record,
         }
-        return web.json_response(body)
+        # Draining: 503 takes the engine out of a load balancer's rotation.
+        return web.json_response(body, status=503 if self.drainer.draining else 200)
 
     def _budget_health(self, degraded: list[str]) -> dict[str, Any]:
         """The budget now; a limit reached, or totals Redis cannot confirm, degrade."""
@@ -247,6 +264,8 @@ class Engine:
         self.collections.start()
         self.pacer.start()
         await self.hub.start()
+        if self.supervisor_api is not None:  # `switchboard drain` asks through it
+            self.supervisor_api.drainer = self.drainer
         for hook in self.on_started:
             await hook()
         log.info("engine.started", public_url=self.config.public_base_url(),
@@ -254,6 +273,7 @@ class Engine:
 
     async def _on_shutdown(self, app: web.Application) -> None:
         self.accepting = False
+        await self.drainer.aclose()
         calls = self.registry.live()
         if calls:
             log.info("engine.shutdown_ending_calls", calls=len(calls))

@@ -32,9 +32,10 @@ from engine.record.bill import TwilioMinutes
 from engine.record.health import bus_section, history_section
 from engine.record.history import CallHistory
 from engine.record.metrics import EngineMetrics
-from engine.session.records import TurnRecord
+from engine.session.records import ToolCallRecord, TurnRecord
 from engine.supervision.api_schema import Hello, Snapshot, TranscriptEntry
 from engine.supervision.commands import SupervisorCommands
+from engine.supervision.tool_calls import redacted_names, redacted_record, tool_called_event
 from engine.supervision.views import CallViews
 from engine.telephony.webhooks import Admission
 
@@ -296,6 +297,19 @@ class OpsHub:
         self.turned_away[answer] = self.turned_away.get(answer, 0) + 1
         if answer == "refuse":
             self._priced(None, self.ledger.turned_away(call_sid), None, call_seconds=60.0)
+
+    def tool_called(self, session: CallSession, record: ToolCallRecord) -> None:
+        """A tool call is over: an event (arguments redacted as configured), the call's
+        view (snapshots show it), the history. Its LLM rounds are booked as usage."""
+        names = redacted_names(self.config)
+        event = tool_called_event(session.call_sid, record, names)
+        self.views.put_tool_call(event)
+        session.log.debug("ops.tool_called", tool=record.name, outcome=record.outcome,
+                          latency_s=round(record.latency_s, 3), turn=record.turn)
+        self.publish(event)
+        if self.history is not None:
+            self._bg(self.history.tool_called(session.call_sid,
+                                              redacted_record(record, names)))
 
     def turn_completed(self, session: CallSession, record: TurnRecord) -> None:
         sid = session.call_sid

@@ -1,4 +1,5 @@
 """Run the engine until SIGINT/SIGTERM: `switchboard serve`, or `python -m engine`.
+SIGTERM drains first (engine/fleet/drain.py); SIGINT, or a second SIGTERM, stops at once.
 
 The engine's event loop is uvloop's where uvloop is installed (a dependency on Linux
 and macOS; `SWITCHBOARD_EVENT_LOOP=asyncio` turns it off), else asyncio's own: at 250
@@ -14,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -63,12 +63,9 @@ async def serve(config: Config) -> None:
     await site.start()
     log.info("engine.listening", host=config.engine.host, port=config.engine.port,
              event_loop=loop_name(asyncio.get_running_loop()))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    # SIGTERM drains (calls finish, new ones go elsewhere), SIGINT stops at once.
+    engine.drainer.install_signal_handlers(asyncio.get_running_loop())
+    await engine.drainer.exit_requested.wait()
     log.info("engine.stopping")
     await runner.cleanup()
 

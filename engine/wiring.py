@@ -19,6 +19,7 @@ from typing import Any
 from engine.app import Engine
 from engine.config import Config, ConfigError
 from engine.hub import OpsHub
+from engine.knowledge import load_knowledge
 from engine.log import get_logger
 from engine.money.model_checks import check_configured_models
 from engine.providers.base import Agent, SpeechToText, TextToSpeech
@@ -33,6 +34,7 @@ from engine.record.data_dir import prepare_data_dir
 from engine.record.history import CallHistory
 from engine.session.call_session import CallSession
 from engine.session.conversation import ConversationPipeline, PipelineDeps, TurnChains
+from engine.tools.registry import ToolBox
 
 log = get_logger(__name__)
 
@@ -179,6 +181,8 @@ async def build_engine(config: Config, *, history: bool = True,
     try:  # before anything else opens: a refused model stops the engine here
         check_configured_models(config, providers.by_kind() + (built.by_kind() if built
                                                                else []))
+        knowledge = await load_knowledge(config)  # a missing knowledge file stops it here
+        tools = ToolBox.from_config(config)  # so does a tool's missing secret
     except ConfigError:
         await _close(owned)
         raise
@@ -192,6 +196,8 @@ async def build_engine(config: Config, *, history: bool = True,
         await provider.warm_up()  # load models before the first call, not during it
     cache = make_response_cache(config)
     deps = build_deps(config, providers, cache, hub, cheapest)
+    deps.knowledge = knowledge
+    deps.tools = tools
 
     def pipeline(session: CallSession) -> ConversationPipeline:
         return ConversationPipeline(session, deps,
@@ -201,7 +207,8 @@ async def build_engine(config: Config, *, history: bool = True,
 
     async def close_all() -> None:
         # The chains close their providers; those shared with the cheapest chains once.
-        closers: list[Any] = [cache, hub.bus]
+        closers: list[Any] = [cache, hub.bus, *([knowledge] if knowledge else []),
+                              *([tools] if tools else [])]
         if own_providers:
             closers += [deps.stt, deps.agent, deps.tts]
         await _close(closers + (built.all() if built else []))
@@ -227,7 +234,11 @@ async def _open_history(config: Config) -> CallHistory:
     # A stable id across restarts, so a restarted engine recovers its own calls (and
     # replays its own journal).
     stable_id = config.engine.engine_id or f"{socket.gethostname()}:{config.engine.port}"
-    store = CallHistory(data / "history.sqlite3", engine_id=stable_id)
+    if config.history.backend == "postgres":  # the fleet's shared record
+        store = CallHistory.postgres(config.history.dsn, data, engine_id=stable_id,
+                                     pool_max=config.history.pool_max)
+    else:
+        store = CallHistory(data / "history.sqlite3", engine_id=stable_id)
     await store.open()
     recovered = await store.recover_unfinished()
     if recovered:

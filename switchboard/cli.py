@@ -1,4 +1,4 @@
-"""`switchboard` command line: serve, call, demo, console, report, tokens.
+"""`switchboard` command line: serve, call, demo, console, report, drain, tokens.
 
 The global options (`--config`, `--log-level`) are accepted before or after the
 subcommand, as the README writes them both ways.
@@ -11,7 +11,6 @@ import asyncio
 import importlib.metadata
 import os
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,8 +18,7 @@ from engine.config import Config, ConfigError, load_config
 from engine.log import configure_logging, get_logger
 
 if TYPE_CHECKING:
-    from engine.supervision.token_store import NamedTokenStore
-    from engine.supervision.tokens import Role
+    pass
 
 log = get_logger(__name__)
 
@@ -140,9 +138,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"switchboard report: {exc}", file=sys.stderr)
         return 2
-    db = config.data_path() / "history.sqlite3"
+    dsn = args.dsn or (config.history.dsn if config.history.backend == "postgres" else "")
     try:
-        report = build_report(db, since, prices=config.prices)
+        if dsn:  # the fleet's record: every engine's calls
+            from engine.record.report import build_fleet_report
+
+            report = asyncio.run(build_fleet_report(dsn, since, prices=config.prices))
+        else:
+            report = build_report(config.data_path() / "history.sqlite3", since,
+                                  prices=config.prices)
     except HistoryError as exc:
         print(f"switchboard report: {exc}", file=sys.stderr)
         return 1
@@ -177,75 +181,26 @@ def _has_option(argv: list[str], *names: str) -> bool:
     return any(arg == name or arg.startswith(name + "=") for arg in argv for name in names)
 
 
+# -- drain ---------------------------------------------------------------------------------
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Ask a running engine to drain, through its supervisor API, with a full token."""
+    from switchboard.drain_client import request_drain
+
+    config = _load(args)
+    return asyncio.run(request_drain(config, args.url, args.token_file))
+
+
 # -- tokens --------------------------------------------------------------------------------
 
 
 def cmd_tokens(args: argparse.Namespace) -> int:
-    """Named supervisor tokens in the config's data dir; a running engine follows at once."""
-    from engine.supervision.token_store import NamedTokenStore
-    from engine.supervision.tokens import TokenError
+    """Named supervisor tokens in the config's data dir (switchboard/tokens_cli.py)."""
+    from switchboard.tokens_cli import run_tokens
 
-    config = _load(args)
-    store = NamedTokenStore.for_config(config)
-    try:
-        if args.action == "add":
-            return _tokens_add(store, args.name, "readonly" if args.readonly else "full")
-        if args.action == "revoke":
-            return _tokens_revoke(store, config, args.name)
-        return _tokens_list(store, config)
-    except (TokenError, OSError) as exc:
-        print(f"switchboard tokens: {exc}", file=sys.stderr)
-        return 1
-
-
-def _tokens_add(store: NamedTokenStore, name: str, role: Role) -> int:
-    token = store.add(name, role)
-    print(token)  # alone on stdout, for `> file`; the rest goes to stderr
-    print(f"added {name} ({role}). This is the only time the token is shown: give it to "
-          f"{name}, who connects with `switchboard console --token-file FILE` (a file only "
-          "they can read) or $SWITCHBOARD_CONSOLE_TOKEN. Their commands are audited as "
-          f"{name!r}.", file=sys.stderr)
-    return 0
-
-
-def _tokens_revoke(store: NamedTokenStore, config: Config, name: str) -> int:
-    from engine.supervision.tokens import existing_tokens
-
-    console = existing_tokens(config)
-    for entry in console.entries() if console is not None else ():
-        if entry.name == name.casefold():
-            print(f"switchboard tokens: {entry.name!r} is a console token, not a named one; "
-                  f"it comes from {entry.source}: to replace it, change that setting or "
-                  "delete that file (the engine then makes a new one), and restart the "
-                  "engine", file=sys.stderr)
-            return 1
-    gone = store.revoke(name)
-    if gone is None:
-        print(f"switchboard tokens: no token named {name!r} (`switchboard tokens list`)",
-              file=sys.stderr)
-        return 1
-    print(f"revoked {gone.name} ({gone.role}): a running engine refuses it from now on and "
-          "closes the consoles using it")
-    return 0
-
-
-def _tokens_list(store: NamedTokenStore, config: Config) -> int:
-    from engine.supervision.tokens import existing_tokens, token_file_path
-
-    console = existing_tokens(config)
-    entries = [*(console.entries() if console is not None else ()), *store.entries()]
-    rows = [("NAME", "ROLE", "CREATED (UTC)", "SOURCE")]
-    for entry in entries:
-        created = ("-" if entry.created_at is None else
-                   datetime.fromtimestamp(entry.created_at, UTC).strftime("%Y-%m-%d %H:%M"))
-        rows.append((entry.name, entry.role, created, entry.source))
-    name_width = max(len(row[0]) for row in rows)
-    for name, role, created, source in rows:
-        print(f"{name:<{name_width}}  {role:<8}  {created:<16}  {source}")
-    if console is None:
-        print(f"(no console token yet: the engine generates {token_file_path(config)} at its "
-              "first start)", file=sys.stderr)
-    return 0
+    return run_tokens(_load(args), args.action, getattr(args, "name", ""),
+                      bool(getattr(args, "readonly", False)))
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -315,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=["table", "json", "csv"], default="table",
                         help="table (default); json: the figures and every cost line; "
                              "csv: one row per cost line")
+    report.add_argument("--dsn", default="", metavar="URL",
+                        help="the fleet's PostgreSQL history (default: history.dsn when "
+                             "history.backend is postgres, else this engine's SQLite file)")
     report.set_defaults(func=cmd_report)
 
     console = command("console", "the supervisor console (Textual); its options: "
@@ -322,6 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("console_args", nargs=argparse.REMAINDER,
                          help="the console's own options")
     console.set_defaults(func=cmd_console)
+
+    drain = command("drain", "rolling restart: the engine answers new calls 503, lets the "
+                             "calls in progress finish, then exits (--url: its supervisor "
+                             "API; --token-file: a full token)")
+    drain.add_argument("--url", metavar="URL",
+                       help="the engine's supervisor API (default: console_api.host/port)")
+    drain.add_argument("--token-file", metavar="FILE",
+                       help="a file holding a full token (default: "
+                            "$SWITCHBOARD_CONSOLE_TOKEN, else the engine's console_token)")
+    drain.set_defaults(func=cmd_drain)
 
     tokens = command("tokens", "named supervisor tokens: add NAME [--readonly], list, "
                                "revoke NAME (the audit trail names who acted)")

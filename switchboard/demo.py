@@ -3,7 +3,9 @@
 Starts an engine with local providers and the in-process bus, a local stand-in for
 Twilio's REST API, and simulated callers who keep calling through varied scenarios
 (FAQ questions, a barge-in, one that asks for a person, one that presses 0, a long call
-that runs past its cost cap, one with questions the FAQ does not cover). The callers speak
+that runs past its cost cap, one with questions the FAQ does not cover, one who asks
+where an order is: the agent looks it up in a small local order service the demo starts,
+through the `order_status` tool). The callers speak
 with the neural voice at another rate and pitch than the agent's. Opens the console on
 it, or with `--headless` prints the conversations and a summary that scores the callers:
 recognized as scripted (word error rate), answered right. Log lines go to a file in the
@@ -24,12 +26,13 @@ from typing import TextIO
 from aiohttp import web
 
 from engine.app import Engine
-from engine.config import Config
+from engine.config import Config, FaqEntry, ToolConfig
 from engine.log import configure_logging, get_logger
 from engine.providers.builtin.tts_espeak import espeak_settings
 from engine.record.data_dir import prepare_data_dir, private_file
 from engine.sim.caller import CallResult, SimulatedCaller
 from engine.sim.caller_voice import caller_voice
+from engine.sim.order_service import ORDER_STATUS_PARAMETERS, OrderService
 from engine.sim.scenario import Scenario, bundled_scenarios_dir
 from engine.sim.scoring import AnswerKey
 from engine.sim.standins.twilio_api import TwilioApiStandIn
@@ -69,6 +72,29 @@ def demo_config(config: Config) -> Config:
         cfg.transfer.number = DEMO_QUEUE
     cfg.policy.call_cost_cap_usd = min(cfg.policy.call_cost_cap_usd, DEMO_CALL_CAP_USD)
     return cfg
+
+
+ORDER_TOOL = "order_status"
+ORDER_ANSWER = "Order {order_id} is {status}, arriving {eta}."
+
+
+def with_order_lookup(cfg: Config, url: str) -> None:
+    """The demo's order service as the `order_status` tool, and the FAQ's order entry
+    (one is added when the FAQ has none) looking orders up with it: a caller who names
+    an order number gets its status; one who does not, the entry's plain answer."""
+    if not any(tool.name == ORDER_TOOL for tool in cfg.tools):
+        cfg.tools.append(ToolConfig(
+            name=ORDER_TOOL, description="Look up an order's delivery status and ETA.",
+            parameters=ORDER_STATUS_PARAMETERS, url=url, timeout_s=3.0, idempotent=True))
+    entry = next((e for e in cfg.faq.entries if e.id == ORDER_TOOL), None)
+    if entry is None:
+        entry = FaqEntry(id=ORDER_TOOL, questions=["Where is my order?",
+                                                   "What is the status of my order?"],
+                         answer="Tell me your order number and I will look it up.")
+        cfg.faq.entries.append(entry)
+    if entry.tool is None:
+        entry.tool, entry.tool_argument, entry.tool_answer = \
+            ORDER_TOOL, "order_id", ORDER_ANSWER
 
 
 def load_scenarios() -> list[Scenario]:
@@ -169,12 +195,14 @@ async def run_demo(config: Config, headless: bool = False, calls: int = 3,
     out = out or sys.stdout
     rest = TwilioApiStandIn(cfg.twilio.account_sid, cfg.twilio.auth_token.get_secret_value())
     cfg.twilio.api_base_url = await rest.start()
+    orders = OrderService()
+    with_order_lookup(cfg, await orders.start())
     engine = await build_engine(cfg)
     runner = web.AppRunner(engine.build_app(), access_log=None, shutdown_timeout=3.0)
     await runner.setup()
     await web.TCPSite(runner, cfg.engine.host, cfg.engine.port).start()
     engine_url = f"http://{cfg.engine.host}:{cfg.engine.port}"
-    watcher = DemoWatcher(out if headless else None)
+    watcher = DemoWatcher(out if headless else None, cfg.tool_use.filler_lines)
     stop = asyncio.Event()
 
     async def watch() -> None:
@@ -201,6 +229,7 @@ async def run_demo(config: Config, headless: bool = False, calls: int = 3,
         await asyncio.gather(callers, watch_task, return_exceptions=True)
         await runner.cleanup()
         await rest.stop()
+        await orders.stop()
         if log_file is not None:
             log_file.close()
             print(f"Log lines of this demo: {log_file.path}", file=out, flush=True)

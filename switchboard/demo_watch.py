@@ -7,6 +7,7 @@ import math
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -17,6 +18,7 @@ from engine.bus.events import (
     CallState,
     Event,
     StateChanged,
+    ToolCalled,
     TranscriptLine,
     TurnLatency,
     UsageCost,
@@ -51,6 +53,7 @@ class CallSummary:
     v2v: list[float] = field(default_factory=list)
     alerts: list[str] = field(default_factory=list)
     states: list[str] = field(default_factory=list)
+    tools: list[ToolCalled] = field(default_factory=list)
     ai_until: float = math.inf  # when the agent stopped answering (handed off or ended)
 
 
@@ -78,8 +81,11 @@ class TurnScore:
 class DemoWatcher:
     """Reads the engine's events and keeps what the summary prints."""
 
-    def __init__(self, out: TextIO | None) -> None:
+    def __init__(self, out: TextIO | None, fillers: Iterable[str] = ()) -> None:
         self.out = out
+        # The agent's filler lines while a tool runs ("Let me check that for you."): not
+        # the answer to the caller's question, so the scoring reads past them.
+        self.fillers = frozenset(fillers)
         self.calls: dict[str, CallSummary] = {}
         self.scenario_of: dict[str, str] = {}
         self.realtime: dict[str, float] = defaultdict(float)
@@ -100,7 +106,8 @@ class DemoWatcher:
             suffix = "  [cut off by the caller]" if event.interrupted else ""
             call.lines.append((event.speaker, text))
             # The planned words say which answer it was, even when cut off.
-            call.timeline.append(Heard(time.monotonic(), event.speaker, event.text))
+            if event.text not in self.fillers:
+                call.timeline.append(Heard(time.monotonic(), event.speaker, event.text))
             self._say(sid, event.speaker, text + suffix)
         elif isinstance(event, TurnLatency):
             call.v2v.append(event.voice_to_voice_s)
@@ -109,6 +116,9 @@ class DemoWatcher:
         elif isinstance(event, UsageCost):
             call.cost_usd = event.call_cost_usd
             self.realtime[sid] = max(self.realtime[sid], event.realtime_equivalent_usd)
+        elif isinstance(event, ToolCalled):
+            call.tools.append(event)
+            self._say(sid, "tool", tool_text(event))
         elif isinstance(event, Alert):
             call.alerts.append(event.kind)
             self._say(sid, "alert", event.message)
@@ -150,6 +160,11 @@ class DemoWatcher:
         if self.overhead:
             lines.append(f"engine overhead        p50 "
                          f"{statistics.median(self.overhead) * 1000:.1f} ms")
+        tools = [t for c in calls for t in c.tools]
+        if tools:
+            ok = sum(1 for t in tools if t.outcome == "ok")
+            lines.append(f"tool calls             {len(tools)} ({ok} ok), p50 "
+                         f"{statistics.median(t.latency_s for t in tools) * 1000:.0f} ms")
         if realtime:
             lines.append(f"OpenAI Realtime would  ${realtime:.4f} for the same speech "
                          "(speech+AI only; the phone line is paid either way)")
@@ -170,6 +185,14 @@ class DemoWatcher:
             if call is not None:
                 scores += _score_call(call, scenario, result, key, cost_cap_line)
         return scores
+
+
+def tool_text(event: ToolCalled) -> str:
+    """`looked up order_status {order_id: 4471} -> shipped (41 ms)`; failed ones say so."""
+    args = ", ".join(f"{k}: {v}" for k, v in event.arguments.items())
+    done = f"-> {event.summary or 'done'}" if event.outcome == "ok" \
+        else f"FAILED ({event.outcome}){': ' + event.summary if event.summary else ''}"
+    return f"looked up {event.name} {{{args}}} {done} ({event.latency_s * 1000:.0f} ms)"
 
 
 def _score_call(call: CallSummary, scenario: Scenario, result: CallResult, key: AnswerKey,

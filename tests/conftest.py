@@ -1,5 +1,7 @@
 """Shared fixtures. Redis fixtures start a real redis-server (or use REDIS_URL); they skip
-when none exists, unless SWITCHBOARD_REQUIRE_REDIS=1 (set by .ci/run) makes them fail."""
+when none exists, unless SWITCHBOARD_REQUIRE_REDIS=1 (set by .ci/run) makes them fail.
+PostgreSQL fixtures use the server on 127.0.0.1:5432 (a database per run, a schema per
+test); likewise mandatory with SWITCHBOARD_REQUIRE_POSTGRES=1."""
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,6 +12,8 @@ import structlog
 from engine.bus.event_bus import EventBus
 from engine.bus.memory import MemoryEventBus
 from engine.bus.redis_streams import RedisEventBus
+from tests.history_backends import history_backend  # noqa: F401
+from tests.postgres_server import postgres_database, postgres_dsn  # noqa: F401
 from tests.redis_server import redis_server, redis_url  # noqa: F401
 
 BusFactory = Callable[..., Awaitable[EventBus]]

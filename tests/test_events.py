@@ -28,6 +28,7 @@ from engine.bus.events import (
     EventStamper,
     ProviderHealthChanged,
     StateChanged,
+    ToolCalled,
     TranscriptLine,
     TurnLatency,
     UsageCost,
@@ -60,6 +61,9 @@ SAMPLES: list[EventBase] = [
     BusGap(missed_after="5", missed_until="9", count=3, reason="overrun"),
     BudgetStateChanged(old="warning", new="refusing", limit="daily", period="2026-11-24",
                        spent_usd=20.0, limit_usd=20.0, totals="shared"),
+    ToolCalled(call_sid="CA1", turn=2, call_id="call_1", name="order_status",
+               arguments={"order_id": "4471", "pin": "***"}, outcome="timeout",
+               summary="no answer in 3 s", latency_s=3.0, round=1),
 ]
 
 

@@ -1,5 +1,6 @@
-"""SQLite call history: durability across kill -9, recovery of unfinished calls,
-isolation of a bad write, schema versioning and the upgrade of an older file in place."""
+"""The call history on both backends (SQLite and PostgreSQL, `history_backend`):
+durability across kill -9, recovery of unfinished calls, isolation of a bad write, tool
+calls, schema versioning; and SQLite's upgrade of an older file in place."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from engine.record.database import (
 )
 from engine.record.history import CallHistory
 from engine.record.report import build_report
-from engine.session.records import TurnRecord, TurnTimings
+from engine.session.records import ToolCallRecord, TurnRecord, TurnTimings
+from tests.history_backends import HistoryBackend
 
 REPO = Path(__file__).resolve().parent.parent
 PRICES = PriceTable(PricesConfig())
 
 # Writes a call, three turns and some usage, then kills itself (SIGKILL) mid-call.
+# argv: the SQLite file, or "postgres" and the DSN and the data dir.
 CRASHING_ENGINE = textwrap.dedent("""
     import asyncio, os, sys
     from decimal import Decimal
@@ -42,7 +45,10 @@ CRASHING_ENGINE = textwrap.dedent("""
     from engine.providers.base import Usage
 
     async def main() -> None:
-        history = CallHistory(sys.argv[1], engine_id="engine-a")
+        if sys.argv[1] == "postgres":
+            history = CallHistory.postgres(sys.argv[2], sys.argv[3], engine_id="engine-a")
+        else:
+            history = CallHistory(sys.argv[1], engine_id="engine-a")
         await history.open()
         t0 = 1_790_000_000.0
         await history.call_started("CAcrash", "+15550001", "+15550002", started_at=t0)
@@ -62,25 +68,27 @@ CRASHING_ENGINE = textwrap.dedent("""
 """)
 
 
-async def test_writes_survive_kill_and_recover_unfinished(tmp_path: Path) -> None:
-    db = tmp_path / "history.sqlite3"
+async def test_writes_survive_kill_and_recover_unfinished(
+        history_backend: HistoryBackend) -> None:
+    backend = history_backend
+    target = (["postgres", backend.dsn, str(backend.data_dir)] if backend.kind == "postgres"
+              else [str(backend.sqlite_path)])
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CRASHING_ENGINE, str(db), cwd=str(REPO),
+        sys.executable, "-c", CRASHING_ENGINE, *target, cwd=str(REPO),
         env={**os.environ, "PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE)
     _, stderr = await asyncio.wait_for(proc.communicate(), timeout=60)
     assert proc.returncode == -signal.SIGKILL, stderr.decode()
 
-    history = CallHistory(db, engine_id="engine-a")
+    history = backend.make(engine_id="engine-a")
     await history.open()
     try:
         call = await history.get_call("CAcrash")
         assert call is not None and call.ended_at is None and call.state == "connected"
-        with sqlite3.connect(db) as conn:
-            turns = conn.execute("SELECT idx, caller_text, voice_to_voice_s FROM turns "
-                                 "ORDER BY idx").fetchall()
+        turns = await backend.rows("SELECT idx, caller_text, voice_to_voice_s FROM turns "
+                                   "ORDER BY idx")
         assert turns == [(i, f"question {i}", 0.7 + i / 10) for i in range(3)]
-        # an unfinished call of another engine sharing the file is not ours to close
-        other = CallHistory(db, engine_id="engine-b")
+        # an unfinished call of another engine sharing the database is not ours to close
+        other = backend.make(engine_id="engine-b")
         await other.open()
         await other.call_started("CAother", started_at=1_790_000_000.0)
         await other.aclose()
@@ -99,17 +107,17 @@ async def test_writes_survive_kill_and_recover_unfinished(tmp_path: Path) -> Non
     finally:
         await history.aclose()
 
-    report = build_report(db, timedelta(days=1),
-                          now=datetime.fromtimestamp(1_790_000_000 + 3600, UTC))
+    report = await backend.report(timedelta(days=1),
+                                  now=datetime.fromtimestamp(1_790_000_000 + 3600, UTC))
     assert report.calls == 2
     assert report.calls_ended_unexpectedly == 1 and report.calls_in_progress == 1
     assert report.turns == 3
     assert report.total_cost_usd == pytest.approx(0.003)
 
 
-async def test_full_call_roundtrip(tmp_path: Path) -> None:
-    db = tmp_path / "data" / "h.sqlite3"  # the data dir is created on open
-    history = CallHistory(db, engine_id="e1", clock=lambda: 1_800_000_000.0)
+async def test_full_call_roundtrip(history_backend: HistoryBackend) -> None:
+    backend = history_backend  # the data dir is created on open
+    history = backend.make(engine_id="e1", clock=lambda: 1_800_000_000.0)
     await history.open()
     assert await history.call_started("CA1", "+1555", "+1666")
     assert await history.turn_completed("CA1", TurnRecord(
@@ -129,22 +137,48 @@ async def test_full_call_roundtrip(tmp_path: Path) -> None:
     assert (call.from_number, call.duration_s, call.end_reason, call.escalated,
             call.cost_usd, call.engine_id) == ("+1555", 61.0, "transferred", True, 0.019, "e1")
     assert await history.daily_costs(date(2027, 1, 1)) == {date(2027, 1, 15): 0.019}
+    actions = await history.actions("CA1")
+    assert [(a.actor, a.action, a.args, a.ok) for a in actions] == [
+        ("supervisor:alice", "transfer", '{"to": "sales"}', True)]
     await history.aclose()
 
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        turn = conn.execute("SELECT heard_text, interrupted, cached, llm_first_token_s, "
-                            "endpointing_s FROM turns").fetchone()
-        assert turn == ("hello", 1, 1, 0.4, 0.5)
-        assert conn.execute("SELECT kind, estimated FROM usage ORDER BY id").fetchall() == [
-            ("tts", 1), ("phone", 0)]
-        assert conn.execute("SELECT actor, action, args, ok FROM actions").fetchone() == (
-            "supervisor:alice", "transfer", '{"to": "sales"}', 1)
+    turn = await backend.rows("SELECT heard_text, interrupted, cached, llm_first_token_s, "
+                              "endpointing_s FROM turns")
+    assert turn == [("hello", 1, 1, 0.4, 0.5)]
+    assert await backend.rows("SELECT kind, estimated FROM usage ORDER BY id") == [
+        ("tts", 1), ("phone", 0)]
+    # Money is stored as it was priced (exact NUMERIC in PostgreSQL).
+    assert await backend.rows("SELECT amount FROM cost_lines WHERE item = 'phone'") == [
+        (0.017,)]
+    if backend.kind == "sqlite":
+        with sqlite3.connect(backend.sqlite_path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
-async def test_bad_write_is_isolated_and_reported(tmp_path: Path) -> None:
-    history = CallHistory(tmp_path / "h.sqlite3")
+async def test_tool_calls_are_recorded_in_order(history_backend: HistoryBackend) -> None:
+    history = history_backend.make(engine_id="e1", clock=lambda: 1_800_000_000.0)
+    await history.open()
+    try:
+        await history.call_started("CA1")
+        lookup = ToolCallRecord(turn=0, call_id="call_a", name="order_status",
+                                arguments={"order": "4471", "email": "[redacted]"},
+                                outcome="ok", summary="order 4471: shipped", latency_s=0.42)
+        failed = ToolCallRecord(turn=1, call_id="call_b", name="book_visit", arguments={},
+                                outcome="timeout", latency_s=3.0, round=2)
+        assert await history.tool_called("CA1", lookup)
+        assert await history.tool_called("CA1", failed, at=1_800_000_009.0)
+        assert await history.tool_calls("CA1") == [lookup, failed]
+        call = await history.get_call("CA1")
+        assert call is not None and call.last_activity_at == 1_800_000_009.0
+    finally:
+        await history.aclose()
+    assert await history_backend.rows("SELECT arguments FROM tool_calls ORDER BY id") == [
+        ('{"email": "[redacted]", "order": "4471"}',), ("{}",)]
+
+
+async def test_bad_write_is_isolated_and_reported(history_backend: HistoryBackend) -> None:
+    history = history_backend.make()
     await history.open()
     await history.call_started("CA1")
     bad = TurnRecord(idx=1, caller_text=["not", "text"])  # type: ignore[arg-type]
@@ -155,19 +189,37 @@ async def test_bad_write_is_isolated_and_reported(tmp_path: Path) -> None:
     assert results == [True, False, True]
     await history.aclose()
     assert not await history.turn_completed("CA1", TurnRecord(idx=3))  # closed: no raise
-    with sqlite3.connect(tmp_path / "h.sqlite3") as conn:
-        assert [r[0] for r in conn.execute("SELECT idx FROM turns ORDER BY idx")] == [0, 2]
+    assert await history_backend.rows("SELECT idx FROM turns ORDER BY idx") == [(0,), (2,)]
+    assert history.stats().status == "ok" and history.stats().backlog == 0
 
 
-async def test_cancelled_writer_still_lands(tmp_path: Path) -> None:
-    history = CallHistory(tmp_path / "h.sqlite3")
+async def test_cancelled_writer_still_lands(history_backend: HistoryBackend) -> None:
+    history = history_backend.make()
     await history.open()
     task = asyncio.create_task(history.call_started("CA1", "+1"))
     await asyncio.sleep(0)  # the write is queued
     task.cancel()
     await history.aclose()  # flushes the queue
-    with sqlite3.connect(tmp_path / "h.sqlite3") as conn:
-        assert conn.execute("SELECT from_number FROM calls").fetchall() == [("+1",)]
+    assert await history_backend.rows("SELECT from_number FROM calls") == [("+1",)]
+
+
+@pytest.mark.postgres
+async def test_a_newer_postgres_schema_is_refused(postgres_dsn: str, tmp_path: Path) -> None:
+    from engine.record import postgres_schema
+
+    first = CallHistory.postgres(postgres_dsn, tmp_path)
+    await first.open()
+    await first.aclose()
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await conn.execute("INSERT INTO schema_version (version) VALUES ($1)",
+                           postgres_schema.SCHEMA_VERSION + 1)
+    finally:
+        await conn.close()
+    with pytest.raises(HistoryError, match="newer"):
+        await CallHistory.postgres(postgres_dsn, tmp_path).open()
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -225,3 +277,16 @@ async def test_a_history_of_the_previous_schema_upgrades_in_place(tmp_path: Path
     assert {item: split.usd for item, split in report.cost_by_item.items() if split.usd} == \
         pytest.approx({"agent": 0.0011, "voice": 0.0015, "phone": 0.017})
     assert report.estimated_usd == pytest.approx(0.0005) and report.answer_cache_hits == 1
+
+
+def test_the_history_backend_is_configured_and_database_url_overrides(tmp_path: Path) -> None:
+    from engine.config import ConfigError, load_config
+
+    default = load_config(REPO / "config.toml", env={})
+    assert (default.history.backend, default.history.dsn) == ("sqlite", "")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[history]\nbackend = "postgres"\n')
+    with pytest.raises(ConfigError, match=r"needs history\.dsn"):
+        load_config(fleet, env={})
+    config = load_config(fleet, env={"DATABASE_URL": "postgresql://switchboard@db:5432/calls"})
+    assert config.history.dsn == "postgresql://switchboard@db:5432/calls"

@@ -21,6 +21,7 @@ from engine.record.database import HistoryError
 from engine.record.history import CallHistory
 from engine.record.report import build_report, parse_since, render_report
 from engine.session.records import TurnRecord, TurnTimings
+from tests.history_backends import HistoryBackend
 
 NOW = datetime(2027, 3, 31, 12, 0, tzinfo=UTC)
 PRICES = PricesConfig(realtime_audio_in=10.0, realtime_audio_cached_in=0.30,
@@ -42,8 +43,7 @@ def costing(usage: Usage, usd: str) -> list[CostLine]:
                      Decimal(usd))]
 
 
-async def write_history(db: Path) -> None:
-    h = CallHistory(db, engine_id="e1")
+async def write_history(h: CallHistory) -> None:
     await h.open()
     old = (NOW - timedelta(days=40)).timestamp()  # outside a 30-day window
     await h.call_started("CAold", started_at=old)
@@ -73,10 +73,9 @@ async def write_history(db: Path) -> None:
     await h.aclose()
 
 
-async def test_report_figures(tmp_path: Path) -> None:
-    db = tmp_path / "h.sqlite3"
-    await write_history(db)
-    r = build_report(db, timedelta(days=30), now=NOW, prices=PRICES)
+async def test_report_figures(history_backend: HistoryBackend) -> None:
+    await write_history(history_backend.make(engine_id="e1"))
+    r = await history_backend.report(timedelta(days=30), now=NOW, prices=PRICES)
     assert r.calls == 2 and r.calls_in_progress == 0 and r.calls_ended_unexpectedly == 0
     assert r.total_minutes == pytest.approx(3.0)
     assert r.avg_duration_s == pytest.approx(90.0)
@@ -101,9 +100,9 @@ async def test_report_figures(tmp_path: Path) -> None:
     assert r.realtime_saving_pct == pytest.approx((0.008136 - 0.002) / 0.008136 * 100)
 
 
-async def test_projection_when_history_starts_inside_window(tmp_path: Path) -> None:
-    db = tmp_path / "h.sqlite3"
-    h = CallHistory(db)
+async def test_projection_when_history_starts_inside_window(
+        history_backend: HistoryBackend) -> None:
+    h = history_backend.make()
     await h.open()
     t = (NOW - timedelta(days=2)).timestamp()
     await h.call_started("CA1", started_at=t)
@@ -111,31 +110,30 @@ async def test_projection_when_history_starts_inside_window(tmp_path: Path) -> N
     await h.usage_recorded("CA1", llm, costing(llm, "0.1"), at=t + 1)
     await h.call_ended("CA1", "hangup", 0.1, ended_at=t + 60)
     await h.aclose()
-    r = build_report(db, timedelta(days=30), now=NOW)
+    r = await history_backend.report(timedelta(days=30), now=NOW)
     assert r.projection_days == pytest.approx(2)
     assert r.monthly_projection_usd == pytest.approx(0.1 / 2 * 31)
 
 
-async def test_empty_window_and_unitemized_cost(tmp_path: Path) -> None:
-    db = tmp_path / "h.sqlite3"
-    h = CallHistory(db)
+async def test_empty_window_and_unitemized_cost(history_backend: HistoryBackend) -> None:
+    h = history_backend.make()
     await h.open()
     t = (NOW - timedelta(hours=1)).timestamp()
     await h.call_started("CA1", started_at=t)
     await h.call_ended("CA1", "hangup", 0.25, ended_at=t + 30)  # cost without usage rows
     await h.aclose()
-    r = build_report(db, timedelta(hours=2), now=NOW)
+    r = await history_backend.report(timedelta(hours=2), now=NOW)
     assert {item: split.usd for item, split in r.cost_by_item.items() if split.usd} == {
         "unitemized": 0.25} and r.total_cost_usd == 0.25
     assert r.realtime_saving_pct is None and r.cache_hit_rate is None
-    empty = build_report(db, timedelta(minutes=30), now=NOW)
+    empty = await history_backend.report(timedelta(minutes=30), now=NOW)
     assert empty.calls == 0 and empty.total_cost_usd == 0.0 and empty.cost_per_call_usd is None
     assert "Calls answered" in render_report(empty)
 
 
 async def test_render_formats(tmp_path: Path) -> None:
     db = tmp_path / "h.sqlite3"
-    await write_history(db)
+    await write_history(CallHistory(db, engine_id="e1"))
     r = build_report(db, parse_since("30d"), now=NOW, prices=PRICES)
 
     data = json.loads(render_report(r, "json"))
@@ -183,10 +181,9 @@ def test_missing_database_is_a_clear_error(tmp_path: Path) -> None:
 
 
 async def test_the_itemised_bill_split_per_call_and_minute_with_every_line(
-        tmp_path: Path) -> None:
+        history_backend: HistoryBackend) -> None:
     """Lines priced by the real price table: a transcription, an LLM call, an estimated
     voice, an unpriced model (allowed to run), cache hits, Twilio's minutes."""
-    db = tmp_path / "h.sqlite3"
     table = PriceTable(PricesConfig())
     unpriced = Usage("openai", "llm", "gpt-9-preview", input_tokens=500, output_tokens=20)
     booked = [
@@ -199,7 +196,7 @@ async def test_the_itemised_bill_split_per_call_and_minute_with_every_line(
         ("CA2", Usage("elevenlabs", "tts", "eleven_flash_v2_5", cached=True)),
         ("CA2", Usage("elevenlabs", "tts", "eleven_flash_v2_5", characters=120)),
         ("CA2", unpriced)]
-    h = CallHistory(db)
+    h = history_backend.make()
     await h.open()
     t = (NOW - timedelta(hours=3)).timestamp()
     for i, sid in enumerate(("CA1", "CA2")):
@@ -218,7 +215,7 @@ async def test_the_itemised_bill_split_per_call_and_minute_with_every_line(
     await h.aclose()
     assert table.unpriced_models == {"llm:openai:gpt-9-preview"}
 
-    r = build_report(db, timedelta(days=1), now=NOW, prices=PRICES)
+    r = await history_backend.report(timedelta(days=1), now=NOW, prices=PRICES)
     priced = {item: sum((line.amount for _, usage in booked
                          for line in table.cost_lines(usage) if line.item == item), Decimal(0))
               for item in ("stt", "agent", "voice")}

@@ -231,6 +231,30 @@ class CommandAudit(EventBase):
     error: str = ""
 
 
+ToolOutcome = Literal["ok", "error", "timeout", "rejected", "discarded"]
+
+
+class ToolCalled(EventBase):
+    """A tool the agent called is over: what it asked, what came back, how long it took.
+
+    `arguments` are as the model gave them, with the configured names redacted ("***")
+    and nested values as compact JSON text. `outcome`: ok; error (the endpoint failed or
+    answered garbage); timeout; rejected (arguments failed the tool's schema, no request
+    was made); discarded (the caller barged in; the result was thrown away). `round` is
+    the LLM round of the turn that asked for it.
+    """
+
+    type: Literal["tool_called"] = "tool_called"
+    turn: int = 0
+    call_id: str = ""
+    name: str
+    arguments: dict[str, JsonScalar] = Field(default_factory=dict)
+    outcome: ToolOutcome = "ok"
+    summary: str = ""
+    latency_s: float = 0.0
+    round: int = 1
+
+
 class BusGap(EventBase):
     """Synthesized by a bus subscription, never published by the engine: events were
     lost between `missed_after` and `missed_until` (bus cursors, exclusive; "" unknown).
@@ -251,6 +275,7 @@ Event = Annotated[
     Union[  # noqa: UP007 - a discriminated union needs the Union[...] form under Annotated
         CallStarted, CallUpdated, CallEnded, StateChanged, TranscriptLine, TurnLatency,
         UsageCost, Alert, BudgetStateChanged, ProviderHealthChanged, CommandAudit, BusGap,
+        ToolCalled,
     ],
     Field(discriminator="type"),
 ]
@@ -259,7 +284,7 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
     cls.model_fields["type"].default: cls
     for cls in (CallStarted, CallUpdated, CallEnded, StateChanged, TranscriptLine,
                 TurnLatency, UsageCost, Alert, BudgetStateChanged, ProviderHealthChanged,
-                CommandAudit, BusGap)
+                CommandAudit, BusGap, ToolCalled)
 }
 
 # Built once: building a TypeAdapter compiles the validator and costs milliseconds.

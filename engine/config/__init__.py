@@ -15,6 +15,8 @@ from pathlib import Path
 from pydantic import Field
 
 from engine.config.base import ConfigError, Section
+from engine.config.fleet import FleetConfig
+from engine.config.knowledge import KnowledgeConfig
 from engine.config.money import BudgetConfig, PricesConfig
 from engine.config.providers import ProvidersConfig
 from engine.config.sections import (
@@ -24,6 +26,7 @@ from engine.config.sections import (
     EngineConfig,
     FaqConfig,
     FaqEntry,
+    HistoryConfig,
     LoggingConfig,
     MetricsConfig,
     PolicyConfig,
@@ -33,12 +36,15 @@ from engine.config.sections import (
     TurnConfig,
     TwilioConfig,
 )
+from engine.config.tools import ToolConfig, Tools, ToolUseConfig
 
 __all__ = [
     "BudgetConfig", "BusConfig", "CacheConfig", "Config", "ConfigError", "ConsoleApiConfig",
-    "EngineConfig", "FaqConfig", "FaqEntry", "LoggingConfig", "MetricsConfig",
-    "PolicyConfig", "PricesConfig", "ProvidersConfig", "RedisConfig", "TransferConfig",
-    "TransferDestination", "TurnConfig", "TwilioConfig", "load_config",
+    "EngineConfig", "FaqConfig", "FaqEntry", "FleetConfig", "HistoryConfig", "KnowledgeConfig",
+    "LoggingConfig", "MetricsConfig",
+    "PolicyConfig", "PricesConfig", "ProvidersConfig", "RedisConfig", "ToolConfig",
+    "ToolUseConfig", "TransferConfig", "TransferDestination", "TurnConfig", "TwilioConfig",
+    "load_config",
 ]
 
 
@@ -49,15 +55,20 @@ class Config(Section):
     turns: TurnConfig = Field(default_factory=TurnConfig)
     providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
     faq: FaqConfig = Field(default_factory=FaqConfig)
+    knowledge: KnowledgeConfig = Field(default_factory=KnowledgeConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     bus: BusConfig = Field(default_factory=BusConfig)
     redis: RedisConfig = Field(default_factory=RedisConfig)
+    history: HistoryConfig = Field(default_factory=HistoryConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     console_api: ConsoleApiConfig = Field(default_factory=ConsoleApiConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     prices: PricesConfig = Field(default_factory=PricesConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    tools: Tools = Field(default_factory=list)
+    tool_use: ToolUseConfig = Field(default_factory=ToolUseConfig)
 
     def public_base_url(self) -> str:
         """The https base URL Twilio uses to reach us, without a trailing slash."""
@@ -87,6 +98,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "SWITCHBOARD_CONSOLE_READONLY_TOKEN": ("console_api", "readonly_token"),
     "SWITCHBOARD_DATA_DIR": ("engine", "data_dir"),
     "REDIS_URL": ("redis", "url"),
+    "DATABASE_URL": ("history", "dsn"),
 }
 
 
@@ -109,9 +121,11 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         if env.get(var):
             raw.setdefault("providers", {}).setdefault(table, {})[key] = env[var]
     try:
-        return Config.model_validate(raw)
+        config = Config.model_validate(raw)
     except Exception as exc:  # pydantic.ValidationError: show the field paths
         raise ConfigError(f"invalid configuration: {exc}") from exc
+    config.knowledge.anchor(Path(path).parent if path is not None else Path.cwd())
+    return config
 
 
 def _provider_env(raw: dict) -> dict[str, tuple[str, str]]:

@@ -1,13 +1,13 @@
 """The sections of config.toml that configure one part each: the engine and its edge,
 Twilio, transfers, turn-taking, the FAQ, call policy, the response cache, the bus, Redis,
-the supervisor API, metrics and logging. Providers and money have files of their own.
+the history, the supervisor API, metrics and logging. Providers and money have files of their own.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
 from engine.config.base import Section
 
@@ -105,6 +105,13 @@ class FaqEntry(Section):
     answer: str
     # Intent this entry signals beyond answering: "handoff" or "goodbye".
     action: Literal["answer", "handoff", "goodbye"] = "answer"
+    # The offline agent may look the answer up: when the caller's words carry a number
+    # and `tool` is one of the configured [[tools]], the number goes into the argument
+    # `tool_argument` and the reply is `tool_answer` filled from the arguments and the
+    # tool's JSON result ("Order {order_id} is {status}."); else `answer` is said.
+    tool: str | None = None
+    tool_argument: str = "id"
+    tool_answer: str = ""
 
 
 class FaqConfig(Section):
@@ -170,6 +177,22 @@ class BusConfig(Section):
     redis_block_ms: int = 2000
     redis_socket_timeout_s: float = 5.0
     redis_reconnect_max_s: float = 5.0
+
+
+class HistoryConfig(Section):
+    # sqlite: one file per data directory (embedded default). postgres: the fleet's
+    # shared record at `dsn` (env DATABASE_URL overrides), e.g.
+    # postgresql://switchboard@db.internal:5432/switchboard
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str = ""
+    pool_max: int = Field(default=4, ge=1)  # PostgreSQL connections per engine
+
+    @model_validator(mode="after")
+    def _dsn_for_postgres(self) -> HistoryConfig:
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError("history.backend = \"postgres\" needs history.dsn "
+                             "(or env DATABASE_URL)")
+        return self
 
 
 class RedisConfig(Section):

@@ -163,9 +163,33 @@ class StreamingSpeechToText(SpeechToText, Protocol):
 
 
 @dataclass(slots=True)
+class ToolSpec:
+    """A tool the agent may call: what the model is told about it (function calling)."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]  # a JSON Schema for the arguments object
+
+
+@dataclass(slots=True)
+class ToolCallRequest:
+    """The agent asks for a tool to be run; `arguments` is JSON text as the model wrote it
+    (not yet validated). Yielded before the reply's `AgentDone`."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True)
 class ChatMessage:
-    role: Literal["system", "user", "assistant"]
+    """One message of the conversation. An assistant message may carry the tool calls it
+    asked for; a "tool" message carries one tool's result (`tool_call_id`)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: tuple[ToolCallRequest, ...] = ()
+    tool_call_id: str = ""
 
 
 @dataclass(slots=True)
@@ -175,7 +199,7 @@ class TextDelta:
     text: str
 
 
-AgentAction = Literal["answer", "handoff", "goodbye", "unknown"]
+AgentAction = Literal["answer", "handoff", "goodbye", "unknown", "tool_calls"]
 
 
 @dataclass(slots=True)
@@ -191,7 +215,7 @@ class AgentDone:
     truncated: bool = False
 
 
-AgentEvent = TextDelta | AgentDone
+AgentEvent = TextDelta | ToolCallRequest | AgentDone
 
 
 @runtime_checkable
@@ -202,8 +226,13 @@ class Agent(Protocol):
     @property
     def model(self) -> str: ...
 
-    def respond(self, messages: list[ChatMessage]) -> AsyncGenerator[AgentEvent, None]:
+    def respond(self, messages: list[ChatMessage],
+                tools: Sequence[ToolSpec] = ()) -> AsyncGenerator[AgentEvent, None]:
         """Stream the reply to the conversation so far; the last event is AgentDone.
+
+        With `tools`, the agent may ask for them: `ToolCallRequest` events, then an
+        `AgentDone` with action "tool_calls"; the caller runs them and asks again with
+        the assistant's tool-call message and the results appended.
 
         Closing the iterator early (barge-in) must stop the work promptly.
         Raises ProviderError before the first delta when the provider fails.

@@ -47,6 +47,8 @@ from engine.providers.base import (
     SynthesisDone,
     TextDelta,
     Timing,
+    ToolCallRequest,
+    ToolSpec,
     Transcript,
     Usage,
 )
@@ -225,18 +227,25 @@ class _Reply(Streamed[Agent, AgentEvent]):
     keeps_output = True  # the estimate of a cut reply counts its tokens
     pumped = True  # a reply cut by a barge-in is read on to its usage chunk
 
-    def __init__(self, messages: list[ChatMessage]) -> None:
+    def __init__(self, messages: list[ChatMessage], tools: Sequence[ToolSpec] = ()) -> None:
         self.messages = messages
+        self.tools = tools
 
     def open(self, provider: Agent) -> AsyncIterator[AgentEvent]:
-        return provider.respond(self.messages)
+        # Without tools, the call an agent written before tools knows.
+        if not self.tools:
+            return provider.respond(self.messages)
+        return provider.respond(self.messages, self.tools)
 
     def has_output(self, event: AgentEvent) -> bool:
-        return isinstance(event, TextDelta) and bool(event.text)
+        # A tool call is output too: a reply may be nothing but tool calls.
+        return (isinstance(event, TextDelta) and bool(event.text)) \
+            or isinstance(event, ToolCallRequest)
 
     def estimate(self, provider: Agent, names: UsageNames, emitted: list[AgentEvent]
                  ) -> Usage:
-        produced = "".join(e.text for e in emitted if isinstance(e, TextDelta))
+        produced = "".join(e.text if isinstance(e, TextDelta) else e.arguments
+                           for e in emitted if isinstance(e, TextDelta | ToolCallRequest))
         return Usage(provider=names[0], kind="llm", model=names[1],
                      input_tokens=_prompt_estimate(self.messages),
                      output_tokens=_estimate_tokens(produced), estimated=True)
@@ -273,9 +282,10 @@ class FallbackAgent(FallbackChain[Agent]):
         self.first_token_timeout_s = first_token_timeout_s
         self.summarize_timeout_s = summarize_timeout_s
 
-    def respond(self, messages: list[ChatMessage]) -> AsyncGenerator[AgentEvent, None]:
+    def respond(self, messages: list[ChatMessage],
+                tools: Sequence[ToolSpec] = ()) -> AsyncGenerator[AgentEvent, None]:
         return stream_first_served(self._chain, self.first_token_timeout_s,
-                                    _Reply(messages))
+                                    _Reply(messages, tools))
 
     async def summarize(self, messages: list[ChatMessage]) -> tuple[str, Usage]:
         return await first_success(self._chain, self.summarize_timeout_s,

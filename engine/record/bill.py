@@ -9,7 +9,6 @@ the history reads money from the lines only.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -17,6 +16,7 @@ from typing import Any, Literal
 
 from engine.money.prices import CostLine
 from engine.providers.base import CACHE_SUFFIX, Usage
+from engine.record.sql import Plan, Stmt
 
 # What a line is for, in the bill's order; the first three are the AI's share.
 ITEMS = ("stt", "agent", "voice", "phone", "media_stream")
@@ -67,13 +67,15 @@ def minutes_line(call_sid: str, ts: float, kind: TwilioMinutes, model: str, minu
                     float(unit_price), float(minutes * unit_price), False, False, False)
 
 
-def insert_lines(conn: sqlite3.Connection, usage_id: int, lines: Sequence[BillLine]) -> None:
-    conn.executemany(_INSERT, [(usage_id, *_row(line)) for line in lines])
+def insert_lines(usage_id: int, lines: Sequence[BillLine]) -> Plan[None]:
+    """Store a booking's lines (a plan: sql.py)."""
+    if lines:
+        yield Stmt(_INSERT, [(usage_id, *_row(line)) for line in lines], many=True)
 
 
-def read_lines(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list[BillLine]:
+def read_lines(where: str, params: Sequence[Any]) -> Plan[list[BillLine]]:
     """The lines matching `where` (SQL over the cost_lines columns), oldest first."""
-    rows = conn.execute(f"{_SELECT} WHERE {where} ORDER BY ts, id", params).fetchall()
+    rows = yield Stmt(f"{_SELECT} WHERE {where} ORDER BY ts, id", params, fetch="rows")
     return [BillLine(sid, ts, item, provider, model, quantity, unit, unit_price, amount,
                      bool(estimated), bool(unpriced), bool(cached), usage_id)
             for (sid, ts, item, provider, model, quantity, unit, unit_price, amount,

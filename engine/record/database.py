@@ -1,4 +1,5 @@
-"""The history database: its SQLite schema and migrations, and how it is opened.
+"""The history database: its SQLite schema and migrations, and how it is opened
+(PostgreSQL's, the same logical schema, is in postgres_schema.py).
 
 WAL journal with `synchronous=NORMAL` and a busy timeout: several engines may write one
 file on a local disk. Do not put it on a network filesystem (WAL needs shared memory).
@@ -120,6 +121,25 @@ MIGRATIONS: list[str] = [
         write_id TEXT PRIMARY KEY,
         applied_at REAL NOT NULL
     );
+    """,
+    # 4: the tools the agent called (issue 13); arguments as JSON, redacted by the hub.
+    # The knowledge passages a turn was given (their ids, space-separated).
+    """
+    ALTER TABLE turns ADD COLUMN knowledge_ids TEXT;
+    CREATE TABLE tool_calls (
+        id INTEGER PRIMARY KEY,
+        call_sid TEXT NOT NULL,
+        ts REAL NOT NULL,
+        turn INTEGER NOT NULL,
+        round INTEGER NOT NULL DEFAULT 1,
+        call_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        arguments TEXT NOT NULL DEFAULT '{}',
+        outcome TEXT NOT NULL,
+        summary TEXT NOT NULL DEFAULT '',
+        latency_s REAL NOT NULL DEFAULT 0
+    );
+    CREATE INDEX tool_calls_call ON tool_calls(call_sid);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

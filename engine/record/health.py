@@ -20,7 +20,7 @@ def history_section(stats: HistoryStats | None, degraded: list[str]) -> dict[str
                         f"the journal cannot be written ({stats.journal_error})")
     elif stats.status == "spooling":
         degraded.append(f"history spooling: {stats.backlog} writes in the journal wait for "
-                        f"the database ({stats.last_error})")
+                        f"the {stats.backend} database ({stats.last_error})")
     return asdict(stats)
 
 

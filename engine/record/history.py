@@ -1,5 +1,6 @@
-"""Durable call history in SQLite: calls, turns, usage with its cost lines (bill.py) and
-supervisor actions.
+"""Durable call history: calls, turns, usage with its cost lines (bill.py), supervisor
+actions and the agent's tool calls; in SQLite (embedded, the default) or PostgreSQL (a
+fleet's shared record: `CallHistory.postgres`, postgres.py).
 
 The `async` write methods return once their write is durable (writer.py): committed,
 or, while the database refuses writes (a full disk), in the journal it is replayed from
@@ -13,7 +14,8 @@ Several engines: give each engine a stable `engine_id`. They may share one data 
 even one file (WAL + busy timeout make concurrent writers safe on a local disk), but a
 per-engine file (`history-<engine_id>.sqlite3`) avoids lock waits; `recover_unfinished`
 only touches calls of its own `engine_id`, so one engine's restart never closes another
-engine's live calls. Each engine spools to a journal of its own beside the database.
+engine's live calls. Each engine spools to a journal of its own beside the database
+(for PostgreSQL: in its data directory).
 """
 
 from __future__ import annotations
@@ -21,25 +23,41 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol, TypeVar
 
 from engine.log import get_logger
 from engine.money.prices import CostLine
 from engine.providers.base import Usage
 from engine.record.bill import BillLine, TwilioMinutes, minutes_line, read_lines, usage_lines
 from engine.record.database import SCHEMA_VERSION, HistoryError
-from engine.record.writer import MEMORY_MAX, HistoryStats, HistoryWriter
-from engine.record.writes import TURN_COLUMNS, Write
-from engine.session.records import TurnRecord
+from engine.record.sql import Plan, PlanFactory, Stmt
+from engine.record.writer import MEMORY_MAX, HistoryStats, HistoryWriter, Stored
+from engine.record.writes import TOOL_CALL_COLUMNS, TURN_COLUMNS, Write
+from engine.session.records import ToolCallRecord, TurnRecord
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
+HistoryBackend = Literal["sqlite", "postgres"]
+
+
+class RecordWriter(Protocol):
+    """What the history needs of a backend's writer (writer.py, postgres.py)."""
+
+    @property
+    def running(self) -> bool: ...
+    async def open(self) -> int: ...
+    async def aclose(self) -> None: ...
+    def stats(self) -> HistoryStats: ...
+    def pending(self) -> list[Write]: ...
+    async def write(self, write: Write) -> tuple[Stored, Any]: ...
+    async def read(self, job: PlanFactory[T]) -> T: ...
 
 
 @dataclass(slots=True, frozen=True)
@@ -69,17 +87,35 @@ class StoredAction:
 
 
 class CallHistory:
-    """Async facade over the history's writer thread."""
+    """Async facade over the history's writer (SQLite's thread or PostgreSQL's task)."""
 
     def __init__(self, path: str | Path, engine_id: str = "",
-                 clock: Callable[[], float] = time.time, memory_max: int = MEMORY_MAX) -> None:
+                 clock: Callable[[], float] = time.time, memory_max: int = MEMORY_MAX,
+                 dsn: str = "", pool_max: int = 4) -> None:
+        """SQLite at `path`; with a `dsn`, PostgreSQL, journaling beside `path` (no
+        database file is made there)."""
         self.path = Path(path)
         self.engine_id = engine_id
         self.clock = clock
+        self.backend: HistoryBackend = "postgres" if dsn else "sqlite"
         self.journal = journal_path(self.path, engine_id)
-        self._writer = HistoryWriter(self.path, self.journal,
-                                     thread_name=f"history-writer-{engine_id}",
-                                     memory_max=memory_max)
+        self._writer: RecordWriter
+        if dsn:
+            from engine.record.postgres import PostgresWriter  # asyncpg only when used
+
+            self._writer = PostgresWriter(dsn, self.journal, memory_max, pool_max=pool_max)
+        else:
+            self._writer = HistoryWriter(self.path, self.journal,
+                                         thread_name=f"history-writer-{engine_id}",
+                                         memory_max=memory_max)
+
+    @classmethod
+    def postgres(cls, dsn: str, data_dir: str | Path, engine_id: str = "",
+                 clock: Callable[[], float] = time.time, memory_max: int = MEMORY_MAX,
+                 pool_max: int = 4) -> CallHistory:
+        """The fleet's shared history in PostgreSQL; this engine's journal in `data_dir`."""
+        return cls(Path(data_dir) / POSTGRES_JOURNAL_BASE, engine_id, clock, memory_max,
+                   dsn=dsn, pool_max=pool_max)
 
     # --- lifecycle ---
 
@@ -88,8 +124,9 @@ class CallHistory:
         if self._writer.running:
             return
         found = await self._writer.open()
-        log.info("history open", path=str(self.path), schema_version=SCHEMA_VERSION,
-                 found_version=found, engine_id=self.engine_id)
+        log.info("history open", backend=self.backend, path=str(self.path),
+                 schema_version=_schema_version(self.backend), found_version=found,
+                 engine_id=self.engine_id)
         others = _other_journals(self.path, self.journal)
         if others:  # only an engine with their engine_id replays them
             log.warning("history.other_journals", journals=others, engine_id=self.engine_id,
@@ -109,7 +146,7 @@ class CallHistory:
         write = Write(op, self.engine_id, call_sid, self.clock() if at is None else at, data)
         try:
             stored, _ = await self._writer.write(write)
-        except (sqlite3.Error, HistoryError, ValueError, TypeError) as exc:
+        except Exception as exc:  # refused for good (a bug): never raised into a call
             log.error("history write failed", what=op, call_sid=call_sid, error=str(exc))
             return False
         return stored in ("committed", "journaled")
@@ -130,7 +167,8 @@ class CallHistory:
         values = (turn.idx, turn.caller_text, turn.agent_text, turn.heard_text,
                   int(turn.interrupted), int(turn.cached), turn.caller_audio_s,
                   turn.agent_audio_s, t.stt, t.llm_first_token, t.tts_first_audio,
-                  t.engine_overhead, t.voice_to_voice, t.endpointing)
+                  t.engine_overhead, t.voice_to_voice, t.endpointing,
+                  " ".join(turn.knowledge_ids))
         return await self._write("turn_completed", call_sid, at,
                                  dict(zip(TURN_COLUMNS, values, strict=True)))
 
@@ -175,12 +213,22 @@ class CallHistory:
             "args": json.dumps(args or {}, default=str, sort_keys=True), "ok": ok,
             "error": error, "escalation": escalation})
 
-    async def call_ended(self, call_sid: str, end_reason: str, cost_usd: float,
+    async def tool_called(self, call_sid: str, record: ToolCallRecord,
+                          at: float | None = None) -> bool:
+        """A tool the agent called (issue 13); its arguments come redacted by the hub."""
+        return await self._write("tool_called", call_sid, at, {
+            "turn": record.turn, "round": record.round, "call_id": record.call_id,
+            "name": record.name,
+            "arguments": json.dumps(record.arguments, default=str, sort_keys=True),
+            "outcome": record.outcome, "summary": record.summary,
+            "latency_s": record.latency_s})
+
+    async def call_ended(self, call_sid: str, end_reason: str, cost_usd: float | None,
                          escalated: bool = False, ended_at: float | None = None,
                          duration_s: float | None = None, state: str = "ended") -> bool:
         return await self._write("call_ended", call_sid, ended_at, {
             "end_reason": end_reason, "cost_usd": cost_usd, "escalated": escalated,
-            "duration_s": duration_s, "state": state})
+            "duration_s": duration_s, "state": state})  # cost None: its lines' sum
 
     # --- startup and reads ---
 
@@ -202,56 +250,95 @@ class CallHistory:
         return list(sids)
 
     async def get_call(self, call_sid: str) -> StoredCall | None:
-        def job(conn: sqlite3.Connection) -> StoredCall | None:
-            row = conn.execute(
-                "SELECT call_sid, from_number, to_number, started_at, ended_at, "
-                "last_activity_at, duration_s, end_reason, state, cost_usd, escalated, "
-                "engine_id FROM calls WHERE call_sid = ?", (call_sid,)).fetchone()
-            if row is None:
-                return None
-            return StoredCall(
-                call_sid=row[0], from_number=row[1], to_number=row[2], started_at=row[3],
-                ended_at=row[4], last_activity_at=row[5], duration_s=row[6],
-                end_reason=row[7], state=row[8], cost_usd=row[9], escalated=bool(row[10]),
-                engine_id=row[11])
-
-        return await self._writer.read(job)
+        return await self._writer.read(lambda: _get_call(call_sid))
 
     async def actions(self, call_sid: str) -> list[StoredAction]:
         """Supervisor actions and escalations on one call, oldest first (the audit trail)."""
-        def job(conn: sqlite3.Connection) -> list[StoredAction]:
-            rows = conn.execute(
-                "SELECT ts, actor, action, args, ok, error FROM actions WHERE call_sid = ? "
-                "ORDER BY id", (call_sid,)).fetchall()
-            return [StoredAction(ts=r[0], actor=r[1], action=r[2], args=r[3], ok=bool(r[4]),
-                                 error=r[5]) for r in rows]
+        return await self._writer.read(lambda: _actions(call_sid))
 
-        return await self._writer.read(job)
+    async def tool_calls(self, call_sid: str) -> list[ToolCallRecord]:
+        """The tools the agent called on one call, in order."""
+        return await self._writer.read(lambda: _tool_calls(call_sid))
 
     async def bill(self, call_sid: str) -> list[BillLine]:
         """One call's itemised bill, oldest line first (late bookings included)."""
-        return await self._writer.read(
-            lambda conn: read_lines(conn, "call_sid = ?", (call_sid,)))
+        return await self._writer.read(lambda: read_lines("call_sid = ?", (call_sid,)))
 
     async def daily_costs(self, since: date) -> dict[date, float]:
         """USD per UTC day from the cost lines, to seed the ledger's day totals: those in
-        the database and those still waiting in the journal."""
+        the database and those still waiting in the journal. PostgreSQL unreachable: the
+        journal's only (logged)."""
         start = datetime(since.year, since.month, since.day, tzinfo=UTC).timestamp()
+        try:
+            totals = await self._writer.read(lambda: self._daily_costs(start))
+        except HistoryError as exc:
+            log.warning("history.daily_costs_unavailable", error=str(exc),
+                        detail="the budget starts from the journal's spend only")
+            totals = _add_pending({}, self._writer.pending(), start)
+        # Rounded to nano-dollars: REAL sums carry float noise far below a cent.
+        return {day: round(total, 9) for day, total in totals.items()}
 
-        def job(conn: sqlite3.Connection) -> dict[date, float]:
-            rows = conn.execute(
-                "SELECT date(ts, 'unixepoch') AS day, sum(amount) FROM cost_lines "
-                "WHERE ts >= ? GROUP BY day", (start,)).fetchall()
-            totals = {date.fromisoformat(day): float(total) for day, total in rows}
-            for write in self._writer.pending():
-                for ts, amount in write.booked():
-                    if ts >= start:
-                        day = datetime.fromtimestamp(ts, UTC).date()
-                        totals[day] = totals.get(day, 0.0) + amount
-            # Rounded to nano-dollars: REAL sums carry float noise far below a cent.
-            return {day: round(total, 9) for day, total in totals.items()}
+    def _daily_costs(self, start: float) -> Plan[dict[date, float]]:
+        rows = yield Stmt("SELECT utc_day(ts) AS day, sum(amount) FROM cost_lines "
+                          "WHERE ts >= ? GROUP BY day", (start,), fetch="rows")
+        totals = {date.fromisoformat(day): float(total) for day, total in rows}
+        # Read with the rows, on the writer: a write is in one or the other, never both.
+        return _add_pending(totals, self._writer.pending(), start)
 
-        return await self._writer.read(job)
+
+POSTGRES_JOURNAL_BASE = "history-postgres"
+
+
+def _schema_version(backend: HistoryBackend) -> int:
+    if backend == "postgres":
+        from engine.record.postgres_schema import SCHEMA_VERSION as POSTGRES_VERSION
+
+        return POSTGRES_VERSION
+    return SCHEMA_VERSION
+
+
+def _add_pending(totals: dict[date, float], pending: list[Write],
+                 start: float) -> dict[date, float]:
+    for write in pending:
+        for ts, amount in write.booked():
+            if ts >= start:
+                day = datetime.fromtimestamp(ts, UTC).date()
+                totals[day] = totals.get(day, 0.0) + amount
+    return totals
+
+
+def _get_call(call_sid: str) -> Plan[StoredCall | None]:
+    rows = yield Stmt(
+        "SELECT call_sid, from_number, to_number, started_at, ended_at, last_activity_at, "
+        "duration_s, end_reason, state, cost_usd, escalated, engine_id FROM calls "
+        "WHERE call_sid = ?", (call_sid,), fetch="rows")
+    if not rows:
+        return None
+    row = rows[0]
+    return StoredCall(
+        call_sid=row[0], from_number=row[1], to_number=row[2], started_at=row[3],
+        ended_at=row[4], last_activity_at=row[5], duration_s=row[6], end_reason=row[7],
+        state=row[8], cost_usd=row[9], escalated=bool(row[10]), engine_id=row[11])
+
+
+def _actions(call_sid: str) -> Plan[list[StoredAction]]:
+    rows = yield Stmt("SELECT ts, actor, action, args, ok, error FROM actions "
+                      "WHERE call_sid = ? ORDER BY id", (call_sid,), fetch="rows")
+    return [StoredAction(ts=r[0], actor=r[1], action=r[2], args=r[3], ok=bool(r[4]),
+                         error=r[5]) for r in rows]
+
+
+def _tool_calls(call_sid: str) -> Plan[list[ToolCallRecord]]:
+    rows = yield Stmt(f"SELECT {', '.join(TOOL_CALL_COLUMNS)} FROM tool_calls "
+                      "WHERE call_sid = ? ORDER BY id", (call_sid,), fetch="rows")
+    records = []
+    for row in rows:
+        r = dict(zip(TOOL_CALL_COLUMNS, row, strict=True))
+        records.append(ToolCallRecord(
+            turn=r["turn"], call_id=r["call_id"], name=r["name"],
+            arguments=json.loads(r["arguments"]), outcome=r["outcome"], summary=r["summary"],
+            latency_s=r["latency_s"], round=r["round"]))
+    return records
 
 
 def journal_path(database: Path, engine_id: str) -> Path:

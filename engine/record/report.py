@@ -1,7 +1,9 @@
 """The business report from the call history: volume, the itemised cost, speed,
 escalations, the monthly projection and the OpenAI Realtime comparison.
 
-Read-only over the SQLite history. Money comes from the cost lines (bill.py), so the
+Read-only over the history: an engine's SQLite file (`build_report`) or the fleet's
+PostgreSQL database, every engine's calls (`build_fleet_report`); the same queries (plans,
+sql.py) on both. Money comes from the cost lines (bill.py), so the
 split into speech-to-text, agent, voice, phone and media-stream always adds up to the
 total; a call with a cost but no lines counts as "unitemized". The window holds the
 calls that started in it, with all their lines (late ones too), and the spend outside
@@ -17,6 +19,7 @@ phone and media-stream minutes are paid either way and stay out of it.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import re
 import sqlite3
@@ -32,6 +35,7 @@ from engine.record.bill import AI_ITEMS, ITEMS, BillLine, read_lines
 from engine.record.database import END_REASON_UNEXPECTED, HistoryError, connect
 from engine.record.metrics import percentile
 from engine.record.report_output import render
+from engine.record.sql import Plan, Stmt, run_postgres, run_sqlite
 
 log = get_logger(__name__)
 
@@ -129,21 +133,48 @@ def build_report(db_path: str | Path, since: timedelta, now: datetime | None = N
     except sqlite3.Error as exc:
         raise HistoryError(f"cannot open history {path}: {exc}") from exc
     try:
-        return _build(conn, Report(period_start=start, period_end=now), prices)
+        return run_sqlite(conn, _build(Report(period_start=start, period_end=now), prices))
     except sqlite3.Error as exc:
         raise HistoryError(f"cannot read history {path}: {exc}") from exc
     finally:
         conn.close()
 
 
-def _build(conn: sqlite3.Connection, report: Report, prices: PricesConfig) -> Report:
+async def build_fleet_report(dsn: str, since: timedelta, now: datetime | None = None,
+                             prices: PricesConfig | None = None,
+                             timeout_s: float = 10.0) -> Report:
+    """`build_report` over the fleet's PostgreSQL history: every engine's calls."""
+    import asyncpg  # only for a PostgreSQL history
+
+    from engine.record.postgres_schema import init_connection
+
+    now = now or datetime.now(UTC)
+    report = Report(period_start=now - since, period_end=now)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
+        raise HistoryError(f"cannot connect to the PostgreSQL history: {exc}") from exc
+    try:
+        await init_connection(conn)
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):
+            return await run_postgres(conn, _build(report, prices or PricesConfig()))
+    except asyncpg.UndefinedTableError as exc:
+        raise HistoryError(f"no history in this database (no engine has written to it "
+                           f"yet): {exc}") from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise HistoryError(f"cannot read the PostgreSQL history: {exc}") from exc
+    finally:
+        await asyncio.wait_for(conn.close(), timeout_s)
+
+
+def _build(report: Report, prices: PricesConfig) -> Plan[Report]:
     start_ts, end_ts = _ts(report.period_start), _ts(report.period_end)
-    calls = conn.execute(
+    calls = yield Stmt(
         "SELECT call_sid, started_at, ended_at, last_activity_at, duration_s, end_reason, "
         "cost_usd, escalated FROM calls WHERE started_at >= ? AND started_at <= ? "
-        "ORDER BY started_at", (start_ts, end_ts)).fetchall()
-    report.lines = read_lines(
-        conn, "call_sid IN (SELECT call_sid FROM calls WHERE started_at >= ? AND "
+        "ORDER BY started_at", (start_ts, end_ts), fetch="rows")
+    report.lines = yield from read_lines(
+        "call_sid IN (SELECT call_sid FROM calls WHERE started_at >= ? AND "
         "started_at <= ?) OR (call_sid IS NULL AND ts >= ? AND ts <= ?)",
         (start_ts, end_ts, start_ts, end_ts))
     itemized = {line.call_sid for line in report.lines}
@@ -165,8 +196,8 @@ def _build(conn: sqlite3.Connection, report: Report, prices: PricesConfig) -> Re
         report.avg_duration_s = sum(durations) / report.calls
         report.escalation_rate = report.escalations / report.calls
     _costs(report, unitemized)
-    _projection(conn, report, start_ts, end_ts)
-    _turn_figures(conn, report, start_ts, end_ts, prices)
+    yield from _projection(report, start_ts, end_ts)
+    yield from _turn_figures(report, start_ts, end_ts, prices)
     return report
 
 
@@ -210,32 +241,31 @@ def _costs(report: Report, unitemized: float) -> None:
         setattr(report, hits, sum(bookings.values()))
 
 
-def _projection(conn: sqlite3.Connection, report: Report, start_ts: float,
-                end_ts: float) -> None:
+def _projection(report: Report, start_ts: float, end_ts: float) -> Plan[None]:
     """The last days' average daily spend times the days of the month."""
-    first = conn.execute("SELECT min(t) FROM (SELECT min(started_at) AS t FROM calls "
-                         "UNION ALL SELECT min(ts) FROM cost_lines)").fetchone()[0]
+    first = yield Stmt("SELECT min(t) FROM (SELECT min(started_at) AS t FROM calls "
+                       "UNION ALL SELECT min(ts) FROM cost_lines) AS firsts", fetch="value")
     end = report.period_end.astimezone(UTC)
     report.projection_month_days = calendar.monthrange(end.year, end.month)[1]
     if first is None:
         return
     since = max(end_ts - PROJECTION_DAYS * 86400.0, start_ts, first)
     span_s = max(end_ts - since, 3600.0)
-    spent = conn.execute("SELECT coalesce(sum(amount), 0) FROM cost_lines WHERE ts >= ? "
-                         "AND ts <= ?", (since, end_ts)).fetchone()[0]
+    spent = yield Stmt("SELECT coalesce(sum(amount), 0) FROM cost_lines WHERE ts >= ? "
+                       "AND ts <= ?", (since, end_ts), fetch="value")
     report.projection_days = span_s / 86400.0
     report.projection_daily_usd = round(spent / report.projection_days, 9)
     report.monthly_projection_usd = round(
         report.projection_daily_usd * report.projection_month_days, 9)
 
 
-def _turn_figures(conn: sqlite3.Connection, report: Report, start_ts: float, end_ts: float,
-                  prices: PricesConfig) -> None:
-    rows = conn.execute(
+def _turn_figures(report: Report, start_ts: float, end_ts: float,
+                  prices: PricesConfig) -> Plan[None]:
+    rows = yield Stmt(
         "SELECT t.call_sid, t.cached, t.voice_to_voice_s, t.caller_audio_s, t.agent_audio_s "
         "FROM turns t JOIN calls c ON c.call_sid = t.call_sid "
         "WHERE c.started_at >= ? AND c.started_at <= ? ORDER BY t.call_sid, t.idx",
-        (start_ts, end_ts)).fetchall()
+        (start_ts, end_ts), fetch="rows")
     report.turns = len(rows)
     report.cached_turns = sum(1 for r in rows if r[1])
     if rows:

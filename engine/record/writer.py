@@ -22,7 +22,6 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -31,21 +30,22 @@ from engine.log import get_logger
 from engine.record.data_dir import DIR_MODE, private_file
 from engine.record.database import HistoryError, connect, migrate
 from engine.record.spool import Spool
-from engine.record.writes import Write, apply
+from engine.record.sql import PlanFactory, run_sqlite
+from engine.record.writes import Write, applied_check, plan, record_applied
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
 
-Read = Callable[[sqlite3.Connection], Any]
+Read = PlanFactory[Any]
 _Item = tuple[Write | Read, "concurrent.futures.Future[Any]"]
 HistoryStatus = Literal["ok", "spooling", "failing"]
 # What became of a write: committed, in the journal, held in memory only (not durable),
 # dropped (memory bound), or refused for good (its exception is raised instead).
 Stored = Literal["committed", "journaled", "held", "lost"]
 
-_GROUP_COMMIT_MAX = 256
-_REPLAY_CHUNK = 256  # writes per replay transaction: a long backlog lands in steps
+GROUP_COMMIT_MAX = 256
+REPLAY_CHUNK = 256  # writes per replay transaction: a long backlog lands in steps
 _RETRY_MIN_S = 0.2
 _RETRY_MAX_S = 5.0
 MEMORY_MAX = 10_000  # writes held in memory while the journal cannot be written
@@ -72,6 +72,22 @@ class HistoryStats:
     last_error: str | None  # the database's, while it refuses writes
     journal_error: str | None
     journal: str
+    backend: str = "sqlite"  # or "postgres"
+
+
+def spool_stats(spool: Spool, failed: int, last_error: str | None,
+                backend: str = "sqlite") -> HistoryStats:
+    """How a writer with this spool is doing (either backend)."""
+    backlog, in_memory = len(spool.pending), spool.unjournaled
+    status: HistoryStatus = "failing" if in_memory else "spooling" if backlog else "ok"
+    return HistoryStats(status, backlog, in_memory, failed, spool.spooled, spool.lost,
+                        last_error if backlog else None, spool.journal_error,
+                        str(spool.journal), backend)
+
+
+def retry_delay(failures_in_row: int) -> float:
+    """The pause before the next replay: growing from _RETRY_MIN_S to _RETRY_MAX_S."""
+    return min(_RETRY_MAX_S, _RETRY_MIN_S * 2 ** min(failures_in_row - 1, 10))
 
 
 def transient(exc: BaseException) -> bool:
@@ -104,12 +120,7 @@ class HistoryWriter:
 
     def stats(self) -> HistoryStats:
         """A snapshot; safe from any thread."""
-        spool = self._spool
-        backlog, in_memory = len(spool.pending), spool.unjournaled
-        status: HistoryStatus = "failing" if in_memory else "spooling" if backlog else "ok"
-        return HistoryStats(status, backlog, in_memory, self._failed, spool.spooled,
-                            spool.lost, self._last_error if backlog else None,
-                            spool.journal_error, str(spool.journal))
+        return spool_stats(self._spool, self._failed, self._last_error)
 
     async def open(self) -> int:
         """Create/upgrade the database, replay the journal, start the thread; the schema
@@ -140,8 +151,8 @@ class HistoryWriter:
         write's own error when it can never be applied."""
         return await self._submit(write)
 
-    async def read(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `job` on the connection, after every write queued before it."""
+    async def read(self, job: PlanFactory[T]) -> T:
+        """Run the plan `job` makes, after every write queued before it."""
         return await self._submit(job)
 
     def pending(self) -> list[Write]:
@@ -198,7 +209,7 @@ class HistoryWriter:
             batch = [first]
             stop = False
             # Group commit: whatever queued up while we were busy shares one commit.
-            while len(batch) < _GROUP_COMMIT_MAX:
+            while len(batch) < GROUP_COMMIT_MAX:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
@@ -225,7 +236,7 @@ class HistoryWriter:
             self._store(conn, writes)  # the writes queued before this read come first
             writes = []
             try:
-                _resolve(fut, item(conn), None)
+                _resolve(fut, run_sqlite(conn, item()), None)
             except Exception as exc:
                 _resolve(fut, None, exc)
         self._store(conn, writes)
@@ -248,13 +259,13 @@ class HistoryWriter:
         except Exception as exc:  # the database refuses (disk full, I/O, locked)
             _rollback(conn)
             self._database_failed(exc, len(writes))
-            refused = {i: r.error for i, r in enumerate(results) if isinstance(r, _Refused)}
+            refused = {i: r.error for i, r in enumerate(results) if isinstance(r, Refused)}
             for i, error in refused.items():
                 _resolve(writes[i][1], None, error)
             self._spool_writes([w for i, w in enumerate(writes) if i not in refused])
             return
         for (_, fut), result in zip(writes, results, strict=True):
-            if isinstance(result, _Refused):
+            if isinstance(result, Refused):
                 self._failed += 1
                 _resolve(fut, None, result.error)
             else:
@@ -284,14 +295,14 @@ class HistoryWriter:
         replayed = 0
         try:
             while spool.pending:
-                chunk = list(itertools.islice(spool.pending, _REPLAY_CHUNK))
+                chunk = list(itertools.islice(spool.pending, REPLAY_CHUNK))
                 conn.execute("BEGIN IMMEDIATE")
                 refused = []
                 for write in chunk:
                     if _applied(conn, write.id):
                         continue
                     result = _apply_one(conn, write, record_id=True)
-                    if isinstance(result, _Refused):
+                    if isinstance(result, Refused):
                         refused.append((write, result.error))
                 conn.execute("COMMIT")
                 spool.applied(len(chunk))
@@ -311,7 +322,7 @@ class HistoryWriter:
     def _database_failed(self, exc: BaseException, writes: int) -> None:
         self._failed += writes
         self._failures_in_row += 1
-        delay = min(_RETRY_MAX_S, _RETRY_MIN_S * 2 ** min(self._failures_in_row - 1, 10))
+        delay = retry_delay(self._failures_in_row)
         self._retry_at = time.monotonic() + delay
         if self._last_error is None:  # once per outage: the backlog is in /healthz
             log.error("history.write_failed", error=str(exc), writes=writes,
@@ -331,21 +342,20 @@ class HistoryWriter:
 
 
 @dataclass(slots=True, frozen=True)
-class _Refused:
+class Refused:
     """A write the database refuses for good (a bug, not the disk)."""
 
     error: Exception
 
 
 def _apply_one(conn: sqlite3.Connection, write: Write, record_id: bool = False) -> Any:
-    """`write` in a savepoint of its own; its result, or _Refused. A transient error is
+    """`write` in a savepoint of its own; its result, or Refused. A transient error is
     raised: the whole transaction is retried later."""
     conn.execute("SAVEPOINT write")
     try:
-        result = apply(conn, write)
+        result = run_sqlite(conn, plan(write))
         if record_id:
-            conn.execute("INSERT INTO applied_writes (write_id, applied_at) VALUES (?, ?)",
-                          (write.id, time.time()))
+            run_sqlite(conn, record_applied(write.id))
         conn.execute("RELEASE write")
         return result
     except Exception as exc:
@@ -353,12 +363,11 @@ def _apply_one(conn: sqlite3.Connection, write: Write, record_id: bool = False) 
             raise
         conn.execute("ROLLBACK TO write")
         conn.execute("RELEASE write")
-        return _Refused(exc)
+        return Refused(exc)
 
 
 def _applied(conn: sqlite3.Connection, write_id: str) -> bool:
-    return conn.execute("SELECT 1 FROM applied_writes WHERE write_id = ?",
-                        (write_id,)).fetchone() is not None
+    return run_sqlite(conn, applied_check(write_id))
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -8,12 +8,21 @@ Only what the caller actually heard of an interrupted answer is kept.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.log import get_logger
 from engine.providers.base import Agent, ChatMessage, ProviderError
 
 log = get_logger(__name__)
+
+
+PASSAGES_HEADER = ("Knowledge for the caller's next question, one passage per line. Answer "
+                   "only from it; when it does not answer, say you don't know.")
+
+
+# Before a past turn's tool note: the tool exchange itself is not replayed, only this.
+TOOLS_NOTE = "Tools the agent used for its next answer (tool -> result): "
 
 
 def estimate_tokens(text: str) -> int:
@@ -25,12 +34,16 @@ def estimate_tokens(text: str) -> int:
 class Turn:
     user: str
     assistant: str
+    tools: str = ""  # what the agent looked up for this answer (session/tool_turns.py)
 
 
 class ConversationContext:
     def __init__(self, system_prompt: str, max_tokens: int, keep_recent_turns: int,
-                 call_sid: str = "") -> None:
+                 call_sid: str = "", knowledge: str = "") -> None:
         self.system_prompt = system_prompt
+        # The static knowledge block (engine/knowledge): right after the system prompt, the
+        # same bytes every turn (the provider caches the prefix); outside the budget.
+        self.knowledge = knowledge
         self.max_tokens = max_tokens
         self.keep_recent = max(1, keep_recent_turns)
         self.summary = ""
@@ -38,25 +51,34 @@ class ConversationContext:
         self.summaries_made = 0
         self.log = log.bind(call_sid=call_sid)
 
-    def messages(self, user_text: str) -> list[ChatMessage]:
-        """What the agent sees for the next reply."""
+    def messages(self, user_text: str, passages: Sequence[str] = ()) -> list[ChatMessage]:
+        """What the agent sees for the next reply; `passages` (retrieved knowledge for this
+        turn) go just before the caller's words, after the cacheable prefix."""
         msgs = [ChatMessage("system", self.system_prompt)]
+        if self.knowledge:
+            msgs.append(ChatMessage("system", self.knowledge))
         if self.summary:
             msgs.append(ChatMessage("system", "Summary of the call so far: " + self.summary))
         for turn in self.turns:
             msgs.append(ChatMessage("user", turn.user))
+            if turn.tools:
+                msgs.append(ChatMessage("system", TOOLS_NOTE + turn.tools))
             if turn.assistant:
                 msgs.append(ChatMessage("assistant", turn.assistant))
+        if passages:
+            msgs.append(ChatMessage("system", PASSAGES_HEADER + "\n" + "\n".join(passages)))
         msgs.append(ChatMessage("user", user_text))
         return msgs
 
-    def add_turn(self, user: str, assistant_heard: str) -> None:
-        self.turns.append(Turn(user, assistant_heard))
+    def add_turn(self, user: str, assistant_heard: str, tools: str = "") -> None:
+        self.turns.append(Turn(user, assistant_heard, tools))
 
     def tokens(self) -> int:
         total = estimate_tokens(self.system_prompt) + estimate_tokens(self.summary)
         for turn in self.turns:
             total += estimate_tokens(turn.user) + estimate_tokens(turn.assistant) + 8
+            if turn.tools:
+                total += estimate_tokens(turn.tools) + 8
         return total
 
     def needs_summary(self) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engine.config import Config
+from engine.knowledge import KnowledgeBase
 from engine.providers.base import Agent, SpeechToText, TextToSpeech
 from engine.providers.faq.matcher import FaqMatcher
 from engine.providers.response_cache import ResponseCache
@@ -26,6 +27,7 @@ from engine.session.policies import Policies
 from engine.session.replying import Replying
 from engine.session.speaking import Speaking
 from engine.session.turn_taking import Mode, TurnTaking
+from engine.tools.registry import ToolBox
 
 if TYPE_CHECKING:
     from engine.session.call_session import CallSession
@@ -54,6 +56,8 @@ class PipelineDeps:
     tts: TextToSpeech
     cache: ResponseCache
     matcher: FaqMatcher | None = None  # answer-cache keys for common questions
+    tools: ToolBox | None = None  # the tools the agent may call (none: offered none)
+    knowledge: KnowledgeBase | None = None  # what the LLM agent is told of the business
     # The cheapest chains (providers.degraded_*), for new turns while `degraded()` says
     # so (the budget is exhausted with budget.on_exhausted = "degrade").
     cheapest: TurnChains | None = None
@@ -84,9 +88,9 @@ class ConversationPipeline:
         cfg = deps.config
         self.greeting = cfg.engine.greeting
         prompt = cfg.policy.system_prompt.replace("{business}", cfg.faq.business_name)
-        self.context = ConversationContext(prompt, cfg.policy.context_max_tokens,
-                                           cfg.policy.context_keep_recent_turns,
-                                           session.call_sid)
+        self.context = ConversationContext(
+            prompt, cfg.policy.context_max_tokens, cfg.policy.context_keep_recent_turns,
+            session.call_sid, deps.knowledge.static_text if deps.knowledge else "")
         self.speaking = Speaking(session, deps.chains().tts)
         self.policies = Policies(session, cfg, self.speaking, self, cost_so_far)
         self.replying = Replying(session, deps, self.context, self.speaking, self.policies)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.providers.base import Usage
-from engine.session.records import TurnRecord
+from engine.session.records import ToolCallRecord, TurnRecord
 from engine.session.states import CallState
 
 if TYPE_CHECKING:
@@ -93,6 +93,9 @@ class SessionObserver(Protocol):
                       reason: str) -> None: ...
 
     def turn_completed(self, session: CallSession, record: TurnRecord) -> None: ...
+
+    def tool_called(self, session: CallSession, record: ToolCallRecord) -> None:
+        """A tool call of the agent is over (published, recorded; see records.py)."""
 
     def alert(self, session: CallSession, kind: str, severity: str, message: str,
               data: dict[str, Any]) -> None: ...

@@ -6,7 +6,7 @@ The session fills these in; the operations side (history, metrics, events) reads
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Stage = Literal["stt", "llm_first_token", "tts_first_audio", "engine_overhead",
                 "voice_to_voice", "endpointing"]
@@ -51,6 +51,32 @@ class TurnRecord:
     caller_audio_s: float = 0.0  # caller speech length (for the Realtime comparison)
     agent_audio_s: float = 0.0  # agent speech played
     timings: TurnTimings = field(default_factory=TurnTimings)
+    # The knowledge passages the agent was given for this turn (their ids), when the
+    # knowledge base is retrieved per turn rather than sent whole in the prompt.
+    knowledge_ids: tuple[str, ...] = ()
+    # The tool calls the agent made while answering (also reported one by one as they end).
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+
+
+ToolOutcome = Literal["ok", "error", "timeout", "rejected", "discarded"]
+
+
+@dataclass(slots=True)
+class ToolCallRecord:
+    """One tool the agent called: what it asked, what came back, how long it took.
+
+    `outcome`: ok; error (the endpoint failed or answered garbage); timeout; rejected
+    (the model's arguments failed the tool's schema: no request was made); discarded
+    (the caller barged in: the result was thrown away, its cost stays booked)."""
+
+    turn: int
+    call_id: str  # the model's id for this call (tool_calls[].id)
+    name: str
+    arguments: dict[str, Any]  # as the model gave them; redacted where they are published
+    outcome: ToolOutcome
+    summary: str = ""  # a short line for people: "order 4471: shipped"
+    latency_s: float = 0.0
+    round: int = 1  # which LLM round of the turn asked for it
 
 
 @dataclass(slots=True)

@@ -34,6 +34,8 @@ from engine.providers.text_feed import TextFeed
 from engine.session.context import ConversationContext
 from engine.session.records import TurnRecord
 from engine.session.speaking import Speaking
+from engine.session.states import CallState
+from engine.session.tool_turns import EngineLine, ToolTurn
 from engine.session.voice import Spoken
 
 if TYPE_CHECKING:
@@ -62,6 +64,7 @@ class _Answer:
     # First text -> first whole sentence: time the LLM was still writing it.
     sentence_wait: float | None = None
     completed: bool = False
+    tools: ToolTurn | None = None  # the turn's tool calls, when the agent has tools
 
 
 class Replying:
@@ -78,7 +81,9 @@ class Replying:
         """Answer the caller's turn with `agent` (the turn's chain); `speech_end` is when
         the caller stopped speaking."""
         answer = _Answer(record, f"{self.session.call_sid}-a{record.idx}")
-        stream = self._agent_stream(record, agent)
+        if self.deps.tools is not None:
+            answer.tools = ToolTurn(self.session, self.deps.tools, record)
+        stream = self._agent_stream(record, agent, answer.tools)
         try:
             await self._speak_as_written(answer, stream)
             await self._finish_speaking(answer, speech_end)
@@ -92,16 +97,19 @@ class Replying:
             await stream.aclose()
             text = self._close_turn(answer)
         if answer.completed and answer.done is not None:
-            await self._after_reply(record, answer.done, text, agent)
+            await self._after_reply(record, answer.done, text, agent, answer.tools)
 
-    async def _agent_stream(self, record: TurnRecord,
-                            agent: Agent) -> AsyncGenerator[AgentEvent, None]:
-        """The reply: from the answer cache when the question is a known one."""
+    async def _agent_stream(self, record: TurnRecord, agent: Agent,
+                            tools: ToolTurn | None = None
+                            ) -> AsyncGenerator[AgentEvent, None]:
+        """The reply: from the answer cache when the question is a known one; with
+        `tools`, in as many rounds as the agent's tool calls take (`tool_turns.py`)."""
         deps = self.deps
         key = None
         if deps.matcher is not None and agent.name != "faq":
             match = deps.matcher.match(record.caller_text)
-            if match is not None and match.entry.action == "answer":
+            # An entry that looks its answer up (a tool) has no one answer to cache.
+            if match is not None and match.entry.action == "answer" and match.entry.tool is None:
                 key = f"faq:{match.entry.id}"
                 cached = await deps.cache.get_answer(key)
                 if cached:
@@ -111,15 +119,20 @@ class Replying:
                                             model=agent.model, cached=True))
                     yield TextDelta(cached)
                     return
-        started = time.monotonic()
-        messages = self.context.messages(record.caller_text)
+        found = await deps.knowledge.retrieve(record.caller_text, self.session.call_sid) \
+            if deps.knowledge is not None and agent.name != "faq" else ()
+        record.knowledge_ids = tuple(p.id for p in found)
+        started = time.monotonic()  # the LLM's first token: retrieval is engine time
+        messages = self.context.messages(record.caller_text, [p.render() for p in found])
         # Closed with this generator: a cut reply reaches the chain at once, which reads
         # it on for its usage.
-        async with aclosing(agent.respond(messages)) as events:
+        async with aclosing(tools.events(agent, messages) if tools is not None
+                            else agent.respond(messages)) as events:
             async for event in events:
                 if isinstance(event, TextDelta) and record.timings.llm_first_token is None:
                     record.timings.llm_first_token = time.monotonic() - started
-                if isinstance(event, AgentDone) and key and event.cache_key is None:
+                if isinstance(event, AgentDone) and key and event.cache_key is None \
+                        and not record.tool_calls:
                     event.cache_key = key
                 yield event
 
@@ -148,7 +161,7 @@ class Replying:
                 if isinstance(event, TextDelta):
                     answer.text_parts.append(event.text)
                     feed.push(event.text)
-                else:
+                elif isinstance(event, AgentDone):
                     self._agent_done(answer, event)
             feed.close()
             try:
@@ -190,13 +203,16 @@ class Replying:
                 if not answer.text_parts:
                     answer.first_text_at = time.monotonic()
                 answer.text_parts.append(event.text)
-                for sentence in aggregator.push(event.text):
+                sentences = aggregator.push(event.text)
+                if isinstance(event, EngineLine):  # said at once, not held for more text
+                    sentences += filter(None, [aggregator.flush()])
+                for sentence in sentences:
                     if answer.sentence_wait is None:
                         answer.sentence_wait = time.monotonic() - answer.first_text_at
                     await self.speaking.say_sentence(sentence, answer.spoken,
                                                      answer.first_audio, answer.unsaid)
                     self._show_progress(answer)
-            else:
+            elif isinstance(event, AgentDone):
                 self._agent_done(answer, event)
         rest = aggregator.flush()
         if rest:
@@ -232,7 +248,8 @@ class Replying:
                                    if voice.mark_heard(s.mark)) / 8000
         # Only what the caller heard stays in the context; a question whose answer was
         # cut before any of it was heard stays as an unanswered user turn.
-        self.context.add_turn(record.caller_text, heard)
+        self.context.add_turn(record.caller_text, heard,
+                              "; ".join(answer.tools.notes) if answer.tools else "")
         obs = session.observer
         if obs is not None:
             if spoken or text:
@@ -243,10 +260,16 @@ class Replying:
         return text
 
     async def _after_reply(self, record: TurnRecord, done: AgentDone, text: str,
-                           agent: Agent) -> None:
+                           agent: Agent, tools: ToolTurn | None) -> None:
         if done.cache_key and not record.cached and done.action == "answer" and text \
                 and not done.truncated:
             await self.deps.cache.put_answer(done.cache_key, text)
+        action = tools.action if tools is not None else None
+        if action is not None and action.kind == "transfer":  # the agent's transfer tool
+            if self.session.state is CallState.AI:
+                await self.session.transfer(action.number,
+                                            f"agent transferred to {action.destination}")
+            return
         if not await self.policies.after_answer(done.action):
             return
         if self.context.needs_summary():

@@ -24,12 +24,14 @@ _CONTRACTIONS = {
     "can't": "cannot", "won't": "will not", "let's": "let us", "okay": "ok",
 }
 _WORD = re.compile(r"[a-z0-9']+")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 _MIN_PREFIX_WORDS = 3  # fewer words heard do not tell answers apart
 
 
 def words(text: str) -> list[str]:
     """`text` as normalized words."""
     out: list[str] = []
+    text = _THOUSANDS.sub("", text)  # "4,471" is the number 4471, as the script says
     for token in _WORD.findall(text.lower().replace("\u2019", "'")):
         token = token.strip("'")
         if token:
@@ -71,15 +73,26 @@ class AnswerKey:
                              (DEFAULT_HANDOFF, "handoff"), (goodbye, "goodbye")):
             if action in by_action:
                 self._entries.setdefault(_key(text), by_action[action])
+        # A looked-up answer ("Order {order_id} is {status}.") is its template's words
+        # with anything in place of each field.
+        self._templates = [(_template_pattern(e.tool_answer), e.id)
+                           for e in entries if e.tool and e.tool_answer]
 
     def entry(self, text: str) -> str | None:
         key = _key(text)
-        found = self._entries.get(key)
+        found = self._entries.get(key) or next(
+            (entry for pattern, entry in self._templates if pattern.fullmatch(key)), None)
         if found is not None or len(key.split()) < _MIN_PREFIX_WORDS:
             return found
         starts = {entry for answer, entry in self._entries.items()
                   if answer.startswith(key + " ")}
         return starts.pop() if len(starts) == 1 else None
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{\w+\})", template)
+    return re.compile(" ".join(".+" if part.startswith("{") else re.escape(_key(part))
+                               for part in parts if part.startswith("{") or _key(part)))
 
 
 def _key(text: str) -> str:

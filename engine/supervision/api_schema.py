@@ -19,7 +19,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from engine.bus.events import SCHEMA_VERSION, BudgetState, CallState, Event, Speaker
+from engine.bus.events import (
+    SCHEMA_VERSION,
+    BudgetState,
+    CallState,
+    Event,
+    JsonScalar,
+    Speaker,
+    ToolOutcome,
+)
 
 API_VERSION = 1
 
@@ -41,6 +49,20 @@ class TranscriptEntry(_Frame):
     ts: float = 0.0
 
 
+class ToolCallEntry(_Frame):
+    """A tool the agent called earlier in the call (as its `ToolCalled` event said), so
+    a supervisor who joins or takes over sees what was already looked up."""
+
+    call_id: str = ""
+    turn: int = 0
+    name: str
+    arguments: dict[str, JsonScalar] = Field(default_factory=dict)  # redacted
+    outcome: ToolOutcome = "ok"
+    summary: str = ""
+    latency_s: float = 0.0
+    ts: float = 0.0
+
+
 class CallSnapshot(_Frame):
     call_sid: str
     from_number: str = ""
@@ -55,6 +77,7 @@ class CallSnapshot(_Frame):
     voice_to_voice_s: list[float] = Field(default_factory=list)  # recent turns, oldest first
     transcript: list[TranscriptEntry] = Field(default_factory=list)  # recent lines
     alerts: list[str] = Field(default_factory=list)  # alert kinds raised on this call
+    tool_calls: list[ToolCallEntry] = Field(default_factory=list)  # recent, oldest first
     unpriced: bool = False  # part of cost_usd had no price (engine.allow_unpriced_models)
 
 

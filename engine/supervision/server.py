@@ -11,6 +11,9 @@ The token's name is who acts; `X-Switchboard-Actor` is kept only as what the con
 claimed. A revoked token opens no new connection; a live one is refused at its next
 command and closed (1008) within `token_check_s` anyway, watching or not. What happens
 on an accepted connection is connection.py's job.
+
+`POST /engine/drain` (`switchboard drain`) takes the same tokens, a full one only, and
+starts the engine's drain (engine/fleet/drain.py): 202 with the calls still in progress.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import ipaddress
 import re
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from aiohttp import web
 
@@ -41,6 +45,7 @@ from engine.supervision.tokens import ConsoleTokens, TokenEntry
 log = get_logger(__name__)
 
 WS_PATH = "/console/ws"
+DRAIN_PATH = "/engine/drain"  # POST, a full token: the engine drains (fleet/drain.py)
 ACTOR_HEADER = "X-Switchboard-Actor"
 
 _ACTOR_UNSAFE = re.compile(r"[^A-Za-z0-9._@+ -]")
@@ -80,11 +85,13 @@ class SupervisorApi:
         self._runner: web.AppRunner | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self.drainer: Any = None  # the engine's Drainer, set by the engine at start
 
     # --- lifecycle ----------------------------------------------------------------
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get(WS_PATH, self._handle)
+        app.router.add_post(DRAIN_PATH, self._drain)
 
     async def start(self) -> None:
         """Listen on console_api.host:port (port 0: a free port, see `port`)."""
@@ -181,6 +188,21 @@ class SupervisorApi:
             for connection in list(self._connections):
                 if not self._tokens.is_current(connection.token):
                     connection.shut_down(CLOSE_POLICY, REVOKED_REFUSAL)
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        """`switchboard drain`: same bearer tokens as consoles; watchers may not."""
+        token = await self._authenticate(request)
+        if token is None:
+            return web.Response(status=401, text="missing or wrong console token\n",
+                                headers={"WWW-Authenticate": 'Bearer realm="switchboard"'})
+        if token.role != "full":
+            log.warning("console_api.drain_refused", actor=token.name, reason="read-only")
+            return web.Response(status=403, text="a read-only token cannot drain\n")
+        if self.drainer is None:
+            return web.Response(status=503, text="engine not started\n")
+        started = self.drainer.start(f"supervisor {token.name}")
+        return web.json_response({**self.drainer.status(), "started": started},
+                                 status=202)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         token = await self._authenticate(request)

@@ -1,8 +1,8 @@
 """The supervisor's view of calls: what a console's hello and snapshot show.
 
 Kept in memory from what sessions report (the hub updates it), small and bounded: a few
-recent latencies and transcript lines per call, the last 50 ended calls. A snapshot is
-built from it and the ledger's totals without touching any session.
+recent latencies, transcript lines and tool calls per call, the last 50 ended calls. A
+snapshot is built from it and the ledger's totals without touching any session.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.bus.events import CallState
+from engine.bus.events import CallState, ToolCalled
 from engine.config import Config
 from engine.money.ledger import SpendLedger
 from engine.record.metrics import EngineMetrics
@@ -20,10 +20,14 @@ from engine.supervision.api_schema import (
     Hello,
     Snapshot,
     SpendTotals,
+    ToolCallEntry,
     TranscriptEntry,
 )
 
 ENDED_CALLS_KEPT = 50
+# Tool calls kept per call for the snapshot: apart from the transcript lines, so what the
+# agent looked up early in a long call is still there when a supervisor takes over.
+TOOL_CALLS_KEPT = 20
 
 
 @dataclass
@@ -43,6 +47,8 @@ class CallView:
     transcript: dict[str, TranscriptEntry] = field(default_factory=dict)
     alerts: list[str] = field(default_factory=list)
     unpriced: bool = False  # some of its cost had no price (counted as $0)
+    tool_calls: deque[ToolCallEntry] = field(
+        default_factory=lambda: deque(maxlen=TOOL_CALLS_KEPT))
 
 
 class CallViews:
@@ -73,6 +79,16 @@ class CallViews:
         limit = self._config.console_api.snapshot_transcript_lines
         while len(view.transcript) > limit:
             view.transcript.pop(next(iter(view.transcript)))
+
+    def put_tool_call(self, event: ToolCalled) -> None:
+        """Keep a tool call as it was published (arguments already redacted)."""
+        view = self._views.get(event.call_sid)
+        if view is not None:
+            view.tool_calls.append(ToolCallEntry(
+                call_id=event.call_id, turn=event.turn, name=event.name,
+                arguments=dict(event.arguments), outcome=event.outcome,
+                summary=event.summary, latency_s=event.latency_s,
+                ts=event.ts or time.time()))
 
     def drop_line(self, call_sid: str, line_id: str) -> None:
         """Forget a line the session discarded (noise, not a turn after all)."""
@@ -107,7 +123,8 @@ class CallViews:
             end_reason=view.end_reason, cost_usd=view.cost_usd,
             cost_cap_usd=cost_cap_usd, turns=view.turns,
             voice_to_voice_s=list(view.v2v), transcript=list(view.transcript.values()),
-            alerts=list(view.alerts), unpriced=view.unpriced)
+            alerts=list(view.alerts), unpriced=view.unpriced,
+            tool_calls=list(view.tool_calls))
             for view in self._views.values()]
         ledger = self._ledger
         budget = ledger.budget.reading()

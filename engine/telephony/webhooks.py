@@ -10,6 +10,9 @@ The TwiML of a connected call carries the call's stream token (`stream_token.py`
 its media stream must present. A webhook for a call that has ended (a replay, also long
 after: the call history is asked) is answered with <Hangup/>; the call is not revived.
 
+While the engine drains (a rolling restart) a new call is answered 503, so that Twilio
+uses the number's fallback URL; a call already taken goes on.
+
 A new call is connected to a media stream unless the engine's `CallGate` says otherwise
 (the budget is exhausted): then it is forwarded (<Dial> the human number) or refused
 (<Say> a short line, <Hangup/>), and no session is made for it.
@@ -65,7 +68,8 @@ class TwilioWebhooks:
     def __init__(self, config: Config, registry: CallRegistry, signatures: SignatureChecker,
                  stream_tokens: StreamTokens, accepting: Callable[[], bool] = lambda: True,
                  count_bad: Callable[[str], None] | None = None,
-                 gate: CallGate | None = None) -> None:
+                 gate: CallGate | None = None,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.config = config
         self.registry = registry
         self.signatures = signatures
@@ -73,6 +77,7 @@ class TwilioWebhooks:
         self._accepting = accepting
         self._count_bad = count_bad or (lambda reason: None)
         self._gate = gate or _OpenGate()
+        self._draining = draining
 
     async def _signed_form(self, request: web.Request) -> MultiDictProxy[str]:
         if request.method == "GET":
@@ -133,6 +138,12 @@ class TwilioWebhooks:
             clog.warning("webhook.voice_for_ended_call", status=form.get("CallStatus"))
             self._count_bad("ended_call_webhook")
             return web.Response(text=twiml.hang_up(), content_type=twiml.TWIML_CONTENT_TYPE)
+        if self._draining() and self.registry.get(call_sid) is None:
+            # A non-2xx makes Twilio try the number's fallback URL (or a load balancer
+            # the next engine): a new call goes elsewhere while this engine drains.
+            clog.info("webhook.voice_refused_draining")
+            return web.Response(status=503, text="engine draining\n",
+                                headers={"Retry-After": "1"})
         if not self._accepting():
             clog.warning("webhook.voice_rejected", reason="engine not accepting calls")
             return web.Response(text=twiml.reject_busy(), content_type=twiml.TWIML_CONTENT_TYPE)

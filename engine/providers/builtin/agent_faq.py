@@ -3,14 +3,15 @@
 No model, no network, no cost: the caller's last utterance is matched against the FAQ
 (`FaqMatcher`); the entry's answer is streamed sentence by sentence, and its action
 (answer / handoff / goodbye) tells the call policy what to do next. A question the FAQ
-does not cover gets `unknown_answer` and the action "unknown".
+does not cover gets `unknown_answer` and the action "unknown". An entry with a `tool`
+looks its answer up when that tool is offered (engine/providers/faq/lookup.py).
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from engine.config import Config, FaqConfig
@@ -22,10 +23,12 @@ from engine.providers.base import (
     ChatMessage,
     TextDelta,
     Timing,
+    ToolSpec,
     Usage,
 )
 from engine.providers.faq.embeddings import SemanticFaqStage, load_semantic_stage
 from engine.providers.faq.intent import Intent, detect_intent
+from engine.providers.faq.lookup import answer_from_result, tool_request
 from engine.providers.faq.matcher import FaqMatch, FaqMatcher
 from engine.providers.faq.text import normalize
 from engine.providers.registry import Billing, BillingUnit, NoSettings, ProviderSpec, register
@@ -121,12 +124,26 @@ class FaqAgent:
                           "goodbye", None)
         return _Reply(self.faq.unknown_answer, "unknown", None)
 
-    async def respond(self, messages: list[ChatMessage]) -> AsyncGenerator[AgentEvent, None]:
+    async def respond(self, messages: list[ChatMessage],
+                      tools: Sequence[ToolSpec] = ()) -> AsyncGenerator[AgentEvent, None]:
         started = time.perf_counter()
         last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        looked_up = answer_from_result(self.matcher, self.faq.entries, messages)
+        request = tool_request(self.matcher, last_user, tools) \
+            if tools and looked_up is None and messages and messages[-1].role == "user" \
+            else None
+        if request is not None:
+            log.debug("faq_tool_call", tool=request.name)
+            yield request
+            yield AgentDone(usage=_usage(), timing=Timing(
+                first_byte_s=None, total_s=time.perf_counter() - started),
+                action="tool_calls")
+            return
         if not last_user.strip():
             log.info("faq_empty_input", messages=len(messages))
-        reply = await self.reply_for(last_user)
+        # A looked-up answer is this call's own: it has no cache key.
+        reply = _Reply(looked_up, "answer", None) if looked_up is not None \
+            else await self.reply_for(last_user)
         log.debug("faq_reply", action=reply.action, cache_key=reply.cache_key)
         first_byte: float | None = None
         for sentence in split_sentences(reply.text) or [reply.text]:

@@ -20,11 +20,17 @@ is plain JSON already; `create` walks it against the request's TypedDicts, about
 per request for a few messages) and each chunk stays the decoded JSON dict instead of a
 `ChatCompletionChunk` model (~4 pydantic objects per token). At 250 calls the two were
 about 7 % of the engine's CPU (bench/README.md). `summarize` keeps the typed `create`.
+
+Function calling: with `tools`, the request offers them; tool-call deltas are assembled
+as they stream (`openai_tool_calls.py`) and yielded as `ToolCallRequest`s once the reply
+finishes with them, then `AgentDone(action="tool_calls")` with the round's usage. A
+stream cut while a call's arguments were still coming ends like a cut text reply
+(`truncated`, usage estimated): half a call is never run.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.config import Config
@@ -33,6 +39,8 @@ from engine.providers.base import (
     AgentEvent,
     ChatMessage,
     TextDelta,
+    ToolCallRequest,
+    ToolSpec,
     Usage,
 )
 from engine.providers.builtin.openai_common import (
@@ -44,6 +52,11 @@ from engine.providers.builtin.openai_common import (
     estimate_tokens,
     first_byte_deadline,
     openai,
+)
+from engine.providers.builtin.openai_tool_calls import (
+    ToolCallAssembler,
+    message_body,
+    tools_body,
 )
 from engine.providers.registry import Billing, BillingUnit, ProviderSpec, register
 
@@ -84,7 +97,7 @@ class OpenAIChatAgent:
 
     @staticmethod
     def _messages(messages: list[ChatMessage]) -> list[ChatCompletionMessageParam]:
-        out: list[Any] = [{"role": m.role, "content": m.content} for m in messages]
+        out: list[Any] = [message_body(m) for m in messages]
         return out
 
     def _request_options(self) -> dict[str, Any]:
@@ -96,10 +109,13 @@ class OpenAIChatAgent:
         return {"reasoning_effort": self.reasoning_effort,
                 "max_completion_tokens": self.max_tokens}
 
-    def _estimated_usage(self, messages: list[ChatMessage], reply: str) -> Usage:
-        prompt = 3 + sum(4 + estimate_tokens(m.content) for m in messages)
+    def _estimated_usage(self, messages: list[ChatMessage], reply: str,
+                         tool_chars: int = 0) -> Usage:
+        prompt = 3 + sum(4 + estimate_tokens(m.content)
+                         + sum(estimate_tokens(c.arguments) for c in m.tool_calls)
+                         for m in messages)
         return Usage(provider=PROVIDER, kind="llm", model=self.model, input_tokens=prompt,
-                     output_tokens=estimate_tokens(reply), estimated=True)
+                     output_tokens=estimate_tokens(reply) + tool_chars // 4, estimated=True)
 
     def _usage_from(self, chunk: Chunk) -> Usage | None:
         u = chunk.get("usage") if isinstance(chunk, dict) else None
@@ -113,61 +129,89 @@ class OpenAIChatAgent:
                      output_tokens=int(u.get("completion_tokens") or 0))
 
     @staticmethod
-    def _texts(chunk: Chunk) -> list[str]:
-        """The chunk's new text, per choice (usually one; none in the usage chunk)."""
+    def _texts(chunk: Chunk, calls: ToolCallAssembler) -> list[str]:
+        """The chunk's new text, per choice (usually one; none in the usage chunk); its
+        tool-call pieces go to `calls`."""
         choices = chunk.get("choices") if isinstance(chunk, dict) else None
         if not choices or not isinstance(choices, list):
             return []
         texts = []
         for choice in choices:
             delta = choice.get("delta") if isinstance(choice, dict) else None
-            text = delta.get("content") if isinstance(delta, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            text = delta.get("content")
             if text and isinstance(text, str):
                 texts.append(text)
+            pieces = delta.get("tool_calls")
+            if pieces:
+                calls.add(pieces)
+            if choice.get("finish_reason") == "tool_calls":
+                calls.finished = True
         return texts
 
-    async def _open_stream(self, messages: list[ChatMessage]) -> openai.AsyncStream[Chunk]:
+    async def _open_stream(self, messages: list[ChatMessage],
+                           tools: Sequence[ToolSpec]) -> openai.AsyncStream[Chunk]:
         """The streamed request through the SDK client's `post` (see the module doc)."""
         body = {"model": self.model, "messages": self._messages(messages),
                 "temperature": self.temperature, "stream": True,
                 "stream_options": {"include_usage": True}, **self._request_options()}
+        if tools:
+            body["tools"] = tools_body(tools)
         stream: openai.AsyncStream[Any] = await self._client.post(
             "/chat/completions", body=body, cast_to=object, stream=True,
             stream_cls=openai.AsyncStream[object])
         return stream
 
-    async def respond(self, messages: list[ChatMessage]) -> AsyncGenerator[AgentEvent, None]:
+    async def respond(self, messages: list[ChatMessage],
+                      tools: Sequence[ToolSpec] = ()) -> AsyncGenerator[AgentEvent, None]:
         request = self._first_token.request(self.model)
         stream: openai.AsyncStream[Chunk] | None = None
         reply_parts: list[str] = []
+        calls = ToolCallAssembler()
         usage: Usage | None = None
         pending: list[str] = []
         try:
             async with request.first_byte():
-                stream = await self._open_stream(messages)
+                stream = await self._open_stream(messages, tools)
                 iterator = stream.__aiter__()
-                while not pending:
+                while not pending and not calls.started:
                     chunk = await anext(iterator, None)
                     if chunk is None:  # the reply was empty
                         break
                     usage = self._usage_from(chunk) or usage
-                    pending = self._texts(chunk)
+                    pending = self._texts(chunk, calls)
             for text in pending:
                 reply_parts.append(text)
                 yield TextDelta(text)
-            if pending:
+            requested: list[ToolCallRequest] = []
+            whole = True  # the stream ended as the server meant it to
+            if pending or calls.started:
                 try:
                     async for chunk in iterator:
                         usage = self._usage_from(chunk) or usage
-                        for text in self._texts(chunk):
+                        for text in self._texts(chunk, calls):
                             reply_parts.append(text)
                             yield TextDelta(text)
+                        if calls.finished and not requested:
+                            requested = calls.requests()
+                            for call in requested:
+                                yield call
                 except self._first_token.errors as exc:
-                    # Text already went out: finish with what we have (see module doc).
+                    # Output went out (text, or a call begun: billed either way): finish
+                    # with what we have (see module doc); half a call is dropped.
                     request.cut(exc, received_chars=sum(map(len, reply_parts)))
+                    whole = False
+                if whole and not requested and calls.started:  # no finish_reason: at the end
+                    requested = calls.requests()
+                    for call in requested:
+                        yield call
             if usage is None:
-                usage = self._estimated_usage(messages, "".join(reply_parts))
-            yield AgentDone(usage=usage, timing=request.timing(produced=bool(reply_parts)))
+                usage = self._estimated_usage(messages, "".join(reply_parts),
+                                              calls.characters())
+            yield AgentDone(usage=usage, timing=request.timing(
+                produced=bool(reply_parts or requested)),
+                action="tool_calls" if requested else "answer", truncated=not whole)
         finally:
             # Barge-in closes this generator: close the HTTP response so the server stops.
             if stream is not None:

@@ -26,6 +26,14 @@ from aiohttp import web
 
 from engine.providers.base import Usage
 from engine.sim.standins.openai_realtime import RealtimeTranscriptionEndpoint
+from engine.sim.standins.openai_tools import (
+    ToolRule,
+    call_deltas,
+    conversation_problem,
+    message_with_calls,
+    offered_tools,
+    plan_reply,
+)
 from engine.sim.standins.openai_wire import (
     LOGPROB_MODELS as _LOGPROB_MODELS,
 )
@@ -62,7 +70,12 @@ class OpenAIStandin(StandinServer):
     def __init__(self, *, api_key: str | None = "sk-test") -> None:
         super().__init__(api_key=api_key)
         self.reply: str | Callable[[str], str] = "Sure, I can help with that."
+        # Or a function of the whole request's messages (openai_grounded.py); wins if set.
+        self.reply_to_messages: Callable[[list[dict[str, Any]]], str] | None = None
         self.cached_tokens: int | None = None
+        # Scripted function calling (openai_tools.py): the first rule that applies wins.
+        self.tool_rules: list[ToolRule] = []
+        self.tool_chunk_chars = 7  # a call's arguments are streamed in pieces this long
         self.transcript: str | Callable[[float], str] = "I would like to check my order."
         self.segments: list[SegmentSpec] | None = None
         self.avg_logprob = -0.2
@@ -107,6 +120,8 @@ class OpenAIStandin(StandinServer):
     # --- chat -----------------------------------------------------------------------
 
     def _reply_for(self, messages: list[dict[str, Any]]) -> str:
+        if self.reply_to_messages is not None:
+            return self.reply_to_messages(messages)
         if isinstance(self.reply, str):
             return self.reply
         last_user = next((str(m.get("content", "")) for m in reversed(messages)
@@ -133,11 +148,16 @@ class OpenAIStandin(StandinServer):
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return error_response(400, "'messages' is a required property", param="messages")
         messages: list[dict[str, Any]] = body["messages"]
-        tokens = _TOKEN_RE.findall(self._reply_for(messages))
+        problem = conversation_problem(body)
+        if problem is not None:
+            return error_response(400, problem, param="messages")
+        plan = plan_reply(self.tool_rules, messages, offered_tools(body))
+        tokens = _TOKEN_RE.findall(plan.text if plan else self._reply_for(messages))
         # Accepted: billed from here on, whatever becomes of the answer.
         bill = ChatBill(str(body.get("model", "")), *self._prompt_usage(messages))
         try:
-            return await self._answer_chat(request, record, body, tokens, bill)
+            return await self._answer_chat(request, record, body, tokens, bill,
+                                           plan.calls if plan else [])
         finally:
             self._log_chat(bill)
 
@@ -147,8 +167,8 @@ class OpenAIStandin(StandinServer):
             self.usage_log.append(BilledRequest("chat", bill.model, bill.usage()))
 
     async def _answer_chat(self, request: web.Request, record: RecordedRequest,
-                           body: dict[str, Any], tokens: list[str],
-                           bill: ChatBill) -> web.StreamResponse:
+                           body: dict[str, Any], tokens: list[str], bill: ChatBill,
+                           calls: list[tuple[str, str, str]]) -> web.StreamResponse:
         if self.mode == "timeout":
             await self.sleep(TIMEOUT_SLEEP_S)
             bill.billed = False  # answered with an error after all
@@ -156,26 +176,30 @@ class OpenAIStandin(StandinServer):
         completion = Completion(f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()),
                                  str(body.get("model", "")))
         await self.sleep(self.latency_s)
-        usage = self.last_usage = bill.usage(len(tokens))
+        # One completion token per streamed delta: a text token, or a piece of a call.
+        deltas = [{"content": token} for token in tokens] + call_deltas(
+            calls, self.tool_chunk_chars)
+        finish = "tool_calls" if calls else "stop"
+        usage = self.last_usage = bill.usage(len(deltas))
         if not body.get("stream"):
-            bill.completion_tokens = len(tokens)
+            bill.completion_tokens = len(deltas)
             return web.json_response({
                 "id": completion.id, "object": "chat.completion", "created": completion.created,
                 "model": completion.model, "system_fingerprint": "fp_standin",
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                             "message": {"role": "assistant", "content": "".join(tokens),
-                                         "refusal": None}}],
+                "choices": [{"index": 0, "finish_reason": finish, "logprobs": None,
+                             "message": message_with_calls("".join(tokens), calls)}],
                 "usage": usage})
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        return await self._stream_chat(request, record, completion, tokens, bill,
+        return await self._stream_chat(request, record, completion, deltas, finish, bill,
                                        usage if include_usage else None)
 
     async def _stream_chat(self, request: web.Request, record: RecordedRequest,
-                           completion: Completion, tokens: list[str], bill: ChatBill,
-                           usage: dict[str, Any] | None) -> web.StreamResponse:
-        """SSE chunks: the role, one token each `token_interval_s`, the stop, then (when
-        asked for) the usage chunk. Mode "cut" drops the connection halfway. `bill`
-        counts the tokens sent."""
+                           completion: Completion, deltas: list[dict[str, Any]], finish: str,
+                           bill: ChatBill, usage: dict[str, Any] | None
+                           ) -> web.StreamResponse:
+        """SSE chunks: the role, one delta (a token, a piece of a tool call) each
+        `token_interval_s`, the finish, then (when asked for) the usage chunk. Mode "cut"
+        drops the connection halfway. `bill` counts the deltas sent."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                "Cache-Control": "no-cache"})
         with_usage = usage is not None
@@ -183,17 +207,17 @@ class OpenAIStandin(StandinServer):
             await response.prepare(request)
             await _sse(response, completion.chunk(
                 {"role": "assistant", "content": "", "refusal": None}, with_usage=with_usage))
-            cut_at = len(tokens) // 2 if self.mode == "cut" else None
-            for i, token in enumerate(tokens):
+            cut_at = len(deltas) // 2 if self.mode == "cut" else None
+            for i, delta in enumerate(deltas):
                 if cut_at is not None and i == max(cut_at, 1):
                     self.drop_connection(request)
                     return response
                 if i:
                     await self.sleep(self.token_interval_s)
-                await _sse(response, completion.chunk({"content": token}, with_usage=with_usage))
+                await _sse(response, completion.chunk(delta, with_usage=with_usage))
                 bill.completion_tokens += 1
             self._log_chat(bill)  # all generated: billed even if the client leaves now
-            await _sse(response, completion.chunk({}, "stop", with_usage=with_usage))
+            await _sse(response, completion.chunk({}, finish, with_usage=with_usage))
             if usage is not None:
                 await _sse(response, {"id": completion.id, "object": "chat.completion.chunk",
                                       "created": completion.created, "model": completion.model,
