@@ -55,7 +55,7 @@ from load_run import (  # noqa: E402
     worker_command,
     worker_output,
 )
-from probes import LoopLag, cpu_seconds, loadavg, rss_mb  # noqa: E402
+from probes import LoopLag, cpu_seconds, gc_census, loadavg, rss_mb  # noqa: E402
 from turn_figures import (  # noqa: E402
     first_sentence_tokens,
     lag_summary,
@@ -184,7 +184,9 @@ async def call_level(args: argparse.Namespace, calls: int, url: str, tmp: Path,
     async with aiohttp.ClientSession() as http, http.post(url + "/bench/reset") as resp:
         await resp.read()
     await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-    census = asyncio.create_task(gc_census(args, url, tmp, calls)) if args.gc_census else None
+    census = asyncio.create_task(gc_census(args.ramp + 5.0, url,
+                                           tmp / f"gc-census-{calls}.json")) \
+        if args.gc_census else None
     cpu0, wall0, load0 = cpu_seconds(engine_pid), time.monotonic(), loadavg()
     own0 = cpu_seconds(os.getpid())  # this process: the stand-ins
     timeout = args.ramp + turns_per_call * 25 + 60
@@ -199,14 +201,6 @@ async def call_level(args: argparse.Namespace, calls: int, url: str, tmp: Path,
     return {"turns_per_call": turns_per_call, "cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0,
             "rss_mb": rss, "loadavg": (load0, load1), "t0": wall0,
             "standin_cpu_pct": round((own1 - own0) / (wall1 - wall0) * 100, 1)}
-
-
-async def gc_census(args: argparse.Namespace, url: str, tmp: Path, calls: int) -> None:
-    """Debug (--gc-census): what the engine's collector tracks, once the ramp is over
-    and every call is in its turns; written to the temp dir (see --keep)."""
-    await asyncio.sleep(args.ramp + 5.0)
-    async with aiohttp.ClientSession() as http, http.get(url + "/bench/gc-census") as resp:
-        (tmp / f"gc-census-{calls}.json").write_text(json.dumps(await resp.json(), indent=1))
 
 
 async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
@@ -226,8 +220,8 @@ async def run_level(args: argparse.Namespace, calls: int, urls: dict[str, str],
         renice([engine.pid, os.getpid()], args.nice)
         level = await call_level(args, calls, url, tmp, engine.pid, workers)
         await asyncio.sleep(0.5)  # the last turns' events
-        async with aiohttp.ClientSession() as http, http.get(url + "/bench/turns",
-                                                          params={"sweep": "1"}) as resp:
+        async with aiohttp.ClientSession() as http, \
+                http.get(url + "/bench/turns?sweep=1") as resp:  # then a GC sweep
             body = await resp.json()
     finally:
         for w in workers:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -165,3 +167,14 @@ class GcPauses:
 
     def reset(self) -> None:
         self.pauses.clear()
+
+
+async def gc_census(after_s: float, url: str, out: Path) -> None:
+    """Debug (--gc-census): what the engine's collector tracks, `after_s` in (the ramp
+    over, every call in its turns), fetched from the bench engine and written to `out`."""
+    import aiohttp
+
+    await asyncio.sleep(after_s)
+    async with aiohttp.ClientSession() as http, http.get(url + "/bench/gc-census") as resp:
+        body = json.dumps(await resp.json(), indent=1)
+    await asyncio.to_thread(out.write_text, body)

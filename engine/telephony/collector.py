@@ -52,6 +52,31 @@ _MAX_WAIT_S = 1.0
 _GRACE_S = _MAX_WAIT_S + 0.1
 
 
+class _Process:
+    """The collector's settings are the process's: several engines in one process (tests,
+    a bench) share them. The first to start saves CPython's threshold, the last to stop
+    puts it back and unfreezes."""
+
+    active = 0
+    saved: tuple[int, int, int] | None = None
+
+    @classmethod
+    def take(cls) -> None:
+        if cls.active == 0:
+            cls.saved = gc.get_threshold()
+            young, middle, _ = cls.saved
+            gc.set_threshold(young, middle, _NEVER)
+        cls.active += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls.active -= 1
+        if cls.active == 0 and cls.saved is not None:
+            gc.set_threshold(*cls.saved)
+            cls.saved = None
+            gc.unfreeze()  # what the engines froze is the process's again
+
+
 class FullCollections:
     """The process's full collections, taken at the pacer's safe point (module doc)."""
 
@@ -71,17 +96,16 @@ class FullCollections:
         self.longest_sweep_ms = 0.0
         self._due = 0.0
         self._sweep_due = 0.0
-        self._saved: tuple[int, int, int] | None = None
+        self._taken = False
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
         """Freeze what start-up built, take full collections over (call in the loop)."""
         gc.collect()
         gc.freeze()
-        if self._saved is None:
-            self._saved = gc.get_threshold()
-            young, middle, _ = self._saved
-            gc.set_threshold(young, middle, _NEVER)
+        if not self._taken:
+            self._taken = True
+            _Process.take()
         self._due = time.monotonic() + self.interval_s
         self._sweep_due = time.monotonic() + self.sweep_interval_s
         self.pacer.after_tick = self.after_tick
@@ -94,10 +118,9 @@ class FullCollections:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._saved is not None:
-            gc.set_threshold(*self._saved)
-            self._saved = None
-        gc.unfreeze()  # what this engine froze is the process's again
+        if self._taken:
+            self._taken = False
+            _Process.release()
 
     async def after_tick(self, tick_at: float) -> None:
         """The pacer has just topped every stream up: the time for a pause, if one is due
