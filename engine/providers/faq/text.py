@@ -67,10 +67,15 @@ def _numbers_to_digits(words: list[str]) -> list[str]:
     return out
 
 
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
 def normalize(text: str) -> list[str]:
     """Lowercase words with contractions expanded and number words as digits."""
     text = text.lower().replace("’", "'").replace("‘", "'").replace("`", "'")
     text = text.replace("24/7", " 24 7 ").replace("&", " and ")
+    # Whisper writes a spoken "four thousand four hundred..." as "4,471": one number.
+    text = _THOUSANDS_RE.sub("", text)
     words: list[str] = []
     for raw in _WORD_RE.findall(text):
         raw = raw.strip("'")
@@ -203,7 +208,9 @@ def analyze(text: str) -> list[tuple[str, str]]:
         else:
             w = words[i]
             i += 1
-            if w in _STOP_WORDS:
+            # A number is a value the caller gives (an order, a phone number), not a word
+            # of the question: "where is my order 4 4 7 1" asks what "where is my order" does.
+            if w in _STOP_WORDS or w.isdigit():
                 continue
             s = stem(w)
             out.append((CONCEPT_OF_STEM.get(s, s), w))
