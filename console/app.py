@@ -22,6 +22,7 @@ from console.view_state import CallView
 from engine.supervision.api_schema import CommandName
 
 ACTING_ACTIONS = frozenset({"take_over", "escalate", "transfer", "hang_up"})
+VARIANT_ACTIONS = frozenset({"pause_variant", "resume_variant"})
 
 
 class SupervisorConsole(LiveView):
@@ -37,6 +38,8 @@ class SupervisorConsole(LiveView):
         Binding("p", "pause", "Pause"),
         Binding("q", "quit", "Quit"),
         Binding("escape", "go_back", "Back", show=False),
+        Binding("v", "pause_variant", "Pause variant", show=False),
+        Binding("V", "resume_variant", "Resume variant", show=False),
     ]
     # Described for the help screen (the table's own keys are not app bindings).
     NAVIGATION_HELP: ClassVar[list[tuple[str, str]]] = [
@@ -44,9 +47,14 @@ class SupervisorConsole(LiveView):
         ("enter", "focus the selected call's transcript"),
         ("G", "transcript: jump to the newest line"),
         ("esc", "back to the calls / clear the filter / hand back"),
+        ("v / V", "pause / resume the selected call's experiment variant"),
     ]
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in VARIANT_ACTIONS:
+            call = self.selected_call()
+            return False if self.readonly else (None if call is None or not call.variant
+                                                else True)
         if action in ACTING_ACTIONS:
             if self.readonly:
                 return False  # hidden from the footer and refused
@@ -134,6 +142,20 @@ class SupervisorConsole(LiveView):
         if call is not None:
             self._transfer(call.call_sid, self.call_label(call), self._call_detail(call))
 
+    def action_pause_variant(self) -> None:
+        self._variant_command("pause_variant", "Pause", "it gets no new calls (its share "
+                              "goes to the others) until resumed with V")
+
+    def action_resume_variant(self) -> None:
+        self._variant_command("resume_variant", "Resume", "it gets new calls again")
+
+    def _variant_command(self, command: CommandName, verb: str, detail: str) -> None:
+        call = self.selected_call()
+        if call is not None and call.variant:
+            self._confirm_and_send(command, call.call_sid,
+                                   f"{verb} variant {call.variant}?", detail,
+                                   text=call.variant)
+
     def call_label(self, call: CallView) -> str:
         who = call.from_number or "unknown caller"
         return f"{who} ({call.call_sid})"
@@ -146,9 +168,9 @@ class SupervisorConsole(LiveView):
 
     @work(group="commands")
     async def _confirm_and_send(self, command: CommandName, call_sid: str, question: str,
-                                detail: str) -> None:
+                                detail: str, text: str | None = None) -> None:
         if await self.push_screen_wait(ConfirmScreen(question, detail)):
-            await self.send(command, call_sid)
+            await self.send(command, call_sid, text=text)
 
     @work(group="commands")
     async def _transfer(self, call_sid: str, label: str, detail: str) -> None:

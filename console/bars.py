@@ -49,6 +49,8 @@ def status_text(connection: ConnectionChanged, model: ConsoleModel, *, paused: b
         limit = f" ({totals.budget_limit})" if totals.budget_limit else ""
         text.append(f" │ budget {totals.budget_state.upper()}{limit}",
                     style="bold yellow" if totals.budget_state == "warning" else "bold red")
+    if totals.budget_totals == "shared":  # the whole fleet's spend (budget.shared)
+        text.append(f" │ fleet ${totals.today_usd:.2f} today")
     if totals.budget_totals == "offline":
         text.append(" │ budget totals offline", style="bold yellow")
     if model.unhealthy_providers:

@@ -46,6 +46,10 @@ COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("alerts", "Alerts", 8),
 )
 COLUMN_KEYS = tuple(key for key, _label, _width in COLUMNS)
+# A fleet console (Hello.fleet) adds the engine that owns each call, last.
+ENGINE_COLUMN: tuple[str, str, int] = ("engine", "Engine", 8)
+# Once a call is in an A/B experiment, its variant ("experiment/variant": the variant).
+VARIANT_COLUMN: tuple[str, str, int] = ("variant", "Variant", 9)
 
 _STATE_STYLE = {CallState.CONNECTED: "cyan", CallState.AI: "green",
                 CallState.HUMAN_TAKEOVER: "bold magenta", CallState.TRANSFERRING: "yellow",
@@ -85,6 +89,13 @@ def row_cells(call: CallView, model: ConsoleModel, latency_alert_s: float = 2.0
     )
 
 
+def engine_label(engine_id: str) -> str:
+    """An engine id as the table shows it: `new_engine_id`'s random suffix (unique per
+    process start, the end of the id in logs and /healthz), else the id's end."""
+    head, _, tail = engine_id.rpartition("-")
+    return tail if head and tail else engine_id[-8:]
+
+
 def cell_text(cell: Cell) -> Text:
     return Text(cell[0], style=cell[1], no_wrap=True, overflow="ellipsis")
 
@@ -102,8 +113,39 @@ class CallsTable(DataTable[Text]):
         for key, label, width in COLUMNS:
             self.add_column(label, key=key, width=width)
         self.latency_alert_s = latency_alert_s
+        self.engines_shown = False
+        self.variants_shown = False
+        self._reselect = ""  # the call selected before the columns changed
         self._call_order: list[str] = []  # call_sids, as the rows stand
         self._call_cells: dict[str, tuple[Cell, ...]] = {}  # what each row shows now
+
+    def show_engines(self, shown: bool) -> None:
+        """Show (a fleet console) or hide the engine column; rows are rebuilt at the
+        next `show_calls`."""
+        if shown == self.engines_shown:
+            return
+        self.engines_shown = shown
+        self._rebuild_columns()
+
+    def _extra_columns(self) -> tuple[tuple[str, str, int], ...]:
+        return (((VARIANT_COLUMN,) if self.variants_shown else ())
+                + ((ENGINE_COLUMN,) if self.engines_shown else ()))
+
+    def _rebuild_columns(self) -> None:
+        selected = self.selected_sid()
+        self.clear(columns=True)
+        for key, label, width in COLUMNS + self._extra_columns():
+            self.add_column(label, key=key, width=width)
+        self._call_order, self._call_cells = [], {}
+        self._reselect = selected
+
+    def _cells(self, call: CallView, model: ConsoleModel) -> tuple[Cell, ...]:
+        cells = row_cells(call, model, self.latency_alert_s)
+        if self.variants_shown:
+            cells += ((call.variant.rpartition("/")[2] or "-", "dim" if call.ended else ""),)
+        if self.engines_shown:
+            cells += ((engine_label(call.engine_id), "dim" if call.ended else "cyan"),)
+        return cells
 
     def selected_sid(self) -> str:
         """The call under the cursor ("" when the table is empty)."""
@@ -117,23 +159,28 @@ class CallsTable(DataTable[Text]):
 
     def show_calls(self, calls: Sequence[CallView], model: ConsoleModel) -> None:
         """Make the rows match `calls` (in this order), touching only what changed."""
+        if not self.variants_shown and any(call.variant for call in calls):
+            self.variants_shown = True
+            self._rebuild_columns()
         order = [call.call_sid for call in calls]
         if order != self._call_order:
             self._reorder(calls, order, model)
         # Update only the cells whose text or style changed (new rows are up to date).
+        keys = COLUMN_KEYS + tuple(key for key, _label, _width in self._extra_columns())
         for call in calls:
-            cells = row_cells(call, model, self.latency_alert_s)
+            cells = self._cells(call, model)
             shown = self._call_cells.get(call.call_sid)
             if shown == cells:
                 continue
             for index, cell in enumerate(cells):
                 if shown is None or shown[index] != cell:
-                    self.update_cell(call.call_sid, COLUMN_KEYS[index], cell_text(cell))
+                    self.update_cell(call.call_sid, keys[index], cell_text(cell))
             self._call_cells[call.call_sid] = cells
 
     def _reorder(self, calls: Sequence[CallView], order: list[str],
                  model: ConsoleModel) -> None:
-        selected = self.selected_sid()
+        selected = self.selected_sid() or self._reselect
+        self._reselect = ""
         wanted = set(order)
         kept = [sid for sid in self._call_order if sid in wanted]
         if order[:len(kept)] == kept:
@@ -155,6 +202,6 @@ class CallsTable(DataTable[Text]):
             self.move_cursor(row=order.index(selected), animate=False)
 
     def _add_call(self, call: CallView, model: ConsoleModel) -> None:
-        cells = row_cells(call, model, self.latency_alert_s)
+        cells = self._cells(call, model)
         self.add_row(*(cell_text(cell) for cell in cells), key=call.call_sid)
         self._call_cells[call.call_sid] = cells

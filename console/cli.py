@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", default=DEFAULT_ENGINE,
                         help=f"supervisor API address (default {DEFAULT_ENGINE})")
     parser.add_argument("--redis", metavar="URL",
-                        help="read events from this Redis instead (read-only)")
+                        help="deprecated: read-only events from this Redis; a fleet "
+                             "engine's --engine shows every engine's calls and acts")
     parser.add_argument("--redis-prefix", default="switchboard",
                         help="Redis key prefix (default switchboard)")
     parser.add_argument("--token", help=f"API token (default ${TOKEN_ENV}, else the token "
@@ -60,10 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REDIS_DEPRECATED = (
+    "switchboard console: --redis is deprecated and read-only (no snapshot, no "
+    "commands). With [fleet] enabled and the Redis bus, any engine's supervisor API "
+    "serves the whole fleet: use --engine ws://HOST:PORT with a token.")
+
+
 def make_source(args: argparse.Namespace) -> FrameSource:
     if args.redis:
         from console.redis_source import RedisEventSource
 
+        print(REDIS_DEPRECATED, file=sys.stderr)
         return RedisEventSource(args.redis, args.redis_prefix)
     return SupervisorClient(args.engine, _token(args), readonly=args.readonly)
 

@@ -217,10 +217,13 @@ class SupervisorClient:
         self._pending.clear()
 
     async def send_command(self, command: CommandName, call_sid: str, *,
-                           text: str | None = None, number: str | None = None) -> Reply:
+                           text: str | None = None, number: str | None = None,
+                           command_id: str | None = None) -> Reply:
         """Send one command and wait for its Reply. Never raises: failures come back as
-        Reply(ok=False, error=...) so the UI can show them."""
-        command_id = secrets.token_hex(8)
+        Reply(ok=False, error=...) so the UI can show them. Sending again with the same
+        `command_id` (after a timeout or a lost connection) is safe on a fleet engine:
+        the command runs once and the retry gets the first run's reply."""
+        command_id = command_id or secrets.token_hex(8)
         try:
             frame = Command(id=command_id, command=command, call_sid=call_sid, text=text,
                             number=number)

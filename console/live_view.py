@@ -137,6 +137,9 @@ class LiveView(App[int]):
                 self.model.apply_snapshot(item)
             elif isinstance(item, Hello):
                 self.hello = item
+                if item.fleet != self._table.engines_shown:  # the fleet's calls: by engine
+                    self._table.show_engines(item.fleet)
+                    self._table_dirty = True
                 if item.readonly and not self.readonly:
                     self.readonly = True
                     self.refresh_bindings()

@@ -114,7 +114,8 @@ class ConsoleModel:
                         state=snap.state, started_at=snap.started_at, ended_at=snap.ended_at,
                         end_reason=snap.end_reason, cost_usd=snap.cost_usd,
                         cost_cap_usd=snap.cost_cap_usd, turns=snap.turns,
-                        alerts=list(dict.fromkeys(snap.alerts)), unpriced=snap.unpriced)
+                        alerts=list(dict.fromkeys(snap.alerts)), unpriced=snap.unpriced,
+                        engine_id=snap.engine_id, variant=snap.variant)
         if snap.state == CallState.ENDED and call.ended_at is None:
             call.ended_at = snap.started_at
         if snap.cost_cap_usd > 0:
@@ -179,6 +180,7 @@ class ConsoleModel:
             return
         call.from_number = event.from_number
         call.to_number = event.to_number
+        call.engine_id = event.engine_id  # the engine that started it owns it
         if event.cost_cap_usd is not None:
             call.cost_cap_usd = event.cost_cap_usd
         if event.ts:
@@ -190,6 +192,8 @@ class ConsoleModel:
             return
         if event.turns is not None:
             call.turns = event.turns
+        if event.variant is not None:
+            call.variant = event.variant
         for kind, name in (("stt", event.stt_provider), ("agent", event.agent_provider),
                            ("tts", event.tts_provider)):
             if name is not None:

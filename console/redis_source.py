@@ -1,7 +1,9 @@
 """Read-only console source: events straight from the Redis Stream `{prefix}:events`.
 
-For watching a deployment without an engine's supervisor API (or several engines at
-once). It replays what the stream retains to build the view, then follows it with
+Deprecated (`switchboard console --redis` says so): with `[fleet] enabled` and the Redis
+bus, any engine's supervisor API serves every engine's calls, with a snapshot, budgets
+and commands (engine/fleet/console_backend.py). Kept for watching a stream without one.
+It replays what the stream retains to build the view, then follows it with
 blocking XREAD, resuming from its last id after any Redis error. There is no snapshot
 (budgets and cost caps are unknown until events carry them) and no commands.
 """
@@ -19,7 +21,7 @@ from redis.exceptions import RedisError
 
 from console.client import ConnectionChanged, SourceItem
 from engine.bus.events import BusGap, EventDecodeError, decode_event
-from engine.supervision.api_schema import CommandName, EventFrame, Reply
+from engine.supervision.api_schema import CommandName, EventFrame, Hello, Reply
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +60,8 @@ class RedisEventSource:
             self._client = client
             try:
                 gap = await self._check_trimmed(client)
+                # Every engine's events: the table shows which engine owns each call.
+                yield Hello(engine_id="", readonly=True, fleet=True)
                 yield ConnectionChanged("connected", f"redis {self.key}")
                 attempt = 0
                 if gap is not None:

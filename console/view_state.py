@@ -69,6 +69,8 @@ class CallView:
     alerts: list[str] = field(default_factory=list)  # kinds, in the order raised
     providers: dict[str, str] = field(default_factory=dict)  # stt/agent/tts -> name
     unpriced: bool = False  # some of its cost has no price (counted as $0)
+    variant: str = ""  # "experiment/variant" of an A/B experiment ("" none)
+    engine_id: str = ""  # the engine that owns it (a fleet console shows every engine's)
 
     @property
     def ended(self) -> bool:
@@ -87,7 +89,7 @@ class CallView:
         if not needle:
             return True
         hay = " ".join((self.call_sid, self.from_number, self.to_number, self.state,
-                        " ".join(self.alerts))).lower()
+                        self.engine_id, " ".join(self.alerts))).lower()
         return needle.lower() in hay
 
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from engine import __version__
 from engine.config import Config
 from engine.fleet import fleet_membership
+from engine.fleet.console_backend import fleet_console
 from engine.fleet.drain import Drainer
 from engine.hub import OpsHub
 from engine.log import get_logger
@@ -131,9 +132,19 @@ class Engine:
         self.supervisor_api: Any = None  # the console API, when one is wired
         self.on_started: list[Callable[[], Awaitable[None]]] = []
         self.on_stopping: list[Callable[[], Awaitable[None]]] = []
+        # A fleet engine's console API serves the fleet's calls and routes commands.
+        self.fleet_console = fleet_console(config, self.hub, self.fleet)
         if self.fleet is not None:  # leaves the fleet before the bus closes
             self.on_started.append(self.fleet.start)
+            if self.fleet_console is not None:
+                self.on_started.append(self.fleet_console.start)
+                self.on_stopping.append(self.fleet_console.stop)
             self.on_stopping.append(self.fleet.stop)
+
+    @property
+    def supervisor_backend(self) -> Any:
+        """What the supervisor API serves: the fleet's calls, or this engine's."""
+        return self.fleet_console if self.fleet_console is not None else self.hub
 
     # -- sessions -------------------------------------------------------------------------
 

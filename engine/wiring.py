@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.app import Engine
 from engine.config import Config, ConfigError
+from engine.experiments.runner import ExperimentRunner
 from engine.hub import OpsHub
 from engine.knowledge import load_knowledge
 from engine.log import get_logger
@@ -198,10 +199,15 @@ async def build_engine(config: Config, *, history: bool = True,
     deps = build_deps(config, providers, cache, hub, cheapest)
     deps.knowledge = knowledge
     deps.tools = tools
+    experiment = await _start_experiment(config, providers, deps, hub)
 
     def pipeline(session: CallSession) -> ConversationPipeline:
-        return ConversationPipeline(session, deps,
-                                    cost_so_far=lambda: hub.cost_of(session.call_sid))
+        chosen = experiment.deps_for(session) if experiment is not None else deps
+        conversation = ConversationPipeline(session, chosen,
+                                            cost_so_far=lambda: hub.cost_of(session.call_sid))
+        if experiment is not None:
+            experiment.track(session, conversation)
+        return conversation
 
     engine = Engine(config, tts=deps.tts, conversation_factory=pipeline, hub=hub)
 
@@ -211,6 +217,9 @@ async def build_engine(config: Config, *, history: bool = True,
                               *([tools] if tools else [])]
         if own_providers:
             closers += [deps.stt, deps.agent, deps.tts]
+        if experiment is not None:
+            await experiment.aclose()
+            closers += experiment.built
         await _close(closers + (built.all() if built else []))
         if store is not None:
             await store.aclose()
@@ -220,11 +229,33 @@ async def build_engine(config: Config, *, history: bool = True,
     if supervisor_api:
         from engine.supervision.server import SupervisorApi
 
-        api = SupervisorApi(config, hub)  # reads or creates the console token now
+        # reads or creates the console token now
+        api = SupervisorApi(config, engine.supervisor_backend)
         engine.supervisor_api = api
         engine.on_started.append(api.start)
         engine.on_stopping.insert(0, api.stop)
     return engine
+
+
+async def _start_experiment(config: Config, providers: Providers, deps: PipelineDeps,
+                            hub: OpsHub) -> ExperimentRunner | None:
+    """The enabled experiment's variants, their chains built and warmed (none: None)."""
+    from engine.experiments.variants import build_variant_deps  # it builds with this module
+
+    enabled = [e for e in config.experiments if e.enabled]
+    if not enabled:
+        return None
+
+    def on_fallback(event: FallbackEvent) -> None:
+        hub.provider_switched(event.kind, event.from_provider, event.to_provider, event.error)
+
+    variant_deps, built = build_variant_deps(config, enabled[0], providers, deps, on_fallback)
+    for provider in built:
+        await provider.warm_up()
+    runner = ExperimentRunner(enabled[0], variant_deps, deps, hub)
+    runner.built = built
+    hub.commands.experiments = runner  # supervisors pause and resume its variants
+    return runner
 
 
 async def _open_history(config: Config) -> CallHistory:

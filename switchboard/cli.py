@@ -1,4 +1,4 @@
-"""`switchboard` command line: serve, call, demo, console, report, drain, tokens.
+"""`switchboard` command line: serve, call, demo, console, report, experiments, drain, tokens.
 
 The global options (`--config`, `--log-level`) are accepted before or after the
 subcommand, as the README writes them both ways.
@@ -203,6 +203,13 @@ def cmd_tokens(args: argparse.Namespace) -> int:
                       bool(getattr(args, "readonly", False)))
 
 
+def cmd_experiments(args: argparse.Namespace) -> int:
+    """A/B experiments' variants side by side (switchboard/experiments_cli.py)."""
+    from switchboard.experiments_cli import run_experiments
+
+    return run_experiments(_load(args), args.since, args.format, args.dsn)
+
+
 # -- main ----------------------------------------------------------------------------------
 
 
@@ -274,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the fleet's PostgreSQL history (default: history.dsn when "
                              "history.backend is postgres, else this engine's SQLite file)")
     report.set_defaults(func=cmd_report)
+
+    from switchboard.experiments_cli import add_experiments_command
+
+    experiments = command("experiments", "A/B experiments: each variant's outcomes side by "
+                                         "side, with intervals and a verdict per metric")
+    add_experiments_command(experiments)
+    experiments.set_defaults(func=cmd_experiments)
 
     console = command("console", "the supervisor console (Textual); its options: "
                                  "switchboard console --help", add_help=False)

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from engine.app import Engine
 from engine.config import Config, FaqEntry, ToolConfig
+from engine.config.experiments import ExperimentConfig
 from engine.log import configure_logging, get_logger
 from engine.providers.builtin.tts_espeak import espeak_settings
 from engine.record.data_dir import prepare_data_dir, private_file
@@ -71,7 +72,14 @@ def demo_config(config: Config) -> Config:
     if not cfg.transfer.number:
         cfg.transfer.number = DEMO_QUEUE
     cfg.policy.call_cost_cap_usd = min(cfg.policy.call_cost_cap_usd, DEMO_CALL_CAP_USD)
+    if not any(e.enabled for e in cfg.experiments):  # the console's Variant column
+        cfg.experiments.append(ExperimentConfig.model_validate(DEMO_EXPERIMENT))
     return cfg
+
+
+# A small A/B test: one arm waits longer before it takes trailing words as the end.
+DEMO_EXPERIMENT = {"name": "demo", "variants": [
+    {"name": "usual"}, {"name": "patient", "turns": {"trailing_silence_ms": 1600}}]}
 
 
 ORDER_TOOL = "order_status"

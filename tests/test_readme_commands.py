@@ -75,7 +75,7 @@ def _words(command: str) -> list[str]:
 
 def _subcommand(words: list[str]) -> str | None:
     return next((w for w in words[1:] if not w.startswith("-")
-                 and w in (*ENGINE_COMMANDS, "demo", "console")), None)
+                 and w in (*ENGINE_COMMANDS, "demo", "console", "experiments")), None)
 
 
 def _needs_engine(command: str) -> bool:
@@ -233,7 +233,7 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
     for action in main._actions:
         if isinstance(action, argparse._SubParsersAction):
             parsers.update({f"switchboard {name}": sub for name, sub in action.choices.items()})
-    assert len(parsers) == 8  # with `tokens`
+    assert len(parsers) == 10  # with `drain`, `tokens` and `experiments`
     for name, parser in parsers.items():
         for action in parser._actions:
             assert action.help and action.help != argparse.SUPPRESS, \

@@ -53,7 +53,7 @@ UsageKind = Literal["stt", "llm", "tts", "telephony"]
 ProviderKindName = Literal["stt", "llm", "tts"]
 AlertKind = Literal["call_cost_cap", "call_cost_warning", "daily_budget", "monthly_budget",
                     "latency_p95", "low_confidence", "handoff_requested", "provider_failover",
-                    "provider_down"]
+                    "provider_down", "variant_paused"]
 # The daily and monthly budget (engine/money/budget.py): ok, warning from a share of a
 # limit, then what `budget.on_exhausted` says once a limit is reached.
 BudgetState = Literal["ok", "warning", "degraded", "forwarding", "refusing"]
@@ -103,6 +103,7 @@ class CallUpdated(EventBase):
     stt_provider: str | None = None  # the provider currently serving in each chain
     agent_provider: str | None = None
     tts_provider: str | None = None
+    variant: str | None = None  # "experiment/variant" the call was assigned (A/B tests)
     extra: dict[str, JsonScalar] = Field(default_factory=dict)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from engine.config.base import ConfigError, Section
+from engine.config.experiments import Experiments
 from engine.config.fleet import FleetConfig
 from engine.config.knowledge import KnowledgeConfig
 from engine.config.money import BudgetConfig, PricesConfig
@@ -69,6 +70,7 @@ class Config(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     tools: Tools = Field(default_factory=list)
     tool_use: ToolUseConfig = Field(default_factory=ToolUseConfig)
+    experiments: Experiments = Field(default_factory=list)
 
     def public_base_url(self) -> str:
         """The https base URL Twilio uses to reach us, without a trailing slash."""

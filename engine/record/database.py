@@ -141,6 +141,19 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX tool_calls_call ON tool_calls(call_sid);
     """,
+    # 5: the experiment variant each call was assigned (issue 15), and at its end the
+    # caller turns the engine did not understand (nothing else records them).
+    """
+    CREATE TABLE call_variants (
+        call_sid TEXT NOT NULL,
+        experiment TEXT NOT NULL,
+        variant TEXT NOT NULL,
+        ts REAL NOT NULL,
+        misunderstood_turns INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (call_sid, experiment)
+    );
+    CREATE INDEX call_variants_experiment ON call_variants(experiment);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -230,7 +230,22 @@ class CallHistory:
             "end_reason": end_reason, "cost_usd": cost_usd, "escalated": escalated,
             "duration_s": duration_s, "state": state})  # cost None: its lines' sum
 
+    async def variant_assigned(self, call_sid: str, experiment: str, variant: str) -> bool:
+        """The experiment variant a call got (engine/experiments)."""
+        return await self._write("variant_assigned", call_sid, None, {
+            "experiment": experiment, "variant": variant})
+
+    async def variant_outcome(self, call_sid: str, experiment: str,
+                              misunderstood_turns: int) -> bool:
+        """What only the call knew at its end: the caller turns not understood."""
+        return await self._write("variant_outcome", call_sid, None, {
+            "experiment": experiment, "misunderstood_turns": misunderstood_turns})
+
     # --- startup and reads ---
+
+    async def read(self, job: PlanFactory[T]) -> T:
+        """Run a read plan (sql.py) on the history's own connection."""
+        return await self._writer.read(job)
 
     async def recover_unfinished(self, now: float | None = None) -> list[str]:
         """Close this engine's calls that never got `call_ended` (the engine died).

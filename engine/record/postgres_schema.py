@@ -123,6 +123,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX tool_calls_call ON tool_calls(call_sid);
     """,
+    # 2: experiment variants (SQLite's 5).
+    """
+    CREATE TABLE call_variants (
+        call_sid TEXT NOT NULL,
+        experiment TEXT NOT NULL,
+        variant TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        misunderstood_turns INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (call_sid, experiment)
+    );
+    CREATE INDEX call_variants_experiment ON call_variants(experiment);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # pg_advisory_xact_lock key of the migration (any constant: "SWBD" in ASCII).

@@ -180,6 +180,20 @@ def _call_ended(w: Write) -> Plan[None]:
          int(d["escalated"]), w.call_sid))
 
 
+def _variant_assigned(w: Write) -> Plan[None]:
+    yield from _touch(w)
+    yield Stmt("INSERT INTO call_variants (call_sid, experiment, variant, ts) "
+               "VALUES (?, ?, ?, ?) ON CONFLICT(call_sid, experiment) DO UPDATE SET "
+               "variant = excluded.variant, ts = excluded.ts",
+               (w.call_sid, w.data["experiment"], w.data["variant"], w.at))
+
+
+def _variant_outcome(w: Write) -> Plan[None]:
+    yield Stmt("UPDATE call_variants SET misunderstood_turns = ? WHERE call_sid = ? "
+               "AND experiment = ?",
+               (int(w.data["misunderstood_turns"]), w.call_sid, w.data["experiment"]))
+
+
 def _recover_unfinished(w: Write) -> Plan[list[str]]:
     """Close the engine's calls started by `at` that never got their end; their sids."""
     rows = yield Stmt("SELECT call_sid FROM calls WHERE ended_at IS NULL AND engine_id = ? "
@@ -201,4 +215,5 @@ _PLANS: dict[str, Callable[[Write], Plan[Any]]] = {
     "turn_completed": _turn_completed, "booking": _booking,
     "action_recorded": _action_recorded, "tool_called": _tool_called,
     "call_ended": _call_ended, "recover_unfinished": _recover_unfinished,
+    "variant_assigned": _variant_assigned, "variant_outcome": _variant_outcome,
 }

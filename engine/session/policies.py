@@ -48,7 +48,8 @@ class Policies:
         self.speaking = speaking
         self.listening = listening
         self.cost_so_far = cost_so_far
-        self.misunderstandings = 0
+        self.misunderstandings = 0  # in a row
+        self.misunderstood_turns = 0  # in the whole call (experiments compare them)
         self.over_cap = False  # the call has cost its cap: it answers nothing more
         self._closing: asyncio.Task[None] | None = None  # the cap's action, once
         self.log = log.bind(call_sid=session.call_sid)
@@ -110,6 +111,7 @@ class Policies:
     async def misunderstood(self, why: str) -> None:
         """Ask the caller again, or hand off after too many misunderstandings in a row."""
         self.misunderstandings += 1
+        self.misunderstood_turns += 1
         obs = self.session.observer
         if self.misunderstandings >= self.policy.max_misunderstandings:
             if obs is not None:
@@ -127,6 +129,7 @@ class Policies:
             return False
         if action == "unknown":
             self.misunderstandings += 1
+            self.misunderstood_turns += 1
             if self.misunderstandings >= self.policy.max_misunderstandings:
                 await self.handoff("agent could not answer repeatedly", "")
                 return False

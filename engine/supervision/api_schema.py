@@ -31,9 +31,11 @@ from engine.bus.events import (
 
 API_VERSION = 1
 
-CommandName = Literal["take_over", "hand_back", "say", "transfer", "escalate", "hang_up"]
+CommandName = Literal["take_over", "hand_back", "say", "transfer", "escalate", "hang_up",
+                      "pause_variant", "resume_variant"]
 ACTING_COMMANDS: frozenset[str] = frozenset(
-    {"take_over", "hand_back", "say", "transfer", "escalate", "hang_up"})
+    {"take_over", "hand_back", "say", "transfer", "escalate", "hang_up",
+     "pause_variant", "resume_variant"})
 
 
 class _Frame(BaseModel):
@@ -79,6 +81,8 @@ class CallSnapshot(_Frame):
     alerts: list[str] = Field(default_factory=list)  # alert kinds raised on this call
     tool_calls: list[ToolCallEntry] = Field(default_factory=list)  # recent, oldest first
     unpriced: bool = False  # part of cost_usd had no price (engine.allow_unpriced_models)
+    engine_id: str = ""  # the engine that owns the call (a fleet: any engine's calls)
+    variant: str = ""  # "experiment/variant" of an A/B experiment ("" none)
 
 
 class SpendTotals(_Frame):
@@ -105,6 +109,8 @@ class Hello(_Frame):
     readonly: bool = False
     transfer_destinations: list[tuple[str, str]] = Field(default_factory=list)  # (name, number)
     default_transfer_number: str = ""
+    # True: this engine serves the whole fleet's calls, and commands reach their owner.
+    fleet: bool = False
 
 
 class Snapshot(_Frame):
@@ -126,6 +132,7 @@ class Reply(_Frame):
     id: str
     ok: bool
     error: str | None = None
+    engine_id: str = ""  # the engine that ran it (a fleet: the call's owner); "" unknown
 
 
 class ErrorFrame(_Frame):
@@ -138,7 +145,9 @@ class Command(_Frame):
     id: str = Field(min_length=1, max_length=64)
     command: CommandName
     call_sid: str = Field(min_length=1, max_length=64)
-    text: str | None = Field(default=None, max_length=1000)  # say
+    # say: the line; pause_variant / resume_variant: "experiment/variant" (call_sid: a
+    # call it was seen on, for the audit trail).
+    text: str | None = Field(default=None, max_length=1000)
     number: str | None = Field(default=None, max_length=32)  # transfer
 
 

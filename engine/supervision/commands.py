@@ -23,6 +23,7 @@ from engine.supervision.api_schema import Command, Reply
 from engine.supervision.backend import Actor
 
 if TYPE_CHECKING:
+    from engine.experiments.runner import ExperimentRunner
     from engine.session.call_session import CallSession
     from engine.session.registry import CallRegistry
 
@@ -47,6 +48,7 @@ class SupervisorCommands:
         self._publish = publish
         self._spawn = spawn  # history writes run in the background, like the hub's
         self.registry: CallRegistry | None = None  # set by the app before it serves
+        self.experiments: ExperimentRunner | None = None  # the enabled one (wiring sets it)
         self._handlers: dict[str, _Handler] = {
             "take_over": self._take_over, "hand_back": self._hand_back, "say": self._say,
             "transfer": self._transfer, "escalate": self._transfer, "hang_up": self._hang_up}
@@ -87,6 +89,8 @@ class SupervisorCommands:
     async def _perform(self, command: Command) -> str | None:
         """Perform a command; the error that says why it was refused, or None."""
         assert self.registry is not None
+        if command.command in ("pause_variant", "resume_variant"):  # not one call's
+            return self._variant_command(command)
         session = self.registry.get(command.call_sid)
         if session is None:
             if self.registry.get_any(command.call_sid) is not None:
@@ -140,6 +144,16 @@ class SupervisorCommands:
     async def _hang_up(self, session: CallSession, command: Command) -> str | None:
         await session.hang_up("supervisor hung up")
         return None
+
+    def _variant_command(self, command: Command) -> str | None:
+        """Pause or resume an experiment's variant (engine/experiments/runner.py)."""
+        runner = self.experiments
+        experiment, _, variant = (command.text or "").strip().partition("/")
+        if runner is None or experiment != runner.experiment.name:
+            return f"no running experiment {experiment!r} on this engine"
+        if command.command == "pause_variant":
+            return runner.pause(variant, "paused by a supervisor", "supervisor")
+        return runner.resume(variant, "supervisor")
 
     def _destination(self, given: str | None) -> str | None:
         """A destination's number by its name, a number as given, or transfer.number."""

@@ -265,7 +265,12 @@ class ConsoleConnection:
         """Pin the cursor, then snapshot: nothing published after the cursor is lost.
         Returns the cursor, None when the connection is closing."""
         cursor = await self._backend.bus.latest_id()
-        snapshot = self._backend.snapshot()  # no await between pin and snapshot
+        # A fleet backend first lets its views of other engines' calls read up to the
+        # cursor (engine/fleet/fleet_view.py); this engine's own views only move ahead.
+        prepare = getattr(self._backend, "prepare_snapshot", None)
+        if prepare is not None:
+            await prepare(cursor)
+        snapshot = self._backend.snapshot()
         limit = self._limits.snapshot_transcript_lines
         calls = [call if len(call.transcript) <= limit
                  else call.model_copy(update={"transcript": call.transcript[-limit:]})

@@ -49,6 +49,9 @@ class CallView:
     unpriced: bool = False  # some of its cost had no price (counted as $0)
     tool_calls: deque[ToolCallEntry] = field(
         default_factory=lambda: deque(maxlen=TOOL_CALLS_KEPT))
+    engine_id: str = ""  # the engine that owns it ("" here: this engine)
+    variant: str = ""  # "experiment/variant" of an A/B experiment (engine/experiments)
+    cost_cap_usd: float | None = None  # as its engine reported it (None: this config's)
 
 
 class CallViews:
@@ -99,7 +102,7 @@ class CallViews:
     def close(self, call_sid: str, ended_at: float | None, reason: str) -> None:
         """Mark the call ended; the oldest ended calls beyond ENDED_CALLS_KEPT go."""
         view = self._views.get(call_sid)
-        if view is None:
+        if view is None or view.end_reason is not None:
             return
         view.ended_at = ended_at
         view.end_reason = reason
@@ -114,18 +117,26 @@ class CallViews:
                      transfer_destinations=[(d.name, d.number) for d in cfg.destinations],
                      default_transfer_number=cfg.number)
 
-    def snapshot(self) -> Snapshot:
-        now = time.time()
+    def __contains__(self, call_sid: str) -> bool:
+        return call_sid in self._views
+
+    def call_snapshots(self) -> list[CallSnapshot]:
+        """Every call kept, as a snapshot shows it, each with its owning engine."""
         cost_cap_usd = self._config.policy.call_cost_cap_usd
-        calls = [CallSnapshot(
+        return [CallSnapshot(
             call_sid=view.call_sid, from_number=view.from_number, to_number=view.to_number,
             state=view.state, started_at=view.started_at, ended_at=view.ended_at,
             end_reason=view.end_reason, cost_usd=view.cost_usd,
-            cost_cap_usd=cost_cap_usd, turns=view.turns,
-            voice_to_voice_s=list(view.v2v), transcript=list(view.transcript.values()),
-            alerts=list(view.alerts), unpriced=view.unpriced,
-            tool_calls=list(view.tool_calls))
+            cost_cap_usd=cost_cap_usd if view.cost_cap_usd is None else view.cost_cap_usd,
+            turns=view.turns, voice_to_voice_s=list(view.v2v),
+            transcript=list(view.transcript.values()), alerts=list(view.alerts),
+            unpriced=view.unpriced, tool_calls=list(view.tool_calls),
+            engine_id=view.engine_id or self._engine_id, variant=view.variant)
             for view in self._views.values()]
+
+    def snapshot(self) -> Snapshot:
+        now = time.time()
+        calls = self.call_snapshots()
         ledger = self._ledger
         budget = ledger.budget.reading()
         totals = SpendTotals(
