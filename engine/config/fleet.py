@@ -18,6 +18,10 @@ class FleetConfig(Section):
     # One Redis operation waits at most this long; a slow Redis misses a heartbeat, it
     # never stalls a call.
     redis_op_timeout_s: float = Field(default=1.0, gt=0)
+    # A console's command to a call another engine owns: the owner's reply must come
+    # within this, or the console is told the owner may have stopped (and it never runs
+    # the command later).
+    command_timeout_s: float = Field(default=4.0, gt=0)
     # Draining (SIGTERM, `switchboard drain`): new calls get 503, calls in progress have
     # this long to finish, then each hears `drain_goodbye` and is hung up.
     drain_deadline_s: float = Field(default=120.0, ge=0)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 from engine.config.experiments import ExperimentConfig
 from engine.experiments.compare import METRICS, Comparison, Figure, Metric, Verdict, compare
 from engine.experiments.outcomes import VariantOutcomes, experiments_in_history, read_outcomes
-from engine.record.database import HistoryError, connect
-from engine.record.sql import Plan, run_postgres, run_sqlite
+from engine.record.database import HistoryError, read_file
+from engine.record.sql import Plan, run_postgres
 
 
 @dataclass(slots=True)
@@ -50,18 +49,8 @@ def build_experiments_report(db_path: str | Path, configured: list[ExperimentCon
                              ) -> ExperimentsReport:
     now = now or datetime.now(UTC)
     start = now - since
-    path = Path(db_path)
-    try:
-        conn = connect(path, create=False)
-    except sqlite3.Error as exc:
-        raise HistoryError(f"cannot open history {path}: {exc}") from exc
-    try:
-        found = run_sqlite(conn, _plan(configured, start.timestamp(), now.timestamp()))
-    except sqlite3.OperationalError as exc:
-        raise HistoryError(f"cannot read history {path} (an engine older than "
-                           f"experiments wrote it?): {exc}") from exc
-    finally:
-        conn.close()
+    found = read_file(db_path, _plan(configured, start.timestamp(), now.timestamp()),
+                      " (an engine older than experiments wrote it?)")
     return ExperimentsReport(start, now, found)
 
 

@@ -81,7 +81,8 @@ def fleet_console(config: Config, hub: OpsHub,
                          replay_from=lambda: oldest_live_call(membership))
     relay = CommandRelay(relay_client(config.redis.url, config.fleet.redis_op_timeout_s),
                          link.keys, hub.engine_id, hub.commands,
-                         op_timeout_s=config.fleet.redis_op_timeout_s)
+                         op_timeout_s=config.fleet.redis_op_timeout_s,
+                         reply_timeout_s=config.fleet.command_timeout_s)
     return FleetConsoleBackend(hub, remote, relay)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 # The end reason of a call its engine never ended (it died); set at the next startup.
 END_REASON_UNEXPECTED = "ended_unexpectedly"
@@ -172,6 +173,25 @@ def connect(path: Path, *, create: bool) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA busy_timeout=5000")
     return conn
+
+
+def read_file(path: str | Path, plan: Any, hint: str = "") -> Any:
+    """Run a read `plan` (engine/record/sql.py) on an existing history file, for a report;
+    HistoryError, saying which file and why, when it cannot be opened or read (`hint`:
+    a likely reason to add)."""
+    from engine.record.sql import run_sqlite
+
+    path = Path(path)
+    try:
+        conn = connect(path, create=False)
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot open history {path}: {exc}") from exc
+    try:
+        return run_sqlite(conn, plan)
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read history {path}{hint}: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def migrate(conn: sqlite3.Connection) -> int:

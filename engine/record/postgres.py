@@ -25,6 +25,7 @@ import asyncpg
 from engine.log import get_logger
 from engine.record.data_dir import DIR_MODE
 from engine.record.database import HistoryError
+from engine.record.outage import Outage
 from engine.record.postgres_schema import init_connection, migrate
 from engine.record.spool import Spool
 from engine.record.sql import PlanFactory, run_postgres
@@ -35,7 +36,6 @@ from engine.record.writer import (
     HistoryStats,
     Refused,
     Stored,
-    retry_delay,
     spool_stats,
 )
 from engine.record.writes import Write, applied_check, plan, record_applied
@@ -76,17 +76,14 @@ class PostgresWriter:
         self._closed = False
         self._spool = Spool(journal, memory_max)
         self._found_version = 0
-        self._failed = 0
-        self._failures_in_row = 0
-        self._retry_at = 0.0
-        self._last_error: str | None = None
+        self._outage = Outage(self._spool.journal, "postgres")
 
     @property
     def running(self) -> bool:
         return self._task is not None
 
     def stats(self) -> HistoryStats:
-        return spool_stats(self._spool, self._failed, self._last_error, "postgres")
+        return spool_stats(self._spool, self._outage.failed, self._outage.last_error, "postgres")
 
     def pending(self) -> list[Write]:
         """The backlog, oldest first."""
@@ -112,7 +109,7 @@ class PostgresWriter:
             if not transient(exc):
                 self._spool.close()
                 raise HistoryError(f"cannot open the PostgreSQL history: {exc}") from exc
-            self._database_failed(exc, 0)
+            self._outage.failed_now(exc, 0)
         if waiting:
             log.warning("history.journal_found", journal=str(journal), writes=waiting)
             if self._pool is not None:
@@ -166,7 +163,7 @@ class PostgresWriter:
     async def _serve(self) -> None:
         try:
             while True:
-                timeout = (max(self._retry_at - time.monotonic(), 0.0)
+                timeout = (max(self._outage.retry_at - time.monotonic(), 0.0)
                            if self._spool.pending else None)
                 try:
                     first = await asyncio.wait_for(self._queue.get(), timeout)
@@ -222,7 +219,7 @@ class PostgresWriter:
     async def _store(self, writes: list[tuple[Write, asyncio.Future[Any]]]) -> None:
         if not writes:
             return
-        if self._spool.pending and time.monotonic() >= self._retry_at:
+        if self._spool.pending and time.monotonic() >= self._outage.retry_at:
             await self._replay()
         if self._spool.pending:  # behind a backlog: the order holds
             await self._spool_writes(writes)
@@ -236,7 +233,7 @@ class PostgresWriter:
         except Exception as exc:  # unreachable, dropped, or refusing writes
             if not transient(exc):
                 log.exception("history.batch_refused")
-            self._database_failed(exc, len(writes))
+            self._outage.failed_now(exc, len(writes))
             refused = {i: r.error for i, r in enumerate(results) if isinstance(r, Refused)}
             for i, error in refused.items():
                 _resolve(writes[i][1], None, error)
@@ -244,7 +241,7 @@ class PostgresWriter:
             return
         for (_, fut), result in zip(writes, results, strict=True):
             if isinstance(result, Refused):
-                self._failed += 1
+                self._outage.failed += 1
                 _resolve(fut, None, result.error)
             else:
                 _resolve(fut, ("committed", result), None)
@@ -307,24 +304,11 @@ class PostgresWriter:
                 for write, error in refused:
                     await asyncio.to_thread(spool.reject, write, error)
         except Exception as exc:
-            self._database_failed(exc, 0)
+            self._outage.failed_now(exc, 0)
             return
         await asyncio.to_thread(spool.clear_journal)
-        if self._failures_in_row or replayed:
-            log.info("history.recovered", replayed=replayed, after_failures=self._failures_in_row)
-        self._failures_in_row = 0
-        self._last_error = None
+        self._outage.recovered(replayed)
 
-    def _database_failed(self, exc: BaseException, writes: int) -> None:
-        self._failed += writes
-        self._failures_in_row += 1
-        delay = retry_delay(self._failures_in_row)
-        self._retry_at = time.monotonic() + delay
-        if self._last_error is None:  # once per outage: the backlog is in /healthz
-            log.error("history.write_failed", backend="postgres", error=str(exc),
-                      writes=writes, journal=str(self._spool.journal),
-                      retry_in_s=round(delay, 2))
-        self._last_error = str(exc) or type(exc).__name__
 
     def _report_left_behind(self) -> None:
         spool = self._spool

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import calendar
 import re
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,10 +31,10 @@ from engine.config import PricesConfig
 from engine.log import get_logger
 from engine.money.realtime import realtime_conversation_cost
 from engine.record.bill import AI_ITEMS, ITEMS, BillLine, read_lines
-from engine.record.database import END_REASON_UNEXPECTED, HistoryError, connect
+from engine.record.database import END_REASON_UNEXPECTED, HistoryError, read_file
 from engine.record.metrics import percentile
 from engine.record.report_output import render
-from engine.record.sql import Plan, Stmt, run_postgres, run_sqlite
+from engine.record.sql import Plan, Stmt, run_postgres
 
 log = get_logger(__name__)
 
@@ -127,17 +126,9 @@ def build_report(db_path: str | Path, since: timedelta, now: datetime | None = N
     now = now or datetime.now(UTC)
     prices = prices or PricesConfig()
     start = now - since
-    path = Path(db_path)
-    try:
-        conn = connect(path, create=False)
-    except sqlite3.Error as exc:
-        raise HistoryError(f"cannot open history {path}: {exc}") from exc
-    try:
-        return run_sqlite(conn, _build(Report(period_start=start, period_end=now), prices))
-    except sqlite3.Error as exc:
-        raise HistoryError(f"cannot read history {path}: {exc}") from exc
-    finally:
-        conn.close()
+    report: Report = read_file(db_path, _build(Report(period_start=start, period_end=now),
+                                               prices))
+    return report
 
 
 async def build_fleet_report(dsn: str, since: timedelta, now: datetime | None = None,

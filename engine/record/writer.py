@@ -8,7 +8,7 @@ in a savepoint of its own: one bad write (a bug) never undoes its neighbours.
 No silent loss: when the database refuses a batch (disk full, I/O error, locked too
 long), its writes go to the spool (spool.py): the journal, fsync'd, then acknowledged.
 From then on every write queues behind that backlog, so the order holds, and the thread
-replays the backlog with a growing pause (`_RETRY_MIN_S` to `_RETRY_MAX_S`), at start
+replays the backlog with a growing pause (outage.py: 0.2 s growing to 5 s), at start
 too, recording each replayed write's id in the same transaction: a replay cut short
 after its commit never applies a write twice. The journal is emptied once all of it is in.
 """
@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeVar
 from engine.log import get_logger
 from engine.record.data_dir import DIR_MODE, private_file
 from engine.record.database import HistoryError, connect, migrate
+from engine.record.outage import Outage
 from engine.record.spool import Spool
 from engine.record.sql import PlanFactory, run_sqlite
 from engine.record.writes import Write, applied_check, plan, record_applied
@@ -46,8 +47,6 @@ Stored = Literal["committed", "journaled", "held", "lost"]
 
 GROUP_COMMIT_MAX = 256
 REPLAY_CHUNK = 256  # writes per replay transaction: a long backlog lands in steps
-_RETRY_MIN_S = 0.2
-_RETRY_MAX_S = 5.0
 MEMORY_MAX = 10_000  # writes held in memory while the journal cannot be written
 # SQLite result codes of a database that may take the write later (full, I/O, busy,
 # locked, read-only, cannot open, out of memory, corrupt, lock protocol).
@@ -85,11 +84,6 @@ def spool_stats(spool: Spool, failed: int, last_error: str | None,
                         str(spool.journal), backend)
 
 
-def retry_delay(failures_in_row: int) -> float:
-    """The pause before the next replay: growing from _RETRY_MIN_S to _RETRY_MAX_S."""
-    return min(_RETRY_MAX_S, _RETRY_MIN_S * 2 ** min(failures_in_row - 1, 10))
-
-
 def transient(exc: BaseException) -> bool:
     """Whether the database may take the write later (the disk, not the write)."""
     if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, _PERMANENT):
@@ -109,10 +103,7 @@ class HistoryWriter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._spool = Spool(journal, memory_max)
-        self._failed = 0
-        self._failures_in_row = 0
-        self._retry_at = 0.0  # monotonic time of the next replay attempt
-        self._last_error: str | None = None
+        self._outage = Outage(self._spool.journal)
 
     @property
     def running(self) -> bool:
@@ -120,7 +111,7 @@ class HistoryWriter:
 
     def stats(self) -> HistoryStats:
         """A snapshot; safe from any thread."""
-        return spool_stats(self._spool, self._failed, self._last_error)
+        return spool_stats(self._spool, self._outage.failed, self._outage.last_error)
 
     async def open(self) -> int:
         """Create/upgrade the database, replay the journal, start the thread; the schema
@@ -197,7 +188,7 @@ class HistoryWriter:
 
     def _serve(self, conn: sqlite3.Connection) -> None:
         while True:
-            timeout = (max(self._retry_at - time.monotonic(), 0.0)
+            timeout = (max(self._outage.retry_at - time.monotonic(), 0.0)
                        if self._spool.pending else None)
             try:
                 first = self._queue.get(timeout=timeout)
@@ -245,7 +236,7 @@ class HistoryWriter:
                writes: list[tuple[Write, concurrent.futures.Future[Any]]]) -> None:
         if not writes:
             return
-        if self._spool.pending and time.monotonic() >= self._retry_at:
+        if self._spool.pending and time.monotonic() >= self._outage.retry_at:
             self._replay(conn)
         if self._spool.pending:  # behind a backlog: the order holds
             self._spool_writes(writes)
@@ -258,7 +249,7 @@ class HistoryWriter:
             conn.execute("COMMIT")
         except Exception as exc:  # the database refuses (disk full, I/O, locked)
             _rollback(conn)
-            self._database_failed(exc, len(writes))
+            self._outage.failed_now(exc, len(writes))
             refused = {i: r.error for i, r in enumerate(results) if isinstance(r, Refused)}
             for i, error in refused.items():
                 _resolve(writes[i][1], None, error)
@@ -266,7 +257,7 @@ class HistoryWriter:
             return
         for (_, fut), result in zip(writes, results, strict=True):
             if isinstance(result, Refused):
-                self._failed += 1
+                self._outage.failed += 1
                 _resolve(fut, None, result.error)
             else:
                 _resolve(fut, ("committed", result), None)
@@ -311,23 +302,11 @@ class HistoryWriter:
                     spool.reject(write, error)
         except Exception as exc:
             _rollback(conn)
-            self._database_failed(exc, 0)
+            self._outage.failed_now(exc, 0)
             return
         spool.clear_journal()
-        if self._failures_in_row or replayed:
-            log.info("history.recovered", replayed=replayed, after_failures=self._failures_in_row)
-        self._failures_in_row = 0
-        self._last_error = None
+        self._outage.recovered(replayed)
 
-    def _database_failed(self, exc: BaseException, writes: int) -> None:
-        self._failed += writes
-        self._failures_in_row += 1
-        delay = retry_delay(self._failures_in_row)
-        self._retry_at = time.monotonic() + delay
-        if self._last_error is None:  # once per outage: the backlog is in /healthz
-            log.error("history.write_failed", error=str(exc), writes=writes,
-                      journal=str(self._spool.journal), retry_in_s=round(delay, 2))
-        self._last_error = str(exc)
 
     def _report_left_behind(self) -> None:
         spool = self._spool
