@@ -17,8 +17,10 @@ from engine.app import Engine
 from engine.audio.codec import ulaw_to_int16
 from engine.bus.events import Event, TranscriptLine
 from engine.config import Config, ProvidersConfig, load_config
+from engine.providers.builtin.agent_faq import build as build_faq_agent
 from engine.providers.builtin.stt_local_whisper import LocalWhisperSTT
 from engine.providers.builtin.tts_espeak import espeak_settings
+from engine.providers.registry import NoSettings
 from engine.sim.caller import SimulatedCaller
 from engine.sim.standins.twilio_api import TwilioApiStandIn
 from engine.wiring import Providers, build_engine, build_providers
@@ -102,11 +104,15 @@ def base_sections() -> dict[str, dict[str, Any]]:
 
 def local_providers(config: Config) -> Providers:
     """The offline providers (Whisper, the FAQ agent, piper and espeak), whatever chains `config`
-    names: models load once per test session; each engine gets its own chains around them."""
+    names: models load once per test session; each engine gets its own chains around them,
+    and a FAQ agent of its own config's entries (cheap to build: no model)."""
     if "local" not in _PROVIDERS:
         offline = config.model_copy(update={"providers": ProvidersConfig()})
         _PROVIDERS["local"] = build_providers(offline)
-    return _PROVIDERS["local"]
+    shared = _PROVIDERS["local"]
+    agents = [build_faq_agent(NoSettings(), config) if agent.name == "faq" else agent
+              for agent in shared.agents]
+    return Providers(shared.stt, agents, shared.tts)
 
 
 async def make_local_engine(config: Config, history: bool = False,
