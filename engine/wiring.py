@@ -255,6 +255,14 @@ async def _start_experiment(config: Config, providers: Providers, deps: Pipeline
     runner = ExperimentRunner(enabled[0], variant_deps, deps, hub)
     runner.built = built
     hub.commands.experiments = runner  # supervisors pause and resume its variants
+    if config.fleet.enabled and config.redis.url:
+        from engine.experiments.shared_pauses import SharedPauses
+        from engine.fleet.redis_link import FleetKeys, FleetRedis, fleet_client
+
+        op_timeout_s = config.fleet.redis_op_timeout_s
+        link = FleetRedis(fleet_client(config.redis.url, op_timeout_s, "switchboard-experiments"),
+                          FleetKeys(f"{config.redis.key_prefix}:fleet"), op_timeout_s)
+        await runner.share_pauses(SharedPauses(link, enabled[0].name))
     return runner
 
 

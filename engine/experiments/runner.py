@@ -8,6 +8,8 @@ end its misunderstood turns are recorded with its variant, and every
 pause a variant that is worse than the control by more than the margin: an alert (kind
 "variant_paused", with the experiment, variant and reason), one log line. Paused
 variants get no new calls; a supervisor may pause and resume one (supervisor commands).
+In a fleet the pauses are shared by every engine and kept across restarts
+(shared_pauses.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from engine.config.experiments import ExperimentConfig
 from engine.experiments.assignment import Assigner, Assignment
 from engine.experiments.guard import Breach, breaches
 from engine.experiments.outcomes import VariantOutcomes, read_outcomes
+from engine.experiments.shared_pauses import SharedPauses
 from engine.log import get_logger
 from engine.session.conversation import PipelineDeps
 
@@ -47,6 +50,8 @@ class ExperimentRunner:
         self._checking = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.built: list[Any] = []  # providers built for the variants (closed with the engine)
+        # A fleet's pauses, shared through Redis (shared_pauses.py); None: this engine's own.
+        self.shared: SharedPauses | None = None
 
     @property
     def paused(self) -> dict[str, str]:
@@ -133,6 +138,8 @@ class ExperimentRunner:
             return f"experiment {self.experiment.name} has no variant {variant!r}"
         if not self.assigner.pause(variant, why):
             return f"variant {variant} is already paused"
+        if self.shared is not None:
+            self.shared.write(variant, why)
         # The alert is the one log line (ops.alert), the event and the console's notice.
         self.hub.alert(None, "variant_paused", "warning",
                        f"experiment {self.experiment.name}: variant {variant} paused ({why})",
@@ -145,6 +152,8 @@ class ExperimentRunner:
             return f"experiment {self.experiment.name} has no variant {variant!r}"
         if not self.assigner.resume(variant):
             return f"variant {variant} is not paused"
+        if self.shared is not None:
+            self.shared.write(variant, None)
         log.info("experiment.variant_resumed", experiment=self.experiment.name,
                  variant=variant, by=by)
         return None
@@ -154,8 +163,16 @@ class ExperimentRunner:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
+    async def share_pauses(self, shared: SharedPauses) -> None:
+        """Follow the fleet's pauses from now on (the ones in force applied first)."""
+        self.shared = shared
+        await shared.sync(self.assigner)
+        shared.start(self.assigner)
+
     async def aclose(self, timeout: float = 2.0) -> None:
         """Let the ended calls' outcomes be written (briefly), then stop watching."""
+        if self.shared is not None:
+            await self.shared.stop()
         await self.drain(timeout)
         for task in list(self._tasks):
             task.cancel()
