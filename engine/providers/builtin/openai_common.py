@@ -54,6 +54,11 @@ class OpenAISettings(ProviderSettings):
     tts_audio_tokens_per_minute: float = Field(default=1250.0, gt=0, allow_inf_nan=False)
 
 
+# Transcription models that return token logprobs when asked (`include=["logprobs"]`):
+# the transcript's confidence then comes from them (both transcribers, batch and realtime).
+LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
+
+
 def estimate_tokens(text: str) -> int:
     """About four characters per token: used only when the server reports no usage."""
     return math.ceil(len(text) / 4) if text else 0

@@ -20,6 +20,7 @@ from engine.providers.base import (
 )
 from engine.providers.builtin.openai_common import (
     ENV,
+    LOGPROB_MODELS,
     PROVIDER,
     OpenAISettings,
     api_key,
@@ -30,7 +31,6 @@ from engine.providers.registry import Billing, BillingUnit, ProviderSpec, regist
 
 log = get_logger(__name__)
 
-_LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 
 
 class OpenAITranscriber:
@@ -55,7 +55,7 @@ class OpenAITranscriber:
             options["response_format"] = "verbose_json"
         else:
             options["response_format"] = "json"
-            if self.model.startswith(_LOGPROB_MODELS):
+            if self.model.startswith(LOGPROB_MODELS):
                 options["include"] = ["logprobs"]
         if self.language:
             options["language"] = self.language

@@ -52,8 +52,8 @@ from engine.audio.resample import StreamResampler
 from engine.config import Config
 from engine.log import get_logger
 from engine.providers.base import ProviderError, Transcript, TranscriptConfidence, Usage
+from engine.providers.builtin.openai_common import LOGPROB_MODELS, OpenAISettings, api_key, openai
 from engine.providers.builtin.openai_common import PROVIDER as OPENAI_TABLE
-from engine.providers.builtin.openai_common import OpenAISettings, api_key, openai
 from engine.providers.builtin.openai_realtime_sessions import (
     CLOSE_S,
     PROVIDER,
@@ -76,7 +76,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 AudioFormat = Literal["pcmu", "pcm24"]
-_LOGPROB_MODELS = ("gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 
 
 class RealtimeSTTSettings(ProviderSettings):
@@ -316,7 +315,7 @@ class OpenAIRealtimeTranscriber:
                 "format": ({"type": "audio/pcmu"} if self.audio_format == "pcmu"
                            else {"type": "audio/pcm", "rate": 24000}),
                 "transcription": transcription, "turn_detection": None}}}
-        if self.model.startswith(_LOGPROB_MODELS):
+        if self.model.startswith(LOGPROB_MODELS):
             session["include"] = ["item.input_audio_transcription.logprobs"]
         event: SessionUpdateEventParam = {"type": "session.update", "session": session}
         return json.dumps(event)
