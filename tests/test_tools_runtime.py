@@ -108,7 +108,8 @@ async def test_the_tool_posts_the_arguments_with_the_secret_and_returns_json() -
 
 
 @pytest.mark.parametrize(("behaviour", "outcome"),
-                         [("500", "error"), ("garbage", "error"), ("hang", "timeout")])
+                         [("500", "error"), ("garbage", "error"), ("hang", "timeout"),
+                          ("huge", "error")])
 async def test_a_failing_endpoint_is_a_failed_result_and_one_log_line(
         behaviour: str, outcome: str) -> None:
     api = OrderApi(behaviour=behaviour)  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 """A business's API for the tool tests: a real aiohttp server on loopback that answers
-order lookups, and misbehaves on demand (500, garbage, a hang, a slow answer)."""
+order lookups, and misbehaves on demand (500, garbage, a hang, a slow or huge answer)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-Behaviour = Literal["ok", "500", "garbage", "hang"]
+Behaviour = Literal["ok", "500", "garbage", "hang", "huge"]
 ORDERS = {"4471": "shipped", "5000": "being packed"}
 
 
@@ -49,6 +49,14 @@ class OrderApi:
             return web.Response(text="<html>Bad gateway</html>", content_type="text/html")
         if behaviour == "hang":
             await asyncio.sleep(self.hang_s)
+        if behaviour == "huge":  # valid JSON, streamed, far past any sane answer
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            await response.write(b'{"pad": "')
+            for _ in range(64):
+                await response.write(b"x" * 65536)
+            await response.write(b'"}')
+            return response
         await asyncio.sleep(self.delay_s)
         order_id = str(self.requests[-1].get("order_id", ""))
         status = ORDERS.get(order_id)

@@ -115,6 +115,8 @@ class ToolUseConfig(Section):
     builtins: bool = True
     # A tool's answer is cut to this many characters before the model sees it.
     result_max_chars: int = Field(default=2000, ge=100)
+    # A tool's answer larger than this is a failed call (never read to its end).
+    max_response_bytes: int = Field(default=1_000_000, ge=1024)
 
 
 __all__ = ["BUILTIN_TOOL_NAMES", "ToolConfig", "ToolUseConfig", "Tools"]

@@ -67,7 +67,7 @@ class HttpTool:
     """One `[[tools]]` endpoint."""
 
     def __init__(self, config: ToolConfig, secret: str | None,
-                 result_max_chars: int = 2000) -> None:
+                 result_max_chars: int = 2000, max_response_bytes: int = 1_000_000) -> None:
         self.config = config
         self.name = config.name
         self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
@@ -75,6 +75,7 @@ class HttpTool:
             self._headers[config.auth_header] = secret
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         self._result_max_chars = result_max_chars
+        self._max_bytes = max_response_bytes
 
     async def call(self, http: aiohttp.ClientSession, arguments: dict[str, Any],
                    call_sid: str = "") -> ToolResult:
@@ -101,7 +102,8 @@ class HttpTool:
         try:
             async with http.post(self.config.url, json=arguments, headers=self._headers,
                                  timeout=self._timeout) as response:
-                body = await response.read()
+                # An answer past max_response_bytes is refused, not read to its end.
+                body = await response.content.read(self._max_bytes + 1)
                 status = response.status
         except TimeoutError:
             raise  # aiohttp's read timeouts are connection errors too: a timeout first
@@ -112,6 +114,8 @@ class HttpTool:
             raise _Failed(f"request failed: {exc.__class__.__name__}", False) from exc
         if status >= 400:
             raise _Failed(f"HTTP {status}", status >= 500 or status == 429, status)
+        if len(body) > self._max_bytes:
+            raise _Failed(f"the answer is larger than {self._max_bytes} bytes", False, status)
         try:
             return json.loads(body) if body.strip() else {}
         except (ValueError, UnicodeDecodeError) as exc:

@@ -35,7 +35,8 @@ class ToolBox:
                 if not secret:
                     raise ConfigError(f"tool {tool.name!r}: the environment variable "
                                       f"{tool.auth_env} (its {tool.auth_header}) is not set")
-            self._http_tools[tool.name] = HttpTool(tool, secret, self.use.result_max_chars)
+            self._http_tools[tool.name] = HttpTool(tool, secret, self.use.result_max_chars,
+                                                   self.use.max_response_bytes)
             specs.append(ToolSpec(tool.name, tool.description, tool.parameters))
         self._builtins = {s.name for s in builtin_specs(config)} if self.use.builtins \
             else set()
