@@ -18,8 +18,8 @@ from typing import Any
 from engine.config.experiments import ExperimentConfig
 from engine.experiments.compare import METRICS, Comparison, Figure, Metric, Verdict, compare
 from engine.experiments.outcomes import VariantOutcomes, experiments_in_history, read_outcomes
-from engine.record.database import HistoryError, read_file
-from engine.record.sql import Plan, run_postgres
+from engine.record.database import read_file
+from engine.record.sql import Plan
 
 
 @dataclass(slots=True)
@@ -57,25 +57,12 @@ def build_experiments_report(db_path: str | Path, configured: list[ExperimentCon
 async def build_fleet_experiments_report(dsn: str, configured: list[ExperimentConfig],
                                          since: timedelta, now: datetime | None = None,
                                          timeout_s: float = 10.0) -> ExperimentsReport:
-    import asyncpg  # only for a PostgreSQL history
-
-    from engine.record.postgres_schema import init_connection
+    from engine.record.postgres_schema import read_dsn  # asyncpg: only for PostgreSQL
 
     now = now or datetime.now(UTC)
     start = now - since
-    try:
-        conn = await asyncpg.connect(dsn, timeout=timeout_s)
-    except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
-        raise HistoryError(f"cannot connect to the PostgreSQL history: {exc}") from exc
-    try:
-        await init_connection(conn)
-        async with conn.transaction(readonly=True, isolation="repeatable_read"):
-            found = await run_postgres(conn, _plan(configured, start.timestamp(),
-                                                   now.timestamp()))
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise HistoryError(f"cannot read the PostgreSQL history: {exc}") from exc
-    finally:
-        await conn.close(timeout=timeout_s)
+    found = await read_dsn(dsn, _plan(configured, start.timestamp(), now.timestamp()),
+                           timeout_s)
     return ExperimentsReport(start, now, found)
 
 

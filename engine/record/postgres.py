@@ -190,7 +190,7 @@ class PostgresWriter:
                     break
             if self._spool.pending:
                 await self._replay()
-            self._report_left_behind()
+            self._spool.report_left_behind()
         finally:
             self._spool.close()
             if self._pool is not None:
@@ -308,18 +308,6 @@ class PostgresWriter:
             return
         await asyncio.to_thread(spool.clear_journal)
         self._outage.recovered(replayed)
-
-
-    def _report_left_behind(self) -> None:
-        spool = self._spool
-        if spool.unjournaled:
-            spool.lost += spool.unjournaled
-            log.error("history.closed_with_writes_in_memory", lost=spool.unjournaled,
-                      error=spool.journal_error)
-        if len(spool.pending) > spool.unjournaled:
-            log.warning("history.closed_with_journal",
-                        writes=len(spool.pending) - spool.unjournaled,
-                        journal=str(spool.journal), detail="replayed at the next start")
 
 
 class _WriteRefused(Exception):

@@ -9,6 +9,7 @@ engines starting together serialize their migration on an advisory lock.
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 from typing import Any
 
@@ -171,3 +172,25 @@ def _numeric_text(value: Any) -> str:
 
 def _decimal(text: str) -> Decimal:
     return Decimal(text)
+
+
+async def read_dsn(dsn: str, plan: Any, timeout_s: float = 10.0) -> Any:
+    """Run a read `plan` (engine/record/sql.py) on the fleet's PostgreSQL history, in one
+    read-only snapshot, for a report; HistoryError saying why when it cannot."""
+    from engine.record.sql import run_postgres
+
+    try:
+        conn = await asyncpg.connect(dsn, timeout=timeout_s)
+    except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
+        raise HistoryError(f"cannot connect to the PostgreSQL history: {exc}") from exc
+    try:
+        await init_connection(conn)
+        async with conn.transaction(readonly=True, isolation="repeatable_read"):
+            return await run_postgres(conn, plan)
+    except asyncpg.UndefinedTableError as exc:
+        raise HistoryError(f"no history in this database (no engine has written to it "
+                           f"yet): {exc}") from exc
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise HistoryError(f"cannot read the PostgreSQL history: {exc}") from exc
+    finally:
+        await asyncio.wait_for(conn.close(), timeout_s)

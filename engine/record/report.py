@@ -19,7 +19,6 @@ phone and media-stream minutes are paid either way and stay out of it.
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import re
 from dataclasses import dataclass, field
@@ -31,10 +30,10 @@ from engine.config import PricesConfig
 from engine.log import get_logger
 from engine.money.realtime import realtime_conversation_cost
 from engine.record.bill import AI_ITEMS, ITEMS, BillLine, read_lines
-from engine.record.database import END_REASON_UNEXPECTED, HistoryError, read_file
+from engine.record.database import END_REASON_UNEXPECTED, read_file
 from engine.record.metrics import percentile
 from engine.record.report_output import render
-from engine.record.sql import Plan, Stmt, run_postgres
+from engine.record.sql import Plan, Stmt
 
 log = get_logger(__name__)
 
@@ -135,27 +134,13 @@ async def build_fleet_report(dsn: str, since: timedelta, now: datetime | None = 
                              prices: PricesConfig | None = None,
                              timeout_s: float = 10.0) -> Report:
     """`build_report` over the fleet's PostgreSQL history: every engine's calls."""
-    import asyncpg  # only for a PostgreSQL history
-
-    from engine.record.postgres_schema import init_connection
+    from engine.record.postgres_schema import read_dsn  # asyncpg: only for PostgreSQL
 
     now = now or datetime.now(UTC)
-    report = Report(period_start=now - since, period_end=now)
-    try:
-        conn = await asyncpg.connect(dsn, timeout=timeout_s)
-    except (OSError, TimeoutError, asyncpg.PostgresError, ValueError) as exc:
-        raise HistoryError(f"cannot connect to the PostgreSQL history: {exc}") from exc
-    try:
-        await init_connection(conn)
-        async with conn.transaction(readonly=True, isolation="repeatable_read"):
-            return await run_postgres(conn, _build(report, prices or PricesConfig()))
-    except asyncpg.UndefinedTableError as exc:
-        raise HistoryError(f"no history in this database (no engine has written to it "
-                           f"yet): {exc}") from exc
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise HistoryError(f"cannot read the PostgreSQL history: {exc}") from exc
-    finally:
-        await asyncio.wait_for(conn.close(), timeout_s)
+    report: Report = await read_dsn(
+        dsn, _build(Report(period_start=now - since, period_end=now),
+                    prices or PricesConfig()), timeout_s)
+    return report
 
 
 def _build(report: Report, prices: PricesConfig) -> Plan[Report]:

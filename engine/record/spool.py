@@ -132,6 +132,18 @@ class Spool:
         if self._cut(0):  # truncating gave the reserve back: take it again
             self.reserve()
 
+    def report_left_behind(self) -> None:
+        """At a writer's close: count and log what did not reach the database (writes
+        only in memory are lost; journaled ones are replayed at the next start)."""
+        if self.unjournaled:
+            self.lost += self.unjournaled
+            log.error("history.closed_with_writes_in_memory", lost=self.unjournaled,
+                      error=self.journal_error)
+        if len(self.pending) > self.unjournaled:
+            log.warning("history.closed_with_journal",
+                        writes=len(self.pending) - self.unjournaled,
+                        journal=str(self.journal), detail="replayed at the next start")
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -181,7 +181,7 @@ class HistoryWriter:
             self._serve(conn)
             if self._spool.pending:
                 self._replay(conn)
-            self._report_left_behind()
+            self._spool.report_left_behind()
         finally:
             self._spool.close()
             conn.close()
@@ -306,18 +306,6 @@ class HistoryWriter:
             return
         spool.clear_journal()
         self._outage.recovered(replayed)
-
-
-    def _report_left_behind(self) -> None:
-        spool = self._spool
-        if spool.unjournaled:
-            spool.lost += spool.unjournaled
-            log.error("history.closed_with_writes_in_memory", lost=spool.unjournaled,
-                      error=spool.journal_error)
-        if len(spool.pending) > spool.unjournaled:
-            log.warning("history.closed_with_journal",
-                        writes=len(spool.pending) - spool.unjournaled,
-                        journal=str(spool.journal), detail="replayed at the next start")
 
 
 @dataclass(slots=True, frozen=True)
