@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from engine.sim.standins.server import serve_local
+
 Behaviour = Literal["ok", "500", "garbage", "hang", "huge"]
 ORDERS = {"4471": "shipped", "5000": "being packed"}
 
@@ -27,11 +29,7 @@ class OrderApi:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/orders/status", self._status)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_local(app, shutdown_timeout=0.2)
         self.url = f"http://127.0.0.1:{port}/orders/status"
         return self.url
 

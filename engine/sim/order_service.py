@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.log import get_logger
+from engine.sim.standins.server import serve_local
 
 log = get_logger(__name__)
 
@@ -61,13 +62,7 @@ class OrderService:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.build_app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, bound = await serve_local(self.build_app(), host, port)
         self.url = f"http://{host}:{bound}{STATUS_PATH}"
         return self.url
 

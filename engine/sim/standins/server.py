@@ -37,6 +37,16 @@ class RecordedRequest:
     disconnected: bool = False
 
 
+async def serve_local(app: web.Application, host: str = "127.0.0.1", port: int = 0,
+                      **runner_options: Any) -> tuple[web.AppRunner, int]:
+    """Serve `app` on `host` (port 0: a free one); its runner and the port it got. Every
+    local server of the simulator (stand-ins, the demo's order service) starts here."""
+    runner = web.AppRunner(app, access_log=None, **runner_options)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner, int(runner.addresses[0][1])
+
+
 class StandinServer:
     """An aiohttp app on 127.0.0.1 with behaviour knobs shared by every stand-in.
 
@@ -74,12 +84,8 @@ class StandinServer:
         self._stopping.clear()
         # handler_cancellation: a client that goes away cancels its handler, as a real
         # server stops generating; we record that as a disconnect.
-        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True,
-                                     access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound_port = int(self._runner.addresses[0][1])
+        self._runner, bound_port = await serve_local(
+            self.build_app(), host, port, handler_cancellation=True, shutdown_timeout=1.0)
         self.base_url = self.url_for(host, bound_port)
         return self.base_url
 

@@ -19,6 +19,7 @@ from email.utils import formatdate
 from aiohttp import BasicAuth, web
 
 from engine.log import get_logger
+from engine.sim.standins.server import serve_local
 
 log = get_logger(__name__)
 
@@ -84,14 +85,8 @@ class TwilioApiStandIn:
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.build_app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        bound = server.sockets[0].getsockname()  # type: ignore[attr-defined]
-        self.base_url = f"http://{host}:{bound[1]}"
+        self._runner, bound = await serve_local(self.build_app(), host, port)
+        self.base_url = f"http://{host}:{bound}"
         return self.base_url
 
     async def stop(self) -> None:
