@@ -277,7 +277,7 @@ async def _open_history(config: Config) -> CallHistory:
         store = CallHistory.postgres(config.history.dsn, data, engine_id=stable_id,
                                      pool_max=config.history.pool_max)
     else:
-        store = CallHistory(data / "history.sqlite3", engine_id=stable_id)
+        store = CallHistory(config.sqlite_history_path(), engine_id=stable_id)
     await store.open()
     recovered = await store.recover_unfinished()
     if recovered:

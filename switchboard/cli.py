@@ -138,14 +138,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"switchboard report: {exc}", file=sys.stderr)
         return 2
-    dsn = args.dsn or (config.history.dsn if config.history.backend == "postgres" else "")
+    dsn = config.report_dsn(args.dsn)
     try:
         if dsn:  # the fleet's record: every engine's calls
             from engine.record.report import build_fleet_report
 
             report = asyncio.run(build_fleet_report(dsn, since, prices=config.prices))
         else:
-            report = build_report(config.data_path() / "history.sqlite3", since,
+            report = build_report(config.sqlite_history_path(), since,
                                   prices=config.prices)
     except HistoryError as exc:
         print(f"switchboard report: {exc}", file=sys.stderr)
@@ -272,17 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     report = command("report", "calls, costs and response times from history")
-    report.add_argument("--since", default="30d",
-                        help="window: 30d, 12h, 90m, 2w (default 30d)")
-    report.add_argument("--format", choices=["table", "json", "csv"], default="table",
-                        help="table (default); json: the figures and every cost line; "
-                             "csv: one row per cost line")
-    report.add_argument("--dsn", default="", metavar="URL",
-                        help="the fleet's PostgreSQL history (default: history.dsn when "
-                             "history.backend is postgres, else this engine's SQLite file)")
-    report.set_defaults(func=cmd_report)
+    from switchboard.experiments_cli import add_experiments_command, add_history_options
 
-    from switchboard.experiments_cli import add_experiments_command
+    add_history_options(report, "table (default); json: the figures and every cost line; "
+                                "csv: one row per cost line")
+    report.set_defaults(func=cmd_report)
 
     experiments = command("experiments", "A/B experiments: each variant's outcomes side by "
                                          "side, with intervals and a verdict per metric")

@@ -90,6 +90,15 @@ class Config(Section):
     def data_path(self) -> Path:
         return Path(os.path.expanduser(self.engine.data_dir))
 
+    def sqlite_history_path(self) -> Path:
+        """This engine's SQLite history file (history.backend = "sqlite")."""
+        return self.data_path() / "history.sqlite3"
+
+    def report_dsn(self, given: str = "") -> str:
+        """The PostgreSQL history a report reads: `given` (--dsn), else history.dsn when
+        the backend is postgres; "" means this engine's SQLite file."""
+        return given or (self.history.dsn if self.history.backend == "postgres" else "")
+
 
 # Environment variables that override config values (secrets live only here).
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
