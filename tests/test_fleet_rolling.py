@@ -74,8 +74,9 @@ class Fleet:
         assert run.engine.drainer.goodbyes == 0  # every call finished on its own
         self._note_watcher(run)
         del self.runs[name]
-        await self._stacks.pop(name).aclose()
-        await self.start(name)
+        # Bounded: a stop or start that hangs fails here, naming it, instead of hanging CI.
+        await asyncio.wait_for(self._stacks.pop(name).aclose(), 60)
+        await asyncio.wait_for(self.start(name), 60)
 
     def _note_watcher(self, run: RunningEngine) -> None:
         fleet = run.engine.fleet
@@ -85,7 +86,7 @@ class Fleet:
     async def close(self) -> None:
         for name, stack in list(self._stacks.items()):
             self._note_watcher(self.runs[name])
-            await stack.aclose()
+            await asyncio.wait_for(stack.aclose(), 60)
 
     async def call(self, line: int, n: int, prefer: str | None = None) -> None:
         """One call through the load balancer: engines in turn until one answers
@@ -104,7 +105,7 @@ class Fleet:
             caller = SimulatedCaller(run.url, AUTH_TOKEN, ACCOUNT_SID, rest=run.rest,
                                      public_url=run.config.engine.public_url,
                                      speech_cache=self._speech)
-            result = await caller.run(scenario)
+            result = await asyncio.wait_for(caller.run(scenario), 60)
             if result.error is not None and result.streams == 0:
                 self.refused += 1  # 503, or the engine had gone: the next one
                 assert "answered 503" in result.error or "Connect" in result.error, \
