@@ -58,8 +58,8 @@ async def test_no_full_collection_runs_but_at_the_safe_point(
     threshold_before = gc.get_threshold()  # another test's engine may still hold it
     pacer = Pacer()
     # Long enough for the allocations below on a busy machine (the collection is not due
-    # before the test says so).
-    collector = FullCollections(pacer, interval_s=1.0)
+    # before the test says so); by time only, however many objects wait.
+    collector = FullCollections(pacer, interval_s=1.0, max_pending=1 << 30)
     collector.start()
     # A stream with audio to play: the pacer is awake (its ticks are run by hand here).
     OutboundPlayer("CA1", "MZ1", send, None, pacer).enqueue_audio(b"\xff" * FRAME_BYTES * 50)
@@ -157,6 +157,37 @@ async def test_before_a_full_collection_every_stream_is_sent_the_headroom(
     first = sent_at_collection[0]
     assert 7 <= first <= 7 + 10
     assert len(sent) < 50  # then the pacer waits for the lead to come back
+
+
+async def test_many_objects_pending_bring_the_collection_forward(
+        full_collections: list[int]) -> None:
+    async def send(message: str) -> None:
+        pass
+
+    pacer = Pacer()
+    # Not due for an hour by time: only the pending count can bring it forward.
+    collector = FullCollections(pacer, interval_s=3600.0, max_pending=20_000,
+                                probe_every_s=0.0)
+    collector.start()
+    OutboundPlayer("CA1", "MZ1", send, None, pacer).enqueue_audio(b"\xff" * FRAME_BYTES * 50)
+    now = asyncio.get_running_loop().time
+    try:
+        few = promote(2_000)
+        gc.collect(1)  # promoted into the oldest generation, under the limit
+        full_collections.clear()
+        await collector.after_tick(now())
+        assert 2 not in full_collections and collector.collections == 0
+        many = promote(30_000)  # calls arriving together
+        gc.collect(1)
+        await collector.after_tick(now())
+        assert full_collections.count(2) == 1
+        assert collector.collections == 1 and collector.early == 1
+        assert len(gc.get_objects(generation=2)) < 1_000  # frozen: traversed once
+        await collector.after_tick(now())  # nothing new pending: no second one
+        assert full_collections.count(2) == 1
+        del few, many
+    finally:
+        collector.stop()
 
 
 class _Cycle:
