@@ -332,7 +332,7 @@ class OpsHub:
                 llm_first_token_s=t.llm_first_token, tts_first_audio_s=t.tts_first_audio,
                 engine_overhead_s=t.engine_overhead, voice_to_voice_s=t.voice_to_voice,
                 audio_lead_over_llm_s=t.audio_lead_over_llm,
-                llm_first_sentence_s=t.llm_first_sentence))
+                llm_first_sentence_s=t.llm_first_sentence, speculated=record.speculated))
             if alert is not None and alert.firing:
                 self.alert(None, "latency_p95", "warning",
                            f"voice-to-voice p95 {alert.p95_s:.2f} s over "

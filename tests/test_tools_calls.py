@@ -64,9 +64,10 @@ class ToolCall:
 
 @asynccontextmanager
 async def tool_engine(tmp_path: Path, heard: list[str], rules: list[ToolRule],
-                      tool: dict[str, Any] | None = None,
+                      tool: dict[str, Any] | None = None, stt: str = "openai",
                       **sections: dict[str, Any]) -> AsyncIterator[ToolCall]:
-    """An engine on the OpenAI stand-in; the recognizer hears `heard`, line by line."""
+    """An engine on the OpenAI stand-in; the recognizer (`stt`) hears `heard`, line by
+    line."""
     api, openai = OrderApi(), OpenAIStandin(api_key="sk-test")
     api_url, oa_url = await api.start(), await openai.start()
     lines = iter(heard)
@@ -76,7 +77,7 @@ async def tool_engine(tmp_path: Path, heard: list[str], rules: list[ToolRule],
     openai.reply = "We are open from nine to five."
     all_sections = base_sections()
     all_sections["providers"] = {
-        "stt": ["openai"], "agent": ["openai"], "tts": ["openai"],
+        "stt": [stt], "agent": ["openai"], "tts": ["openai"],
         "openai": {"api_key": "sk-test", "base_url": oa_url, "stt_model": "whisper-1"}}
     all_sections["engine"] = {"greeting": "Hello."}  # short: calls run in real time
     all_sections.update(sections)

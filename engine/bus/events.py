@@ -154,6 +154,8 @@ class TurnLatency(EventBase):
     # > 0 when the first audio left before the agent's last token (streaming works).
     audio_lead_over_llm_s: float | None = None
     llm_first_sentence_s: float | None = None  # first token -> first whole sentence
+    # The agent was started at a pause before the turn ended (turns.speculative_reply).
+    speculated: bool = False
 
 
 class UsageCost(EventBase):

@@ -83,6 +83,11 @@ class TurnConfig(Section):
     local_pause_ms: int = Field(default=250, ge=20)  # a local one's (each decode costs CPU)
     complete_silence_ms: int = Field(default=200, ge=20)
     trailing_silence_ms: int = Field(default=1200, ge=20)
+    # Start the agent on the words at a pause that does not end the turn at once (they
+    # trail off, or are neither finished nor trailing), so its reply is under way when
+    # the turn ends on them; if the caller goes on it is thrown away, and billed
+    # (session/speculation.py). Needs semantic endpointing; not for a local agent.
+    speculative_reply: bool = False
     max_endpoint_ms: int = 3000
     max_turn_seconds: float = 30.0
     # Caller speech during playback must last this long to interrupt the agent.

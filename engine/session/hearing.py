@@ -93,10 +93,17 @@ class Hearing:
     """Segments, streams and the endpoint's silence for one conversation's turns."""
 
     def __init__(self, session: CallSession, turns: TurnConfig, endpointer: Endpointer,
-                 on_complete: Callable[[SpeechEnded], None]) -> None:
+                 on_complete: Callable[[SpeechEnded], None],
+                 on_pause: Callable[[str], None] | None = None,
+                 on_resume: Callable[[], None] | None = None) -> None:
         self.session = session
         self.endpointer = endpointer
         self._on_complete = on_complete  # the turn ends now: its words are complete
+        # The words at a pause may be the whole turn (neither finished nor trailing off):
+        # `on_pause` gets them; `on_resume`: the caller went on after such a pause.
+        self._on_pause = on_pause
+        self._on_resume = on_resume
+        self._paused_on: str | None = None
         self._semantic = turns.semantic_endpointing
         self._stream_pause_ms = turns.pause_ms
         self._local_pause_ms = turns.local_pause_ms
@@ -138,6 +145,10 @@ class Hearing:
             if segment is None:
                 segment = self._open_segment(self._cut_end())
                 ep.set_endpoint_silence(None)  # a judgement of the last pause is void
+                if self._paused_on is not None:
+                    self._paused_on = None
+                    if self._on_resume is not None:
+                        self._on_resume()
             segment.voiced = True
         elif (self._cut_at_pauses and segment is not None and segment.voiced
               and silence >= self._pause_ms):
@@ -154,6 +165,7 @@ class Hearing:
         """The turn ended: its segments (None: transcribe `ended`'s audio whole)."""
         turn, segment = self._turn, self._open
         self._turn, self._open = HeardTurn(), None
+        self._paused_on = None
         self._turn_id += 1  # a late judgement of this turn's pauses is void
         if self._stt is None:
             return None
@@ -234,10 +246,16 @@ class Hearing:
         if any(isinstance(r, ProviderError) for r in results):
             self._end_after(None)  # no words to judge: the usual silence
             return
-        verdict = completeness(" ".join(r.text for r in results if isinstance(r, Transcript)))
+        words = " ".join(r.text.strip() for r in results
+                         if isinstance(r, Transcript) and r.text.strip())
+        verdict = completeness(words)
         if verdict == "complete":
             self._end_after(self._complete_ms)
-        elif verdict == "unknown":
+            return
+        if words and self._on_pause is not None:  # the turn may end on these words
+            self._paused_on = words
+            self._on_pause(words)
+        if verdict == "unknown":
             self._end_after(None)
         # trailing: the long wait set at the pause holds
 

@@ -56,6 +56,8 @@ class TurnRecord:
     knowledge_ids: tuple[str, ...] = ()
     # The tool calls the agent made while answering (also reported one by one as they end).
     tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    # The answer was started at a pause, before the turn ended (session/speculation.py).
+    speculated: bool = False
 
 
 ToolOutcome = Literal["ok", "error", "timeout", "rejected", "discarded"]

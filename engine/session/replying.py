@@ -24,6 +24,7 @@ from engine.providers.base import (
     Agent,
     AgentDone,
     AgentEvent,
+    ChatMessage,
     ProviderError,
     TextDelta,
     Usage,
@@ -34,6 +35,7 @@ from engine.providers.text_feed import TextFeed
 from engine.session.context import ConversationContext
 from engine.session.records import TurnRecord
 from engine.session.speaking import Speaking
+from engine.session.speculation import SpeculatedAgent, Speculation
 from engine.session.states import CallState
 from engine.session.tool_turns import EngineLine, ToolTurn
 from engine.session.voice import Spoken
@@ -67,6 +69,17 @@ class _Answer:
     tools: ToolTurn | None = None  # the turn's tool calls, when the agent has tools
 
 
+@dataclass(slots=True)
+class Prompt:
+    """What the agent is asked for one caller turn (`Replying.prompt`)."""
+
+    messages: list[ChatMessage] = field(default_factory=list)
+    passages: tuple[str, ...] = ()  # the knowledge retrieved, rendered into `messages`
+    knowledge_ids: tuple[str, ...] = ()
+    cache_key: str | None = None  # the FAQ entry whose answer may be cached
+    cached: str | None = None  # the answer cache's answer: no agent request at all
+
+
 class Replying:
     def __init__(self, session: CallSession, deps: PipelineDeps, context: ConversationContext,
                  speaking: Speaking, policies: Policies) -> None:
@@ -77,13 +90,15 @@ class Replying:
         self.policies = policies
         self.log = log.bind(call_sid=session.call_sid)
 
-    async def reply(self, record: TurnRecord, speech_end: float, agent: Agent) -> None:
+    async def reply(self, record: TurnRecord, speech_end: float, agent: Agent,
+                    speculation: Speculation | None = None) -> None:
         """Answer the caller's turn with `agent` (the turn's chain); `speech_end` is when
-        the caller stopped speaking."""
+        the caller stopped speaking; `speculation`, one started on the caller's words at
+        a pause (used if they are the turn's words)."""
         answer = _Answer(record, f"{self.session.call_sid}-a{record.idx}")
         if self.deps.tools is not None:
             answer.tools = ToolTurn(self.session, self.deps.tools, record)
-        stream = self._agent_stream(record, agent, answer.tools)
+        stream = self._agent_stream(record, agent, answer.tools, speculation)
         try:
             await self._speak_as_written(answer, stream)
             await self._finish_speaking(answer, speech_end)
@@ -99,31 +114,54 @@ class Replying:
         if answer.completed and answer.done is not None:
             await self._after_reply(record, answer.done, text, agent, answer.tools)
 
-    async def _agent_stream(self, record: TurnRecord, agent: Agent,
-                            tools: ToolTurn | None = None
-                            ) -> AsyncGenerator[AgentEvent, None]:
-        """The reply: from the answer cache when the question is a known one; with
-        `tools`, in as many rounds as the agent's tool calls take (`tool_turns.py`)."""
+    async def prompt(self, caller_text: str, agent: Agent) -> Prompt:
+        """What the agent is asked for `caller_text`: the answer cache's answer when the
+        question is a known one, else the messages (with the knowledge retrieved)."""
         deps = self.deps
         key = None
         if deps.matcher is not None and agent.name != "faq":
-            match = deps.matcher.match(record.caller_text)
+            match = deps.matcher.match(caller_text)
             # An entry that looks its answer up (a tool) has no one answer to cache.
             if match is not None and match.entry.action == "answer" and match.entry.tool is None:
                 key = f"faq:{match.entry.id}"
                 cached = await deps.cache.get_answer(key)
                 if cached:
-                    record.cached = True
-                    # No agent request: a free line on the bill that says why.
-                    self.session.book(Usage(provider=ANSWER_CACHE, kind="llm",
-                                            model=agent.model, cached=True))
-                    yield TextDelta(cached)
-                    return
-        found = await deps.knowledge.retrieve(record.caller_text, self.session.call_sid) \
+                    return Prompt(cache_key=key, cached=cached)
+        found = await deps.knowledge.retrieve(caller_text, self.session.call_sid) \
             if deps.knowledge is not None and agent.name != "faq" else ()
-        record.knowledge_ids = tuple(p.id for p in found)
+        passages = tuple(p.render() for p in found)
+        return Prompt(self.context.messages(caller_text, passages), passages,
+                      tuple(p.id for p in found), key)
+
+    async def _agent_stream(self, record: TurnRecord, agent: Agent,
+                            tools: ToolTurn | None = None,
+                            speculation: Speculation | None = None
+                            ) -> AsyncGenerator[AgentEvent, None]:
+        """The reply: from the answer cache when the question is a known one; with
+        `tools`, in as many rounds as the agent's tool calls take (`tool_turns.py`);
+        from `speculation` when it was started on these words."""
+        prompt = None
+        if speculation is not None:
+            prompt = await speculation.prompt_for(record.caller_text, agent,
+                                                  self.context.messages)
+            if prompt is None:
+                await speculation.discard()  # other words: billed, not used
+            elif prompt.cached is None:
+                agent = SpeculatedAgent(agent, speculation)
+                record.speculated = True
+        if prompt is None:
+            prompt = await self.prompt(record.caller_text, agent)
+        key = prompt.cache_key
+        if prompt.cached is not None:
+            record.cached = True
+            # No agent request: a free line on the bill that says why.
+            self.session.book(Usage(provider=ANSWER_CACHE, kind="llm", model=agent.model,
+                                    cached=True))
+            yield TextDelta(prompt.cached)
+            return
+        record.knowledge_ids = prompt.knowledge_ids
+        messages = list(prompt.messages)
         started = time.monotonic()  # the LLM's first token: retrieval is engine time
-        messages = self.context.messages(record.caller_text, [p.render() for p in found])
         # Closed with this generator: a cut reply reaches the chain at once, which reads
         # it on for its usage.
         async with aclosing(tools.events(agent, messages) if tools is not None

@@ -24,6 +24,7 @@ from engine.log import get_logger
 from engine.providers.base import ProviderError
 from engine.session.hearing import HeardTurn, Hearing
 from engine.session.records import TurnRecord, TurnTimings
+from engine.session.speculation import Speculation
 from engine.session.states import CallState
 
 if TYPE_CHECKING:
@@ -64,7 +65,12 @@ class TurnTaking:
         self._backchannel_words = {w for b in self._backchannels for w in b.split()}
         self._handoff_line = config.policy.handoff_line
         self.mode = Mode.AI
-        self.hearing = Hearing(session, turns, self.endpointer, self._turn_ended)
+        speculate = turns.speculative_reply
+        self.hearing = Hearing(session, turns, self.endpointer, self._turn_ended,
+                               self._speculate if speculate else None,
+                               self._drop_speculation if speculate else None)
+        self._speculation: Speculation | None = None
+        self._answering = 0  # answers in progress (their audio may not have started)
         self.turn_index = 0
         self._turn_lock = asyncio.Lock()
         self.log = log.bind(call_sid=session.call_sid)
@@ -108,18 +114,48 @@ class TurnTaking:
 
     # -- a caller turn ------------------------------------------------------------------
 
+    def _speculate(self, words: str) -> None:
+        """A pause that may end the turn: start the agent on these words (speculation.py)."""
+        self._drop_speculation()
+        session = self.session
+        agent = self.chains().agent
+        if (self.mode is not Mode.AI or session.state is not CallState.AI
+                or agent.runs_locally or self._turn_lock.locked() or self._answering
+                or self.speaking.agent_speaking()):
+            return  # nothing to gain, or a turn still being answered
+        tools = self.replying.deps.tools
+        self._speculation = Speculation(session, words, agent, self.replying.prompt,
+                                        tools.specs if tools is not None else ())
+
+    def _drop_speculation(self) -> None:
+        """The caller went on: a reply started on their earlier words is thrown away."""
+        speculation, self._speculation = self._speculation, None
+        if speculation is not None:
+            speculation.cancel()
+
     async def _on_utterance(self, ended: SpeechEnded, detected_at: float,
                             heard: HeardTurn | None) -> None:
-        async with self._turn_lock:
-            answer = await self._hear(ended, detected_at, heard)
+        speculation, self._speculation = self._speculation, None
+        answer = None
+        try:
+            async with self._turn_lock:
+                answer = await self._hear(ended, detected_at, heard, speculation)
+        finally:
+            if answer is None and speculation is not None:
+                speculation.cancel()  # the turn gets no answer: billed, not used
         if answer is not None:
             # The answer runs on in this task, not a new one: a new task waits a whole
             # loop iteration to start (~5 ms p95 at 100 calls, bench/bench_turns.py).
             self.speaking.speak_in_this_task()
-            await answer
+            self._answering += 1
+            try:
+                await answer
+            finally:
+                self._answering -= 1
 
-    async def _hear(self, ended: SpeechEnded, detected_at: float,
-                    heard: HeardTurn | None) -> Coroutine[Any, Any, None] | None:
+    async def _hear(self, ended: SpeechEnded, detected_at: float, heard: HeardTurn | None,
+                    speculation: Speculation | None = None
+                    ) -> Coroutine[Any, Any, None] | None:
         """Transcribe and judge the utterance; the answer to run, if the turn gets one."""
         session = self.session
         obs = session.observer
@@ -158,7 +194,7 @@ class TurnTaking:
         self.speaking.tts = chains.tts
         # When the caller actually stopped: the endpointer waited for the silence.
         return self.replying.reply(record, speech_end=detected_at - endpointing_s,
-                                   agent=chains.agent)
+                                   agent=chains.agent, speculation=speculation)
 
     def _is_turn(self, text: str, unclear: bool, line_id: str) -> bool:
         """Noise, an unclear sound or a backchannel over the agent is not a turn; other
