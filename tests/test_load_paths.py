@@ -93,7 +93,7 @@ async def test_a_reply_just_starting_puts_the_collection_off_a_tick(
         pass
 
     pacer = Pacer()
-    collector = FullCollections(pacer, interval_s=0.05)
+    collector = FullCollections(pacer, interval_s=0.05, headroom_above=0)  # a long pause
     collector.start()
     player = OutboundPlayer("CA1", "MZ1", send, None, pacer)
     now = asyncio.get_running_loop().time
@@ -138,7 +138,8 @@ async def test_before_a_full_collection_every_stream_is_sent_the_headroom(
             sent_at_collection.append(len(sent))
 
     pacer = Pacer(lead_s=0.04)  # two frames ahead
-    collector = FullCollections(pacer, interval_s=0.06, headroom_s=0.1)  # five more
+    collector = FullCollections(pacer, interval_s=0.06, headroom_s=0.1,  # five more
+                                headroom_above=0)  # however short the pause
     player = OutboundPlayer("CA1", "MZ1", send, None, pacer)
     collector.start()
     gc.callbacks.append(record)
@@ -161,13 +162,16 @@ async def test_before_a_full_collection_every_stream_is_sent_the_headroom(
 
 async def test_many_objects_pending_bring_the_collection_forward(
         full_collections: list[int]) -> None:
+    sent = 0
+
     async def send(message: str) -> None:
-        pass
+        nonlocal sent
+        sent += 1
 
     pacer = Pacer()
     # Not due for an hour by time: only the pending count can bring it forward.
     collector = FullCollections(pacer, interval_s=3600.0, max_pending=20_000,
-                                probe_every_s=0.0)
+                                probe_every_s=0.0, headroom_above=40_000)
     collector.start()
     OutboundPlayer("CA1", "MZ1", send, None, pacer).enqueue_audio(b"\xff" * FRAME_BYTES * 50)
     now = asyncio.get_running_loop().time
@@ -183,6 +187,7 @@ async def test_many_objects_pending_bring_the_collection_forward(
         assert full_collections.count(2) == 1
         assert collector.collections == 1 and collector.early == 1
         assert len(gc.get_objects(generation=2)) < 1_000  # frozen: traversed once
+        assert sent == 0  # 30,000 objects: a short pause, the usual lead covers it
         await collector.after_tick(now())  # nothing new pending: no second one
         assert full_collections.count(2) == 1
         del few, many

@@ -8,12 +8,14 @@ long enough for the pacer's 80 ms lead to run out on every call (an audible gap 
 Here the automatic full collection is off (its threshold out of reach; the young
 generations are still collected as usual) and `FullCollections` runs it itself:
 
-- right after a pacer tick (`Pacer.after_tick`), once every playing stream has been sent
-  `headroom_s` (200 ms) more than its usual lead of the audio it has queued, so the
-  pause eats into audio buffered at Twilio, not into playback (at 250 calls a full
-  collection took 40-80 ms, the lead is 80 ms); the next ticks send nothing until the
-  lead is back to normal. Twilio only holds the audio longer: marks still come back when
-  it is played, and a barge-in's `clear` empties Twilio's buffer as before. A reply
+- right after a pacer tick (`Pacer.after_tick`): every playing stream holds its 80 ms
+  lead then, which covers a short pause (up to `headroom_above` objects to traverse,
+  ~30 ms on a slow core). For a longer one (a sweep; a collection that found more
+  waiting) every playing stream is first sent `headroom_s` (200 ms) more than its lead
+  of the audio it has queued, so the pause eats into audio buffered at Twilio, not into
+  playback (at 250 calls a full collection took 40-80 ms); the next ticks send nothing
+  until the lead is back to normal. Twilio only holds the audio longer: marks still come
+  back when it is played, and a barge-in's `clear` empties Twilio's buffer as before. A reply
   whose first audio has only just come cannot be sent ahead: while one holds less than
   the lead plus half the headroom, the collection waits for a later tick (1 s at most);
 - every `interval_s` (30 s), and only when objects were promoted since the last one;
@@ -90,8 +92,10 @@ class FullCollections:
     def __init__(self, pacer: Pacer, interval_s: float = 30.0,
                  headroom_s: float = 0.2, freeze_survivors: bool = True,
                  sweep_interval_s: float = 1800.0, sweep_headroom_s: float = 0.6,
-                 max_pending: int = 10_000, probe_every_s: float = 1.0) -> None:
+                 max_pending: int = 10_000, probe_every_s: float = 1.0,
+                 headroom_above: int = 30_000) -> None:
         self.pacer = pacer
+        self.headroom_above = headroom_above
         self.interval_s = interval_s
         self.max_pending = max_pending
         self.probe_every_s = probe_every_s
@@ -142,7 +146,16 @@ class FullCollections:
         if now < self._due and not self._too_many_pending(now):
             return
         pacer = self.pacer
-        headroom = self.sweep_headroom_s if self._sweep_is_due(now) else self.headroom_s
+        if self._sweep_is_due(now):
+            headroom = self.sweep_headroom_s
+        elif len(gc.get_objects(generation=2)) <= self.headroom_above:
+            # A short pause (~1 us an object): the lead this tick topped up covers it, and
+            # sending every stream more first would itself stall the loop (a burst of
+            # 10 frames a stream).
+            self.collect(now)
+            return
+        else:
+            headroom = self.headroom_s
         await pacer.pump_all(tick_at, pacer.lead_s + headroom)
         if now < self._due + _MAX_WAIT_S and pacer.short_streams(
                 tick_at, pacer.lead_s + headroom / 2):
