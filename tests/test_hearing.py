@@ -66,7 +66,9 @@ async def test_a_number_read_out_with_a_pause_stays_one_turn(tmp_path: Path) -> 
     callers, _ = await _call(tmp_path, [Step(say=line)], make_local_engine, **base_sections())
     assert len(callers) == 1, callers
     said = callers[0].lower()
-    assert ("415" in said or "four one five" in said or "4 1 5" in said) and "0" in said, said
+    # Both halves in the one turn. The neural caller voice varies from run to run, and
+    # Whisper has heard its "four" as "for": the number's end is what tells the halves.
+    assert ("15" in said or "one five" in said or "1 5" in said) and "0" in said, said
 
     # Without semantic endpointing the pause ends the turn in the middle of the number.
     sections = base_sections()

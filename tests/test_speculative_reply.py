@@ -138,3 +138,33 @@ async def test_a_speculated_first_round_asks_for_a_tool_that_runs_only_once_the_
         isinstance(e, ToolCalled)
         or (isinstance(e, TranscriptLine) and e.speaker == "caller" and e.final and e.text))]
     assert isinstance(order[0], TranscriptLine) and isinstance(order[-1], ToolCalled)
+
+
+async def test_a_speculated_reply_is_cut_by_a_barge_in_like_any_other(tmp_path: Path) -> None:
+    standin = _standin("It is about my order", "Wait, stop.")
+    standin.reply = ("Your order shipped on Monday from our warehouse in Ohio. It should "
+                     "arrive by Thursday, and you will get an email with the tracking "
+                     "number as soon as the carrier scans it.")
+    url = await standin.start()
+    try:
+        async with running_engine(tmp_path, make_engine=_cloud_engine,
+                                  **_sections(url, speculate=True)) as run:
+            events = EventLog(run)
+            caller = run.caller()
+            result = await asyncio.wait_for(caller.run(Scenario(name="speculation", steps=[
+                Step(say="It is about my order"),
+                Step(say="Wait, stop.", barge_in=True, after_s=1.0)])), 90)
+            await asyncio.sleep(0.3)
+            await events.close()
+    finally:
+        await standin.stop()
+    assert result.error is None, result.error
+    agent = [e for e in events.lines(caller.call_sid, "agent") if e.final]
+    first_answer = next(e for e in agent if e.text.startswith("Your order shipped"))
+    assert first_answer.interrupted  # cut where the caller spoke over it
+    assert first_answer.heard_text and len(first_answer.heard_text) < len(standin.reply)
+    latencies = [e for e in events.events if isinstance(e, TurnLatency)]
+    assert latencies[0].speculated
+    chats = sum(1 for r in standin.requests if r.path.endswith("/chat/completions"))
+    llm = [e for e in events.events if isinstance(e, UsageCost) and e.kind == "llm"]
+    assert len(llm) == chats  # every request on the bill, the cut one included
