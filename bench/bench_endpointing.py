@@ -135,11 +135,17 @@ async def run_setting(semantic: bool, lines: list[str], concurrency: int, tmp: P
             reader.cancel()
     finally:
         await rest.stop()
+    return {"semantic_endpointing": semantic, "speculative_reply": speculate,
+            **_outcome(lines, heard, calls, events)}
+
+
+def _outcome(lines: list[str], heard: list[tuple[str, list[str]]], calls: dict[str, str],
+             events: EngineEvents) -> dict[str, Any]:
+    """One setting's figures: cut-offs, endpointing, voice-to-voice, the agent's requests."""
     cut = [(line, turns) for line, turns in heard if len(turns) > 1]
     paused = {line for line in lines if " / " in line}
     answered = len(events.latencies)
     return {
-        "semantic_endpointing": semantic, "speculative_reply": speculate,
         "lines": len(heard),
         "false_cutoffs": len(cut),
         "false_cutoffs_in_paused_lines": sum(1 for line, _ in cut if line in paused),
