@@ -115,7 +115,7 @@ async def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
                              for ln in r.lines]} for r in results],
         "speech_s": len(next(iter(speech_cache.values()))) / 8000,
         "loop_lag_ms": lag_ms,
-        "stall_times": [at for at, _ in lag.stalls],
+        "stall_times": [at for at, *_ in lag.stalls],
         # This caller process's own CPU over its calls: when it nears a core, the callers'
         # playout (and so their underrun count) is late, not the engine.
         "cpu_s": time.process_time() - cpu0, "wall_s": time.monotonic() - wall0,

@@ -48,13 +48,47 @@ def loadavg() -> str:
 STALL_MS = 20.0
 
 
+def runqueue_wait_ms() -> float:
+    """How long this process's main thread (the event loop's) has waited for a CPU while
+    runnable: the kernel's `run_delay` (/proc/self/schedstat), 0 where not available."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+_TICK_MS = 1000 / CLK_TCK
+
+
+def steal_ms(cpus: set[int]) -> float:
+    """Time the hypervisor ran something else on `cpus` (/proc/stat's steal, in 10 ms
+    ticks): the guest counts it as its own running time."""
+    total = 0
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if not line.startswith("cpu") or line.startswith("cpu "):
+                    continue
+                fields = line.split()
+                if int(fields[0][3:]) in cpus:
+                    total += int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return total * _TICK_MS
+
+
 class LoopLag:
-    """How late this process's event loop wakes a sleeper: its own scheduling delay."""
+    """How late this process's event loop wakes a sleeper: its own scheduling delay. A
+    stall is kept with the machine's share of it: the time the loop's thread waited for a
+    CPU, and the time the hypervisor took the process's CPUs (steal)."""
 
     def __init__(self, interval_s: float = 0.05) -> None:
         self.interval_s = interval_s
         self.samples_ms: list[float] = []
-        self.stalls: list[tuple[float, float]] = []  # (monotonic time, lag ms) over 20 ms
+        # (monotonic time, lag ms, ms waiting for a CPU, ms stolen) for lags over 20 ms
+        self.stalls: list[tuple[float, float, float, float]] = []
+        self._cpus = os.sched_getaffinity(0)
 
     def start(self) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(self.run())
@@ -63,11 +97,14 @@ class LoopLag:
         loop = asyncio.get_running_loop()
         while True:
             due = loop.time() + self.interval_s
+            waited, stolen = runqueue_wait_ms(), steal_ms(self._cpus)
             await asyncio.sleep(self.interval_s)
             lag_ms = (loop.time() - due) * 1000
             self.samples_ms.append(lag_ms)
             if lag_ms > STALL_MS:
-                self.stalls.append((round(time.monotonic(), 3), round(lag_ms, 1)))
+                self.stalls.append((round(time.monotonic(), 3), round(lag_ms, 1),
+                                    round(runqueue_wait_ms() - waited, 1),
+                                    round(steal_ms(self._cpus) - stolen, 1)))
 
     def summary(self) -> dict[str, Any]:
         if not self.samples_ms:
@@ -77,7 +114,7 @@ class LoopLag:
                 "p99_ms": round(float(np.percentile(arr, 99)), 2),
                 "max_ms": round(float(arr.max()), 2), "samples": len(arr),
                 "stalls_over_20ms": len(self.stalls), "stalls": self.stalls[-20:],
-                "stall_times": [at for at, _ in self.stalls]}
+                "stall_times": [at for at, *_ in self.stalls]}
 
     def reset(self) -> None:
         self.samples_ms.clear()

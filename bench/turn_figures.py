@@ -118,7 +118,7 @@ def relative_stalls(extra: dict[str, Any], t0: float) -> None:
     """Loop stalls and GC pauses as seconds since the first call (one clock for all
     processes): whether they came with the ramp or in the steady state."""
     lag, gc = extra["engine_loop_lag_ms"], extra["engine_gc"]
-    lag["stalls"] = [(round(at - t0, 2), ms) for at, ms in lag.get("stalls", [])]
+    lag["stalls"] = [(round(at - t0, 2), *rest) for at, *rest in lag.get("stalls", [])]
     gc["longest"] = [(gen, round(at - t0, 2), *rest) for gen, at, *rest in gc.get("longest", [])]
 
 
