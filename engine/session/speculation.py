@@ -1,10 +1,10 @@
 """A speculative reply: the agent starts on the caller's words at a pause, before the
 turn has ended, so its first tokens are there when it does.
 
-`session/hearing.py` judges the words at each pause of the caller. When they are neither
-a finished question nor trailing off ("unknown": the turn ends after the usual
-`endpoint_silence_ms`), `turn_taking.py` starts a `Speculation` on them
-(`turns.speculative_reply`): the prompt is built as for a real reply
+`session/hearing.py` judges the words at each pause of the caller. When they do not end
+the turn at once (they trail off and wait `trailing_silence_ms`, or are neither finished
+nor trailing and wait the usual `endpoint_silence_ms`), `turn_taking.py` starts a
+`Speculation` on them (`turns.speculative_reply`): the prompt is built as for a real reply
 (`Replying.prompt`) and the agent's first round is read into a buffer by a task. Nothing
 is spoken and no tool runs (an answer the answer cache holds needs no head start).
 
@@ -52,6 +52,7 @@ class Speculation:
         self.text = text
         self.agent = agent
         self.tools = tuple(tools)
+        self.log = log.bind(call_sid=session.call_sid)
         self.prompt: Prompt | None = None
         self.events: list[AgentEvent] = []
         self.error: ProviderError | None = None
@@ -102,6 +103,8 @@ class Speculation:
         """What the agent has written so far, then the rest as it comes. Closed early (a
         barge-in), the speculative stream is closed too."""
         self.taken = True
+        self.log.debug("turn.speculation_used", buffered=len(self.events),
+                       finished=self.finished)
         sent = 0
         try:
             while True:
@@ -120,13 +123,16 @@ class Speculation:
 
     def cancel(self) -> None:
         """Stop reading: the request stays on the bill (the chain reads it on)."""
+        if not self.taken:
+            asked = self.prompt is not None and self.prompt.cached is None
+            self.log.debug("turn.speculation_discarded", agent_asked=asked)
         self._task.cancel()
 
     async def discard(self) -> None:
         """`cancel`, and wait until the stream is closed."""
         if self._task.done():
             return
-        self._task.cancel()
+        self.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
