@@ -70,6 +70,10 @@ class PiperSettings(ProviderSettings):
     # speakers are told apart by ear and in recordings.
     caller_length_scale: float = Field(default=1.3, gt=0)
     caller_pitch_semitones: float = Field(default=4.0, ge=-12, le=12)
+    # The caller's variation (the model samples noise in every synthesis): 0 says each
+    # line the same way every time, so a demo or a test hears the same audio each run.
+    caller_noise_scale: float = Field(default=0.0, ge=0)
+    caller_noise_w_scale: float = Field(default=0.0, ge=0)
 
 
 class PiperTTS:
@@ -188,7 +192,8 @@ def build_caller_voice(settings: PiperSettings) -> PiperTTS:
     pitch, one worker. ProviderUnavailable when Piper or the voice is not installed."""
     _require(settings)
     return PiperTTS(settings.voice, length_scale=settings.caller_length_scale,
-                    noise_scale=settings.noise_scale, noise_w_scale=settings.noise_w_scale,
+                    noise_scale=settings.caller_noise_scale,
+                    noise_w_scale=settings.caller_noise_w_scale,
                     pitch_semitones=settings.caller_pitch_semitones, threads=settings.threads)
 
 
