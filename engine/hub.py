@@ -37,6 +37,7 @@ from engine.supervision.api_schema import Hello, Snapshot, TranscriptEntry
 from engine.supervision.commands import SupervisorCommands
 from engine.supervision.tool_calls import redacted_names, redacted_record, tool_called_event
 from engine.supervision.views import CallViews
+from engine.tasks import stop_task
 from engine.telephony.webhooks import Admission
 
 if TYPE_CHECKING:
@@ -100,9 +101,7 @@ class OpsHub:
 
     async def stop(self) -> None:
         """Engine stop, after the last booking: the fleet's totals get a last flush."""
-        if self._day_watch is not None:
-            self._day_watch.cancel()
-            await asyncio.gather(self._day_watch, return_exceptions=True)
+        await stop_task(self._day_watch)
         await self.budget.totals.aclose()
 
     @property

@@ -49,6 +49,7 @@ from engine.fleet.redis_link import REDIS_FAILURES, FleetKeys
 from engine.log import get_logger
 from engine.supervision.api_schema import COMMAND, Command, Reply
 from engine.supervision.backend import Actor, CommandRunner
+from engine.tasks import stop_task
 
 log = get_logger(__name__)
 
@@ -218,15 +219,11 @@ class CommandRelay:
     async def stop_serving(self) -> None:
         """Take no more requests (what is queued stays for `start` or expires)."""
         serving, self._serving = self._serving, None
-        if serving is not None:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+        await stop_task(serving)
 
     async def stop(self) -> None:
         await self.stop_serving()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(stop_task(task) for task in list(self._tasks)))
         with contextlib.suppress(Exception):  # closing a dead connection may complain
             await self.client.aclose()
 

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from engine.config.fleet import FleetConfig
 from engine.log import get_logger
+from engine.tasks import stop_task
 
 log = get_logger(__name__)
 
@@ -98,9 +99,7 @@ class Drainer:
             await call.end(DRAIN_REASON)
 
     async def aclose(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await stop_task(self._task)
 
     # -- signals ---------------------------------------------------------------------------
 

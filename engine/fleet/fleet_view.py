@@ -44,6 +44,7 @@ from engine.bus.redis_replies import StreamId, format_id, parse_stream_id
 from engine.log import get_logger
 from engine.supervision.api_schema import CallSnapshot, TranscriptEntry
 from engine.supervision.views import CallViews
+from engine.tasks import stop_task
 
 log = get_logger(__name__)
 
@@ -83,11 +84,8 @@ class RemoteCalls:
         log.info("fleet.view_started", after=after)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop_task(self._task)
+        self._task = None
 
     async def _read(self, subscription: object) -> None:
         async for event_id, event in subscription:  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ from engine.config.fleet import FleetConfig
 from engine.fleet.redis_link import FleetRedis
 from engine.fleet.watcher import DeadEngineWatcher
 from engine.log import get_logger
+from engine.tasks import stop_task
 
 log = get_logger(__name__)
 
@@ -100,14 +101,8 @@ class FleetMembership:
     async def stop(self) -> None:
         """Leave the fleet (the engine's calls have ended): its keys go at once, so no
         watcher mistakes a clean stop for a death."""
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
-        for task in [*self._tasks, self._writer]:
-            if task is not None:
-                task.cancel()
-        await asyncio.gather(*self._tasks, *([self._writer] if self._writer else []),
-                             return_exceptions=True)
+        await asyncio.gather(*(stop_task(task)
+                               for task in [self._loop, *self._tasks, self._writer]))
         keys, engine_id = self.link.keys, self.card.engine_id
 
         async def leave(client: Any) -> Any:

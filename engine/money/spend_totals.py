@@ -54,6 +54,7 @@ from redis.backoff import NoBackoff
 from engine.config import Config, ConfigError
 from engine.log import get_logger
 from engine.money.prices import ZERO, dec, utc_now
+from engine.tasks import stop_task
 
 log = get_logger(__name__)
 
@@ -350,10 +351,7 @@ class RedisSpendTotals:
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         await self.sync()
         if self._owns_client:
             await self._client.aclose()
