@@ -11,17 +11,18 @@ from structlog.testing import capture_logs
 from engine.tasks import stop_task
 
 
+async def _stubborn(release: asyncio.Event) -> None:
+    """A task that ignores cancellation until released (a library call that swallows it)."""
+    while not release.is_set():
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            continue
+
+
 async def test_a_task_that_ignores_cancellation_is_left_behind_with_one_log_line() -> None:
     release = asyncio.Event()
-
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                continue  # a library call that swallows cancellation
-
-    task = asyncio.create_task(stubborn(), name="stubborn")
+    task = asyncio.create_task(_stubborn(release), name="stubborn")
     await asyncio.sleep(0)
     with capture_logs() as logs:
         started = asyncio.get_running_loop().time()
@@ -50,15 +51,7 @@ async def test_a_task_that_stops_is_awaited_and_its_error_seen() -> None:
 
 async def test_the_stopper_s_own_cancellation_is_not_swallowed() -> None:
     release = asyncio.Event()
-
-    async def stubborn() -> None:
-        while not release.is_set():
-            try:
-                await asyncio.sleep(10)
-            except asyncio.CancelledError:
-                continue
-
-    inner = asyncio.create_task(stubborn())
+    inner = asyncio.create_task(_stubborn(release))
     await asyncio.sleep(0)
     outer = asyncio.create_task(stop_task(inner, timeout_s=30))
     await asyncio.sleep(0.05)
