@@ -84,7 +84,7 @@ class HeardTurn:
         if len(parts) == 1:
             return parts[0]
         longest = max(parts, key=lambda t: len(t.text))
-        return Transcript(text=" ".join(t.text.strip() for t in parts if t.text.strip()),
+        return Transcript(text=_joined(parts),
                           confidence=longest.confidence, usage=parts[-1].usage,
                           timing=parts[-1].timing)
 
@@ -99,11 +99,10 @@ class Hearing:
         self.session = session
         self.endpointer = endpointer
         self._on_complete = on_complete  # the turn ends now: its words are complete
-        # The words at a pause may be the whole turn (neither finished nor trailing off):
-        # `on_pause` gets them; `on_resume`: the caller went on after such a pause.
+        # The words at a pause that does not end the turn at once may be the whole turn:
+        # `on_pause` gets them; `on_resume`: the caller went on after a pause.
         self._on_pause = on_pause
         self._on_resume = on_resume
-        self._paused_on: str | None = None
         self._semantic = turns.semantic_endpointing
         self._stream_pause_ms = turns.pause_ms
         self._local_pause_ms = turns.local_pause_ms
@@ -145,10 +144,8 @@ class Hearing:
             if segment is None:
                 segment = self._open_segment(self._cut_end())
                 ep.set_endpoint_silence(None)  # a judgement of the last pause is void
-                if self._paused_on is not None:
-                    self._paused_on = None
-                    if self._on_resume is not None:
-                        self._on_resume()
+                if self._on_resume is not None:
+                    self._on_resume()
             segment.voiced = True
         elif (self._cut_at_pauses and segment is not None and segment.voiced
               and silence >= self._pause_ms):
@@ -165,7 +162,6 @@ class Hearing:
         """The turn ended: its segments (None: transcribe `ended`'s audio whole)."""
         turn, segment = self._turn, self._open
         self._turn, self._open = HeardTurn(), None
-        self._paused_on = None
         self._turn_id += 1  # a late judgement of this turn's pauses is void
         if self._stt is None:
             return None
@@ -246,14 +242,12 @@ class Hearing:
         if any(isinstance(r, ProviderError) for r in results):
             self._end_after(None)  # no words to judge: the usual silence
             return
-        words = " ".join(r.text.strip() for r in results
-                         if isinstance(r, Transcript) and r.text.strip())
+        words = _joined([r for r in results if isinstance(r, Transcript)])
         verdict = completeness(words)
         if verdict == "complete":
             self._end_after(self._complete_ms)
             return
         if words and self._on_pause is not None:  # the turn may end on these words
-            self._paused_on = words
             self._on_pause(words)
         if verdict == "unknown":
             self._end_after(None)
@@ -275,3 +269,9 @@ async def _settled(work: Coroutine[Any, Any, Transcript]) -> Transcript | Provid
         return await work
     except ProviderError as exc:
         return exc
+
+
+def _joined(parts: list[Transcript]) -> str:
+    """Segments' words as one turn's: what the turn's transcript and a pause's judgement
+    read alike (a speculation is used only when they are the same words)."""
+    return " ".join(t.text.strip() for t in parts if t.text.strip())
